@@ -1,0 +1,27 @@
+"""FramePack image-to-video engine: image + prompt in, video out, section by section.
+
+The heavy modules (torch models, transformers, diffusers) load on first use, so that
+`framepack_backend.settings` and `framepack_backend.presets` stay cheap to import.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "Pipeline": "pipeline",
+    "GenerationSettings": "settings",
+    "SettingsError": "settings",
+    "GenerationCancelled": "errors",
+    "StepProgress": "events",
+    "SectionFinished": "events",
+    "GenerationResult": "events",
+    "PRESETS": "presets",
+    "FLOW_PRESETS": "presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'framepack_backend' has no attribute {name!r}")
