@@ -10,16 +10,14 @@ import math
 
 import torch
 
+from .presets import FLOW_MU_MIN, FLOW_SIGMA_RANGE
+
 # mu = k·L + b through these two (tokens, mu) points; L counts 2x2 latent patches.
 _BASE_TOKENS, _BASE_MU = 256, 0.5
 _MAX_TOKENS, _MAX_MU = 4096, 1.15
 # The reference caps the shift factor e^mu at 7; at FramePack's 640 buckets the
 # linear rule gives mu ≈ 2.7, so this cap is what actually sets the schedule there.
 MU_CAP = math.log(7.0)
-
-# Flow-preset limits (SPEC §8).
-SIGMA_RANGE = (0.7, 1.3)
-MU_FLOOR = 0.3
 
 
 def _require_positive_int(field: str, value: int) -> None:
@@ -70,6 +68,6 @@ def schedule_for(
     after, a preset really moves the schedule. mu is floored at 0.3 and sigma clamped
     to [0.7, 1.3] so no preset can produce a degenerate schedule.
     """
-    mu = max(flow_mu(latent_frames, latent_height, latent_width) + mu_offset, MU_FLOOR)
-    sigma = min(max(sigma, SIGMA_RANGE[0]), SIGMA_RANGE[1])
+    mu = max(flow_mu(latent_frames, latent_height, latent_width) + mu_offset, FLOW_MU_MIN)
+    sigma = min(max(sigma, FLOW_SIGMA_RANGE[0]), FLOW_SIGMA_RANGE[1])
     return shifted_sigmas(steps, mu, sigma)
