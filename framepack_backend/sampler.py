@@ -13,7 +13,7 @@ the result is the last x0 estimate.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,22 +117,32 @@ def _weighted_sum(weights: Sequence[float], tensors: Sequence[torch.Tensor]) -> 
     return total
 
 
-def sample_unipc(
+def iterate_unipc(
     flow_fn: FlowFn,
     noise: torch.Tensor,
     sigmas: torch.Tensor | Sequence[float],
     variant: Variant = "bh1",
-    on_step: StepCallback | None = None,
     cancel: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """Integrate the flow ODE from `noise` at sigmas[0] and return the final x0 estimate.
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Integrate the flow ODE from `noise` at sigmas[0], yielding (step_index, x0 estimate).
 
-    Runs in fp32 (fp64 if `noise` is fp64). `cancel` is polled before every model
-    evaluation; when it returns True, GenerationCancelled is raised.
+    One item per model evaluation, len(sigmas) - 1 in all; the last x0 estimate is the
+    result. Runs in fp32 (fp64 if `noise` is fp64). `cancel` is polled before every
+    model evaluation; when it returns True, GenerationCancelled is raised. Bad
+    arguments raise here, before anything is evaluated.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    levels = _noise_levels(sigmas)
+    return _unipc_steps(flow_fn, noise, _noise_levels(sigmas), variant, cancel)
+
+
+def _unipc_steps(
+    flow_fn: FlowFn,
+    noise: torch.Tensor,
+    levels: list[float],
+    variant: Variant,
+    cancel: Callable[[], bool] | None,
+) -> Iterator[tuple[int, torch.Tensor]]:
     steps = len(levels) - 1
     max_order = max(min(MAX_ORDER, steps - 1), 1)
     dtype = torch.promote_types(noise.dtype, torch.float32)
@@ -140,14 +150,12 @@ def sample_unipc(
     def x0_estimate(x: torch.Tensor, sigma: float, step_index: int) -> torch.Tensor:
         if cancel is not None and cancel():
             raise GenerationCancelled(f"cancelled before model evaluation {step_index + 1} of {steps}")
-        m = x - flow_fn(x, sigma, step_index).to(dtype) * sigma
-        if on_step is not None:
-            on_step(step_index, steps, m)
-        return m
+        return x - flow_fn(x, sigma, step_index).to(dtype) * sigma
 
     x = noise.to(dtype)
     estimates = [x0_estimate(x, levels[0], 0)]  # newest first, at most max_order kept
     times = [levels[0]]
+    yield 0, estimates[0]
     for i in range(1, steps):
         t = levels[i]
         w = unipc_weights(times, t, variant)
@@ -165,4 +173,22 @@ def sample_unipc(
         estimates.insert(0, m_t)
         times.insert(0, t)
         del estimates[max_order:], times[max_order:]
-    return estimates[0]
+        yield i, m_t
+
+
+def sample_unipc(
+    flow_fn: FlowFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor | Sequence[float],
+    variant: Variant = "bh1",
+    on_step: StepCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """`iterate_unipc` run to the end: returns the final x0 estimate, calling
+    on_step(step_index, steps, x0_estimate) after every model evaluation."""
+    steps = len(sigmas) - 1
+    x0 = noise
+    for step_index, x0 in iterate_unipc(flow_fn, noise, sigmas, variant, cancel):
+        if on_step is not None:
+            on_step(step_index, steps, x0)
+    return x0

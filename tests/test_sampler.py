@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from framepack_backend.errors import GenerationCancelled
-from framepack_backend.sampler import guided_flow, sample_unipc, unipc_weights
+from framepack_backend.sampler import guided_flow, iterate_unipc, sample_unipc, unipc_weights
 from framepack_backend.schedule import schedule_for
 
 
@@ -123,6 +123,22 @@ def test_on_step_receives_the_returned_estimate_last():
     estimates: list[torch.Tensor] = []
     result = sample_unipc(flow, flow.noise, DEFAULT_SIGMAS, on_step=lambda i, n, x0: estimates.append(x0))
     assert torch.equal(estimates[-1], result)
+
+
+def test_iterate_yields_every_estimate_and_the_result_last():
+    flow = GaussianFlow(n=16)
+    items = list(iterate_unipc(flow, flow.noise, DEFAULT_SIGMAS, "bh2"))
+    assert [i for i, _ in items] == list(range(25))
+    assert torch.equal(items[-1][1], sample_unipc(flow, flow.noise, DEFAULT_SIGMAS, "bh2"))
+
+
+def test_iterate_rejects_bad_arguments_before_any_evaluation():
+    flow = GaussianFlow(n=4)
+    with pytest.raises(ValueError, match="variant"):
+        iterate_unipc(flow, flow.noise, DEFAULT_SIGMAS, "bh3")
+    with pytest.raises(ValueError, match="decreasing"):
+        iterate_unipc(flow, flow.noise, torch.tensor([1.0, 1.0, 0.0]))
+    assert flow.calls == []
 
 
 def test_fp32_by_default_and_close_to_fp64():
