@@ -1,0 +1,35 @@
+"""Triton-language GPU kernels for the FramePack transformer's elementwise work.
+
+Each kernel has a pure-torch `*_reference` with the same semantics (float32
+arithmetic, one rounding to the input dtype). The kernels run on CUDA tensors, or on
+CPU tensors when TRITON_INTERPRET=1 is set before this package is imported.
+"""
+
+from kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
+from kernels.gated_residual import gated_residual, gated_residual_reference
+from kernels.gated_residual_norm import (
+    gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_reference,
+)
+from kernels.qk_norm_rope import qk_rmsnorm_rope, qk_rmsnorm_rope_reference
+from kernels.teacache_distance import (
+    teacache_accumulate,
+    teacache_accumulate_reference,
+    teacache_relative_l1,
+    teacache_relative_l1_reference,
+)
+
+__all__ = [
+    "adaln_layernorm_modulate",
+    "adaln_layernorm_modulate_reference",
+    "gated_residual",
+    "gated_residual_reference",
+    "gated_residual_layernorm_modulate",
+    "gated_residual_layernorm_modulate_reference",
+    "qk_rmsnorm_rope",
+    "qk_rmsnorm_rope_reference",
+    "teacache_accumulate",
+    "teacache_accumulate_reference",
+    "teacache_relative_l1",
+    "teacache_relative_l1_reference",
+]

@@ -1,0 +1,149 @@
+"""Gated residual add fused with the next AdaLN LayerNorm + modulation.
+
+In the dual-stream blocks the attention residual is followed at once by the MLP's
+modulated norm, and every block's final residual by the next block's modulated
+norm:
+    residual  = x + y * gate
+    modulated = LayerNorm(residual) * (1 + scale) + shift
+Done separately that is a write and a re-read of `residual`; here one program owns
+a row, so the row is read once (x, y) and written twice (residual, modulated).
+The norm is taken of the residual *as stored* (rounded to x.dtype), so the fused
+result equals `gated_residual` followed by `adaln_layernorm_modulate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.adaln_norm import MAX_CHANNELS, adaln_layernorm_modulate_reference
+from kernels.gated_residual import check_gated_residual_args, gated_residual_reference
+from kernels.validation import (
+    check_float_tensor,
+    check_launchable,
+    check_shape,
+    check_unit_last_stride,
+    row_block,
+    warps_for_row,
+)
+
+
+def gated_residual_layernorm_modulate_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual, modulated): residual = x + y * gate; modulated = AdaLN of residual.
+
+    x, y: (B, S, C); gate, shift, scale: (B, C). Both results in x.dtype.
+    """
+    residual = gated_residual_reference(x, y, gate)
+    return residual, adaln_layernorm_modulate_reference(residual, shift, scale, eps)
+
+
+@triton.jit
+def _gated_residual_layernorm_modulate_kernel(
+    x_ptr,
+    y_ptr,
+    gate_ptr,
+    shift_ptr,
+    scale_ptr,
+    residual_ptr,
+    modulated_ptr,
+    seq_len,
+    channels,
+    x_stride_b,
+    x_stride_s,
+    y_stride_b,
+    y_stride_s,
+    gate_stride_b,
+    shift_stride_b,
+    scale_stride_b,
+    residual_stride_b,
+    residual_stride_s,
+    modulated_stride_b,
+    modulated_stride_s,
+    eps,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq_len
+    s = row % seq_len
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < channels
+
+    x = tl.load(x_ptr + b * x_stride_b + s * x_stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * y_stride_b + s * y_stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * gate_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = (x + y * gate).to(residual_ptr.dtype.element_ty)
+    tl.store(residual_ptr + b * residual_stride_b + s * residual_stride_s + cols, residual, mask=mask)
+
+    r = residual.to(tl.float32)
+    mean = tl.sum(r, axis=0) / channels
+    centered = tl.where(mask, r - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / channels
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(shift_ptr + b * shift_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * scale_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+    modulated = centered * rstd * (1.0 + scale) + shift
+    tl.store(
+        modulated_ptr + b * modulated_stride_b + s * modulated_stride_s + cols,
+        modulated.to(modulated_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def gated_residual_layernorm_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `gated_residual_layernorm_modulate_reference`.
+
+    x, y: (B, S, C) with unit stride over C; gate, shift, scale: (B, C).
+    Returns (residual, modulated), both in x.dtype; `residual_out` (same shape and
+    dtype, may be x itself for an in-place update) receives the residual.
+    """
+    op = "gated_residual_layernorm_modulate"
+    check_gated_residual_args(op, x, y, gate)
+    check_float_tensor(op, "shift", shift, 2)
+    check_float_tensor(op, "scale", scale, 2)
+    batch, seq_len, channels = x.shape
+    check_shape(op, "shift", shift, (batch, channels))
+    check_shape(op, "scale", scale, (batch, channels))
+    if not 0 < channels <= MAX_CHANNELS:
+        raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
+    if residual_out is None:
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    check_float_tensor(op, "residual_out", residual_out, 3)
+    check_shape(op, "residual_out", residual_out, tuple(x.shape))
+    if residual_out.dtype != x.dtype:
+        raise TypeError(f"{op}: residual_out has dtype {residual_out.dtype}; it must match x ({x.dtype})")
+    modulated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    tensors = {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale, "residual_out": residual_out}
+    for name, tensor in tensors.items():
+        check_unit_last_stride(op, name, tensor)
+    check_launchable(op, _gated_residual_layernorm_modulate_kernel, **tensors)
+    if x.numel() == 0:
+        return residual_out, modulated
+
+    block = row_block(channels)
+    _gated_residual_layernorm_modulate_kernel[(batch * seq_len,)](
+        x, y, gate, shift, scale, residual_out, modulated,
+        seq_len, channels,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        gate.stride(0), shift.stride(0), scale.stride(0),
+        residual_out.stride(0), residual_out.stride(1), modulated.stride(0), modulated.stride(1),
+        eps,
+        BLOCK_C=block,
+        num_warps=warps_for_row(block),
+    )
+    return residual_out, modulated
