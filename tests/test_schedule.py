@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from framepack_backend.presets import FLOW_PRESETS
 from framepack_backend.schedule import flow_mu, schedule_for, shifted_sigmas, time_shift
 
 # SPEC §4: the 640 resolution buckets (h, w) in pixels.
@@ -107,3 +108,13 @@ def test_schedule_is_strictly_decreasing_from_one_to_zero(steps):
 def test_bad_input_names_the_field(field, args):
     with pytest.raises(ValueError, match=field):
         schedule_for(*args)
+
+
+@pytest.mark.parametrize("name", ["dance", "talking", "action", "subtle", "hand_detail"])
+def test_every_flow_preset_changes_the_640_schedule(name):
+    preset = FLOW_PRESETS[name]
+    standard = schedule_for(25, 9, 76, 80)
+    shaped = schedule_for(25, 9, 76, 80, mu_offset=preset.mu_offset, sigma=preset.sigma)
+    e_mu = 7 * math.exp(preset.mu_offset)
+    assert shaped[-2].item() == pytest.approx(e_mu / (e_mu + 24**preset.sigma), abs=1e-12)
+    assert (shaped - standard).abs().max().item() > 0.01
