@@ -1,0 +1,190 @@
+"""What the transformer is conditioned on: prompt embeddings, the start latent, SigLIP tokens.
+
+Pure functions over components that are already loaded (see `components.py`); each
+encoder runs in its own dtype on `device` and the result is returned in `dtype`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .settings import SettingsError
+
+# The HunyuanVideo prompt template; the text encoder was trained to read prompts in it.
+# The user prompt replaces "{}". Its tokens before the prompt (the "prefix") are dropped
+# from the embedding.
+PROMPT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+)
+LLAMA_MAX_PROMPT_TOKENS = 256
+LLAMA_HIDDEN_LAYER = -3  # HunyuanVideo reads the Llama state two layers below the last
+CLIP_MAX_TOKENS = 77
+TRANSFORMER_TEXT_TOKENS = 512  # the transformer always sees 512 text slots with a mask
+
+
+@dataclass
+class PromptEmbedding:
+    """One prompt, encoded: Llama tokens `hidden` (1, L, D) with `mask` (1, L) bool, CLIP `pooled` (1, Dp)."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def cropped(self) -> PromptEmbedding:
+        """Only the tokens the mask keeps (batch 1: the mask is a prefix of True)."""
+        length = int(self.mask[0].sum())
+        return PromptEmbedding(self.hidden[:, :length], self.mask[:, :length], self.pooled)
+
+    def padded(self, length: int = TRANSFORMER_TEXT_TOKENS) -> PromptEmbedding:
+        """Zero-pad (or crop) the token axis to `length`; padded slots are masked out."""
+        current = self.hidden.shape[1]
+        if current >= length:
+            return PromptEmbedding(self.hidden[:, :length], self.mask[:, :length], self.pooled)
+        hidden = self.hidden.new_zeros(self.hidden.shape[0], length, self.hidden.shape[2])
+        hidden[:, :current] = self.hidden
+        mask = torch.zeros(self.mask.shape[0], length, dtype=torch.bool, device=self.mask.device)
+        mask[:, :current] = self.mask
+        return PromptEmbedding(hidden, mask, self.pooled)
+
+
+def prompt_prefix_length(tokenizer) -> int:
+    """How many Llama tokens the template puts before the user prompt (95 with HunyuanVideo's tokenizer).
+
+    Counted from the tokenizer itself (special tokens such as BOS included), so the same
+    code drops the right tokens for the real and the tiny tokenizer. The prefix ends in
+    "\\n\\n", which the Llama-3 pre-tokenizer keeps as its own piece, so the count does not
+    depend on the prompt.
+    """
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    return len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+
+
+def encode_prompt(
+    tokenizer,
+    text_encoder,
+    tokenizer_2,
+    text_encoder_2,
+    prompt: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> PromptEmbedding:
+    """Encode `prompt` with Llama (template, hidden_states[-3]) and CLIP (pooler_output).
+
+    Returns the Llama tokens of the prompt only: the template prefix is dropped and the
+    sequence is cut to its attention-masked length (at most 256 tokens; the template's
+    closing <|eot_id|> counts), so `mask` is all True.
+    """
+    if not isinstance(prompt, str):
+        raise SettingsError("prompt", prompt, "a string")
+    prefix_length = prompt_prefix_length(tokenizer)
+    llama_inputs = tokenizer(
+        PROMPT_TEMPLATE.format(prompt),
+        max_length=LLAMA_MAX_PROMPT_TOKENS + prefix_length,
+        padding="max_length",
+        padding_side="right",  # the prefix must sit at the start to be cut off by position
+        truncation=True,
+        return_tensors="pt",
+    )
+    input_ids = llama_inputs["input_ids"].to(device)
+    attention_mask = llama_inputs["attention_mask"].to(device)
+    with torch.no_grad():
+        llama_states = text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        ).hidden_states[LLAMA_HIDDEN_LAYER]
+    hidden = llama_states[:, prefix_length:].to(dtype)
+    mask = attention_mask[:, prefix_length:].bool()
+
+    clip_inputs = tokenizer_2(
+        prompt, max_length=CLIP_MAX_TOKENS, padding="max_length", truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        pooled = text_encoder_2(input_ids=clip_inputs["input_ids"].to(device)).pooler_output
+    return PromptEmbedding(hidden, mask, pooled.to(dtype)).cropped()
+
+
+def zero_prompt_like(embedding: PromptEmbedding) -> PromptEmbedding:
+    """The negative prompt at cfg == 1: zeros of the positive's shape, same mask (no encoder call)."""
+    return PromptEmbedding(
+        torch.zeros_like(embedding.hidden), embedding.mask.clone(), torch.zeros_like(embedding.pooled)
+    )
+
+
+def encode_image_latent(
+    vae,
+    pixels: np.ndarray,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """VAE-encode one RGB frame (uint8 H×W×3, sides multiples of 8) → start latent (1, 16, 1, H/8, W/8).
+
+    Uses the posterior mean, so a job does not depend on global RNG state; passing a
+    `generator` samples the posterior with it instead (the reference samples). The result
+    is multiplied by the VAE scaling factor, as the transformer expects.
+    """
+    _check_rgb(pixels, multiple_of=8)
+    video = _pixels_to_video(pixels).to(device=device, dtype=vae.dtype)
+    with torch.no_grad():
+        posterior = vae.encode(video).latent_dist
+    latent = posterior.mean if generator is None else posterior.sample(generator)
+    return (latent * vae.config.scaling_factor).to(dtype)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode latents (1, 16, T, h, w) → pixels (1, 3, 4(T−1)+1, 8h, 8w) in about [−1, 1] (float32)."""
+    if latents.ndim != 5:
+        raise SettingsError("latents", tuple(latents.shape), "a 5-d tensor (batch, channels, frames, height, width)")
+    scaled = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    with torch.no_grad():
+        return vae.decode(scaled).sample.float()
+
+
+def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels (1, 3, T, H, W) or (3, T, H, W) in [−1, 1] → uint8 frames T×H×W×3 (clamped, rounded)."""
+    if pixels.ndim == 5:
+        if pixels.shape[0] != 1:
+            raise SettingsError("pixels", tuple(pixels.shape), "batch size 1")
+        pixels = pixels[0]
+    if pixels.ndim != 4 or pixels.shape[0] != 3:
+        raise SettingsError("pixels", tuple(pixels.shape), "shape (1, 3, T, H, W) or (3, T, H, W)")
+    scaled = ((pixels.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return scaled.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def encode_image_embeds(
+    feature_extractor,
+    image_encoder,
+    pixels: np.ndarray,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """SigLIP tokens (1, N, C) of an RGB image (uint8 H×W×3): last_hidden_state (729×1152 for the real encoder)."""
+    _check_rgb(pixels, multiple_of=1)
+    inputs = feature_extractor(images=pixels, return_tensors="pt")
+    pixel_values = inputs["pixel_values"].to(device=device, dtype=image_encoder.dtype)
+    with torch.no_grad():
+        tokens = image_encoder(pixel_values=pixel_values).last_hidden_state
+    return tokens.to(dtype)
+
+
+def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 H×W×3 → float (1, 3, 1, H, W) in [−1, 1]."""
+    image = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0
+    return image.permute(2, 0, 1)[None, :, None]
+
+
+def _check_rgb(pixels: np.ndarray, multiple_of: int) -> None:
+    ok = isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    if not ok or pixels.shape[0] % multiple_of or pixels.shape[1] % multiple_of:
+        shown = f"array {pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        sides = f" with height and width multiples of {multiple_of}" if multiple_of > 1 else ""
+        raise SettingsError("image", shown, f"a uint8 numpy array of shape H×W×3 (RGB){sides}")
