@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 import torch
@@ -95,9 +94,7 @@ def test_cli_writes_a_bundle(tmp_path, capsys):
 
 
 def test_load_components(bundle):
-    start = time.perf_counter()
     components = load_components(bundle, device="cpu", dtype=torch.float32)
-    assert time.perf_counter() - start < 60
     assert isinstance(components, Components)
     assert type(components.text_encoder).__name__ == "LlamaModel"
     assert type(components.text_encoder_2).__name__ == "CLIPTextModel"
