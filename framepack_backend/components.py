@@ -12,6 +12,7 @@ missing; `encoder_dtype` overrides this. The transformer gets `dtype` (bf16 by d
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ def load_components(
     text_encoder = pretrained(LlamaModel, "text_encoder", dtype=encoder_dtype)
     text_encoder_2 = pretrained(CLIPTextModel, "text_encoder_2", dtype=encoder_dtype)
     image_encoder = pretrained(SiglipVisionModel, "image_encoder", dtype=encoder_dtype)
-    vae = pretrained(AutoencoderKLHunyuanVideo, "vae", torch_dtype=encoder_dtype)
+    # diffusers' memory-saving load needs `accelerate` and warns at length without it.
+    low_memory = importlib.util.find_spec("accelerate") is not None
+    vae = pretrained(AutoencoderKLHunyuanVideo, "vae", torch_dtype=encoder_dtype, low_cpu_mem_usage=low_memory)
     transformer = FramePackTransformer.from_pretrained(folders[transformer_subfolder], dtype=dtype, device=device)
 
     models = [text_encoder, text_encoder_2, image_encoder, vae, transformer]

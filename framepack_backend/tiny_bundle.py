@@ -24,7 +24,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from .conditioning import CLIP_MAX_TOKENS, PROMPT_TEMPLATE
 
-LLAMA_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA_SPECIAL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+)
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # Llama-3's pre-tokenizer split (contractions, letter runs, up to 3 digits, punctuation, spaces).
 LLAMA3_SPLIT = (
@@ -257,8 +259,10 @@ def _write_text_encoder(folder: Path, tokenizer: Tokenizer) -> None:
     from transformers import LlamaConfig, LlamaModel
 
     end_of_text = tokenizer.token_to_id("<|end_of_text|>")
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
-                         eos_token_id=end_of_text, pad_token_id=end_of_text, **TINY_LLAMA)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
+        eos_token_id=end_of_text, pad_token_id=end_of_text, **TINY_LLAMA,
+    )
     LlamaModel(config).to(ENCODER_DTYPE).save_pretrained(folder)
 
 
@@ -273,7 +277,9 @@ def _write_clip_text_encoder(folder: Path, vocab: dict[str, int]) -> None:
 def _write_vae(folder: Path) -> None:
     from diffusers import AutoencoderKLHunyuanVideo
 
-    AutoencoderKLHunyuanVideo(**TINY_VAE).to(ENCODER_DTYPE).save_pretrained(folder)
+    vae = AutoencoderKLHunyuanVideo(**TINY_VAE)
+    # nn.Module.to directly: diffusers' override warns about fp32-only modules even when there are none.
+    torch.nn.Module.to(vae, ENCODER_DTYPE).save_pretrained(folder)
 
 
 def _write_image_encoder(model_folder: Path, processor_folder: Path) -> None:
@@ -318,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="directory to write the model bundle into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one line of output instead of a bar per file
     start = time.perf_counter()
     out = write_tiny_bundle(args.out_dir, seed=args.seed)
     print(f"wrote tiny model bundle to {out} in {time.perf_counter() - start:.1f} s")

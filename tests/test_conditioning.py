@@ -17,7 +17,9 @@ def components(tmp_path_factory):
 
 
 def _encode(c, prompt):
-    return cond.encode_prompt(c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, "cpu", torch.float32)
+    return cond.encode_prompt(
+        c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, "cpu", torch.float32
+    )
 
 
 def _image(height=64, width=96, seed=0):
@@ -67,7 +69,9 @@ def test_prompts_differ_and_repeat_exactly(components):
     assert torch.equal(a.hidden, again.hidden) and torch.equal(a.pooled, again.pooled)
 
 
-@pytest.mark.parametrize("prompt", ["", "🐱🚀 emoji only", "日本語のプロンプト", "Ünïcödé — “quotes” ½", "tab\there\nnewline"])
+@pytest.mark.parametrize(
+    "prompt", ["", "🐱🚀 emoji only", "日本語のプロンプト", "Ünïcödé — “quotes” ½", "tab\there\nnewline"]
+)
 def test_any_utf8_prompt_encodes(components, prompt):
     emb = _encode(components, prompt)
     assert emb.hidden.shape[1] >= 1 and torch.isfinite(emb.hidden).all() and torch.isfinite(emb.pooled).all()
