@@ -84,7 +84,8 @@ def resize_and_center_crop(image: np.ndarray, width: int, height: int) -> np.nda
     # Same offsets as the reference crop box ((resized - target) / 2, rounded half to even).
     left = round((resized_w - width) / 2)
     top = round((resized_h - height) / 2)
-    return np.asarray(resized.crop((left, top, left + width, top + height)))
+    # np.array copies, so the caller gets a writable array (np.asarray of a PIL image is read-only).
+    return np.array(resized.crop((left, top, left + width, top + height)))
 
 
 def _check_side(name: str, value: int) -> None:

@@ -178,7 +178,7 @@ def encode_image_embeds(
 
 def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
     """uint8 H×W×3 → float (1, 3, 1, H, W) in [−1, 1]."""
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).float() / 127.5 - 1.0
+    image = torch.from_numpy(pixels.astype(np.float32)) / 127.5 - 1.0  # astype copies: input may be read-only
     return image.permute(2, 0, 1)[None, :, None]
 
 

@@ -57,7 +57,7 @@ def test_crop_shape_and_centre():
     image[:, :200, 0] = 255
     image[:, 200:, 2] = 255
     out = resize_and_center_crop(image, width=160, height=160)
-    assert out.shape == (160, 160, 3) and out.dtype == np.uint8
+    assert out.shape == (160, 160, 3) and out.dtype == np.uint8 and out.flags.writeable
     # Covering 160×160 scales by 160/300 → 213×160, then 26 columns are cut from each side,
     # so the red/blue boundary stays in the centre.
     assert out[:, :70, 0].min() > 240 and out[:, :70, 2].max() < 15
