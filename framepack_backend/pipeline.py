@@ -1,0 +1,201 @@
+"""Image + prompt → video, section by section, as a stream of typed events."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from . import conditioning, planner
+from .attention import resolve_backend
+from .buckets import bucket_for, resize_and_center_crop
+from .components import Components, load_components
+from .events import GenerationResult, SectionFinished, StepProgress
+from .preview import latent_preview
+from .presets import FLOW_PRESETS
+from .sampler import guided_flow, iterate_unipc
+from .schedule import schedule_for
+from .settings import GenerationSettings, SettingsError, validate_image, validate_prompt
+from .teacache import TeaCache
+
+FPS = 30
+LATENT_CHANNELS = 16
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, model_dir: Path):
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.model_dir = model_dir
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> "Pipeline":
+        """Load the five components from a model directory (docs/architecture.md layout).
+
+        The transformer runs in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model_dir = Path(model_dir)
+        return cls(load_components(model_dir, device=device, dtype=dtype), device, dtype, model_dir)
+
+    def generate(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        settings: GenerationSettings | Mapping[str, object] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[StepProgress | SectionFinished | GenerationResult]:
+        """Yield a StepProgress per step, a SectionFinished per section, then the GenerationResult.
+
+        All input is validated before any model runs; bad input raises SettingsError.
+        """
+        if settings is None:
+            settings = GenerationSettings()
+        elif not isinstance(settings, GenerationSettings):
+            settings = GenerationSettings.from_mapping(settings)
+        image = validate_image(image)
+        prompt = validate_prompt(prompt)
+        if settings.sampling != "inverted":
+            raise SettingsError("sampling", settings.sampling, "'inverted' (the loaded transformer's variant)")
+        backend = resolve_backend(settings.attention, self.device)
+        self.components.transformer.set_attention_backend(backend)
+        return self._run(image, prompt, settings.replace(attention=backend), cancel)
+
+    @torch.inference_mode()
+    def _run(self, image, prompt, settings: GenerationSettings, cancel) -> Iterator:
+        c = self.components
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
+        pixels = resize_and_center_crop(image, width, height)
+        text = conditioning.encode_prompt(
+            c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
+        ).cropped()
+        if settings.cfg == 1:
+            negative = conditioning.zero_prompt_like(text)
+        else:
+            negative = conditioning.encode_prompt(
+                c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, settings.negative_prompt,
+                self.device, self.dtype,
+            ).cropped()
+        start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
+        image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
+        image_embeds = image_embeds.to(self.dtype)
+        timings["encode_s"] = time.perf_counter() - t_start
+
+        window = settings.window
+        lh, lw = height // 8, width // 8
+        plans = planner.plan_sections(settings.seconds, window, settings.sampling)
+        sections = len(plans)
+        total_frames = planner.video_frame_count(sections, window)
+        flow = FLOW_PRESETS[settings.flow_preset]
+        sigmas = schedule_for(settings.steps, window, lh, lw, mu_offset=flow.mu_offset, sigma=flow.sigma)
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        history = planner.initial_history(start_latent, settings.sampling)
+        video: torch.Tensor | None = None
+        teacache = TeaCache(
+            settings.teacache_threshold, settings.steps,
+            detail=settings.teacache_mode == "detail", enabled=settings.teacache,
+        )
+        guidance = torch.full((1,), settings.gs * 1000.0, device=self.device, dtype=self.dtype)
+        sampling_s = decode_s = 0.0
+
+        for plan in plans:
+            t_section = time.perf_counter()
+            noise = torch.randn((1, LATENT_CHANNELS, window, lh, lw), generator=generator, dtype=torch.float32)
+            clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, settings.sampling)
+            context = dict(
+                image_embeds=image_embeds,
+                indices_latents=plan.indices_latents.to(self.device),
+                latents_clean=clean.to(self.device, self.dtype),
+                indices_latents_clean=plan.indices_clean.to(self.device),
+                latents_history_2x=latents_2x.to(self.device, self.dtype),
+                indices_latents_history_2x=plan.indices_2x.to(self.device),
+                latents_history_4x=latents_4x.to(self.device, self.dtype),
+                indices_latents_history_4x=plan.indices_4x.to(self.device),
+                guidance=guidance,
+            )
+            teacache.reset()
+
+            def forward(x: torch.Tensor, sigma: float, text_embedding) -> torch.Tensor:
+                return c.transformer(
+                    hidden_states=x.to(self.dtype),
+                    timestep=torch.full((1,), sigma * 1000.0, device=self.device, dtype=self.dtype),
+                    encoder_hidden_states=text_embedding.hidden,
+                    encoder_attention_mask=None,
+                    pooled_projections=text_embedding.pooled,
+                    teacache=teacache,
+                    **context,
+                ).float()
+
+            def flow_fn(x: torch.Tensor, sigma: float, step_index: int) -> torch.Tensor:
+                teacache.begin_step(step_index)
+                v = forward(x, sigma, text)
+                if settings.cfg != 1:
+                    v = guided_flow(v, forward(x, sigma, negative), settings.cfg, settings.rs)
+                return v
+
+            computed_before = teacache.computed_steps
+            x0 = None
+            for step_index, x0 in iterate_unipc(
+                flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel
+            ):
+                yield StepProgress(
+                    section=plan.index + 1,
+                    sections=sections,
+                    step=step_index + 1,
+                    steps=settings.steps,
+                    elapsed_s=time.perf_counter() - t_start,
+                    computed=teacache.computed_steps > computed_before,
+                    preview=latent_preview(x0) if settings.preview else None,
+                )
+                computed_before = teacache.computed_steps
+            sampling_s += time.perf_counter() - t_section
+
+            t_decode = time.perf_counter()
+            history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, settings.sampling)
+            first, count = planner.decode_range(plan, history, window, settings.sampling)
+            decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
+            decoded = decoded.float().cpu()
+            if video is None:
+                video = decoded
+            else:
+                video = planner.soft_append(video, decoded, 4 * window - 3, settings.sampling)
+            new = decoded.shape[2]
+            start_frame = total_frames - video.shape[2] if settings.sampling == "inverted" else video.shape[2] - new
+            section_pixels = video[:, :, :new] if settings.sampling == "inverted" else video[:, :, -new:]
+            decode_s += time.perf_counter() - t_decode
+            yield SectionFinished(
+                section=plan.index + 1,
+                sections=sections,
+                start_frame=start_frame,
+                frames=conditioning.frames_to_uint8(section_pixels),
+                total_frames=total_frames,
+            )
+
+        frames = conditioning.frames_to_uint8(video)
+        timings.update(sampling_s=sampling_s, decode_s=decode_s, total_s=time.perf_counter() - t_start)
+        timings["computed_steps"] = teacache.computed_steps
+        timings["skipped_steps"] = teacache.skipped_steps
+        yield GenerationResult(
+            frames=frames,
+            fps=FPS,
+            width=width,
+            height=height,
+            seed=settings.seed,
+            settings=settings.to_dict(),
+            timings=timings,
+        )
