@@ -1,0 +1,122 @@
+"""End to end on the CPU with the tiny bundle: frame counts, determinism, event order, TeaCache."""
+
+import numpy as np
+import pytest
+
+from framepack_backend.buckets import bucket_for
+from framepack_backend.errors import GenerationCancelled
+from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.pipeline import Pipeline
+from framepack_backend.planner import section_count, video_frame_count
+from framepack_backend.settings import SettingsError
+from framepack_backend.tiny_bundle import write_tiny_bundle
+
+FAST = {"resolution": 128, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return Pipeline.from_pretrained(write_tiny_bundle(tmp_path_factory.mktemp("tiny")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    y, x = np.mgrid[0:96, 0:128]
+    return np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+def assemble(events):
+    """Build the video from SectionFinished events the way a streaming client does."""
+    sections = [e for e in events if isinstance(e, SectionFinished)]
+    video = np.zeros((sections[0].total_frames,) + sections[0].frames.shape[1:], np.uint8)
+    for s in sections:
+        video[s.start_frame : s.start_frame + len(s.frames)] = s.frames
+    return video
+
+
+@pytest.fixture(scope="module")
+def two_second_run(pipeline, image):
+    return list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+
+
+def test_two_seconds_give_the_planned_frames_at_the_bucket_size(two_second_run, image):
+    result = two_second_run[-1]
+    assert isinstance(result, GenerationResult)
+    n = section_count(2, 9)
+    height, width = bucket_for(*image.shape[:2], resolution=128)
+    assert result.frames.shape == (video_frame_count(n, 9), height, width, 3) == (73, 112, 144, 3)
+    assert (result.width, result.height, result.fps) == (144, 112, 30)
+    assert result.frames.std() > 1.0  # not a constant picture
+
+
+def test_events_arrive_per_step_and_per_section_in_order(two_second_run):
+    order = [
+        (e.section, e.step) if isinstance(e, StepProgress) else (e.section, "done")
+        for e in two_second_run[:-1]
+    ]
+    expected = [(s, k) for s in (1, 2) for k in [1, 2, 3, 4, "done"]]
+    assert order == expected
+    steps = [e for e in two_second_run if isinstance(e, StepProgress)]
+    assert all(e.preview.dtype == np.uint8 and e.preview.ndim == 3 for e in steps)
+    assert [e.elapsed_s for e in steps] == sorted(e.elapsed_s for e in steps)
+
+
+def test_sections_assemble_to_the_final_video(two_second_run):
+    result = two_second_run[-1]
+    assert np.array_equal(assemble(two_second_run), result.frames)
+    starts = [e.start_frame for e in two_second_run if isinstance(e, SectionFinished)]
+    assert starts == sorted(starts, reverse=True)  # inverted sampling grows from the end
+
+
+def test_same_seed_gives_identical_frames_and_another_seed_differs(pipeline, image, two_second_run):
+    again = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+    assert np.array_equal(again[-1].frames, two_second_run[-1].frames)
+    other = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "seed": 1, "teacache": False}))
+    same_len = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "seed": 2, "teacache": False}))
+    assert not np.array_equal(other[-1].frames, same_len[-1].frames)
+
+
+def computed_steps(pipeline, image, **settings):
+    result = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "steps": 25, **settings}))[-1]
+    return result.timings["computed_steps"]
+
+
+def test_teacache_skips_steps_detail_computes_more_off_computes_all(pipeline, image):
+    on = computed_steps(pipeline, image, teacache=True, teacache_threshold=0.15)
+    detail = computed_steps(pipeline, image, teacache=True, teacache_threshold=0.15, teacache_mode="detail")
+    off = computed_steps(pipeline, image, teacache=False)
+    assert 2 <= on < 25
+    assert detail >= on
+    assert off == 25
+
+
+def test_real_cfg_runs_two_branches_per_step_and_changes_the_output(pipeline, image):
+    plain = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "teacache": False}))[-1]
+    cfg = list(pipeline.generate(image, "a robot waves",
+                                 {**FAST, "seconds": 1, "teacache": False, "cfg": 3.0, "rs": 0.5,
+                                  "negative_prompt": "blurry"}))[-1]
+    assert cfg.frames.shape == plain.frames.shape == (37, 112, 144, 3)
+    assert not np.array_equal(cfg.frames, plain.frames)
+
+
+def test_bad_input_is_rejected_before_any_work(pipeline, image):
+    with pytest.raises(SettingsError) as info:
+        pipeline.generate(image, "x", {"steps": 0})
+    assert info.value.field == "steps"
+    with pytest.raises(SettingsError) as info:
+        pipeline.generate(image[:, :, :2], "x", FAST)
+    assert info.value.field == "image"
+
+
+def test_cancel_stops_within_one_step(pipeline, image):
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 2
+
+    events = []
+    with pytest.raises(GenerationCancelled):
+        for event in pipeline.generate(image, "x", {**FAST, "seconds": 2}, cancel=cancel):
+            events.append(event)
+    assert len([e for e in events if isinstance(e, StepProgress)]) == 2
