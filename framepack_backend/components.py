@@ -71,6 +71,10 @@ def load_components(
     """
     from diffusers import AutoencoderKLHunyuanVideo
     from transformers import CLIPTextModel, CLIPTokenizer, LlamaModel, PreTrainedTokenizerFast, SiglipVisionModel
+    from transformers.utils import logging as transformers_logging
+
+    # Servers log to files; per-component progress bars only clutter them.
+    transformers_logging.disable_progress_bar()
 
     from .models.transformer import FramePackTransformer
 
