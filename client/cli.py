@@ -1,0 +1,154 @@
+"""`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
+
+    framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+
+Only the settings given on the command line are sent; the server applies its defaults,
+validates everything and reports the values it used. A bad value comes back as one line
+naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from . import stream
+from .video import FrameAssembler, write_mp4
+
+DEFAULT_SERVER = "localhost:8001"
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# The engine's settings, by their request-parameter names. Types, defaults and ranges
+# live in the engine (framepack_backend/settings.py); the server checks the values.
+SETTINGS: dict[str, str] = {
+    "seconds": "video length in seconds (30 fps)",
+    "seed": "random seed; the same seed gives the same video",
+    "steps": "sampling steps per section",
+    "gs": "distilled guidance scale",
+    "cfg": "real classifier-free guidance scale (1 = off)",
+    "rs": "CFG rescale",
+    "window": "latent window size (latent frames per section)",
+    "teacache": "on/off: reuse transformer results on slowly changing steps",
+    "teacache_threshold": "TeaCache accumulated-change threshold",
+    "teacache_mode": "default or detail (computes more steps)",
+    "preset": "named preset applied before the other settings (e.g. Dance, Talking)",
+    "flow_preset": "schedule shape: standard, dance, talking, action, subtle, hand_detail",
+    "negative_prompt": "negative prompt (used when cfg > 1)",
+    "resolution": "bucket base resolution (multiple of 16)",
+    "sampling": "inverted (anti-drifting) or f1",
+    "solver": "UniPC variant: bh1 or bh2",
+    "attention": "attention backend: auto, sdpa, flash, sage, xformers",
+    "memory_mode": "auto, resident, offload or stream",
+    "gpu_memory_preservation": "GB of GPU memory to keep free",
+    "crf": "H.264 constant rate factor of the MP4 (lower is better quality)",
+    "preview": "on/off: stream a small preview image every step",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="make a video from an image and a prompt")
+    generate.add_argument("--image", type=Path, required=True, help="start image (PNG, JPEG, ...)")
+    generate.add_argument("--prompt", required=True, help="what should happen in the video")
+    generate.add_argument("--output", type=Path, required=True, help="MP4 to write (replaced atomically)")
+    generate.add_argument("--server", default=DEFAULT_SERVER, help="gRPC address HOST:PORT (default %(default)s)")
+    generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
+    generate.add_argument("--save-sections", type=Path, metavar="DIR", help="save each section as an MP4 clip")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
+    for name, text in SETTINGS.items():
+        settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM cancels like Ctrl-C: the job stops on the server and no MP4 is written.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        image = load_image(args.image)
+    except ValueError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    try:
+        path, final = run_generate(args, image, settings)
+    except stream.ServerError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except KeyboardInterrupt:
+        print("framepack: cancelled; no video written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(
+        f"framepack: {final.frame_count} frames, {final.width}×{final.height} at {final.fps} fps, "
+        f"seed {final.seed}, {final.timings.get('total_s', 0.0):.1f} s on the server",
+        file=sys.stderr,
+    )
+    print(path)
+    return 0
+
+
+def load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ValueError(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+
+
+def run_generate(args: argparse.Namespace, image: np.ndarray, settings: dict[str, str]) -> tuple[Path, stream.Final]:
+    assembler = FrameAssembler()
+    final = None
+    bar = None
+    try:
+        for event in stream.generate(args.server, image, args.prompt, settings):
+            if isinstance(event, stream.Progress):
+                if bar is None:
+                    bar = tqdm(total=event.sections * event.steps, unit="step", disable=args.quiet, file=sys.stderr)
+                bar.set_description(f"section {event.section}/{event.sections}")
+                bar.update(1)
+                if args.save_previews is not None and event.preview is not None:
+                    save_preview(args.save_previews, event)
+            elif isinstance(event, stream.Section):
+                assembler.add(event.start_frame, event.frames, event.total_frames)
+                if args.save_sections is not None:
+                    clip = args.save_sections / f"section_{event.section:02d}.mp4"
+                    write_mp4(clip, event.frames, event.fps, _crf(settings))
+            elif isinstance(event, stream.Final):
+                final = event
+    finally:
+        if bar is not None:
+            bar.close()
+    if final is None:
+        raise stream.ServerError("UNKNOWN", "the server ended the stream without a final response")
+    video = assembler.video()
+    if len(video) != final.frame_count:
+        raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
+    return write_mp4(args.output, video, final.fps, final.settings.get("crf")), final
+
+
+def save_preview(folder: Path, event: stream.Progress) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"preview_s{event.section:02d}_{event.step:03d}.png"
+    Image.fromarray(event.preview).save(path)
+
+
+def _crf(settings: dict[str, str]) -> int | None:
+    """The CRF asked for (validated by the server by the time a section arrives)."""
+    return int(settings["crf"]) if "crf" in settings else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

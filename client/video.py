@@ -1,0 +1,83 @@
+"""Frames to an H.264 MP4, written atomically, and the assembly of streamed sections.
+
+An MP4 either appears complete at its path or not at all: it is written to a hidden
+temporary file in the same folder and renamed over the target (`os.replace` is atomic
+within a file system), and the temporary file is removed on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class FrameAssembler:
+    """The video being received: sections land at their start frame; later ones win."""
+
+    def __init__(self) -> None:
+        self._video: np.ndarray | None = None
+        self._received: np.ndarray | None = None
+
+    def add(self, start_frame: int, frames: np.ndarray, total_frames: int) -> None:
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"section frames must be uint8 T×H×W×3, got {frames.dtype} {frames.shape}")
+        if self._video is None:
+            self._video = np.zeros((total_frames, *frames.shape[1:]), dtype=np.uint8)
+            self._received = np.zeros(total_frames, dtype=bool)
+        if total_frames != len(self._video) or frames.shape[1:] != self._video.shape[1:]:
+            raise ValueError(
+                f"section of {frames.shape[1:]} for a {total_frames}-frame video does not match "
+                f"the {len(self._video)}-frame video of {self._video.shape[1:]} received so far"
+            )
+        end = start_frame + len(frames)
+        if start_frame < 0 or end > total_frames:
+            raise ValueError(f"section frames [{start_frame}, {end}) fall outside the video [0, {total_frames})")
+        self._video[start_frame:end] = frames
+        self._received[start_frame:end] = True
+
+    def video(self) -> np.ndarray:
+        """All frames; raises if any frame never arrived."""
+        if self._video is None:
+            raise ValueError("no frames were received")
+        missing = np.flatnonzero(~self._received)
+        if len(missing):
+            raise ValueError(f"{len(missing)} frames never arrived (first missing: {missing[0]})")
+        return self._video
+
+
+def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None) -> Path:
+    """Encode uint8 T×H×W×3 RGB frames as H.264 (yuv420p) at `fps`; atomic.
+
+    yuv420p needs even sides: an odd last row or column is cropped. `crf` None keeps the
+    encoder's default quality.
+    """
+    path = Path(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be a non-empty uint8 T×H×W×3 array, got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    if height == 0 or width == 0:
+        raise ValueError(f"frames of {frames.shape[2]}×{frames.shape[1]} pixels are too small for H.264")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(descriptor)
+    try:
+        with av.open(temporary, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps))
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p"
+            if crf is not None:
+                stream.options = {"crf": str(crf)}
+            for frame in frames:
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+                container.mux(stream.encode(picture))
+            container.mux(stream.encode())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

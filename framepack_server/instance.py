@@ -1,0 +1,68 @@
+"""Where and how one Triton model instance runs: model directory, device, dtype, queue size.
+
+Values come from the model config's `parameters`, each overridable by an environment
+variable of the server process (the launcher sets them), so one `config.pbtxt` serves
+the Docker image (weights in /models), the embedded CPU demo and a GPU cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+ENV_OVERRIDES = {
+    "model_dir": "FRAMEPACK_MODEL_DIR",
+    "device": "FRAMEPACK_DEVICE",
+    "dtype": "FRAMEPACK_DTYPE",
+    "max_queued_jobs": "FRAMEPACK_MAX_QUEUED_JOBS",
+}
+
+
+class InstanceConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    model_dir: Path
+    device: str  # "cpu" or "cuda:N"
+    dtype: str | None  # None: the engine's default for the device
+    max_queued_jobs: int
+
+    @classmethod
+    def from_triton(cls, args: Mapping[str, str], environ: Mapping[str, str]) -> "InstanceConfig":
+        """From the `args` Triton passes to `initialize` and the server's environment."""
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+
+        def value(key: str, default: str) -> str:
+            env = environ.get(ENV_OVERRIDES[key], "").strip()
+            if env:
+                return env
+            return parameters.get(key, {}).get("string_value", default).strip() or default
+
+        device = value("device", "auto")
+        if device == "auto":
+            gpu = args.get("model_instance_kind") == "GPU"
+            device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+        elif device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise InstanceConfigError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
+
+        dtype = value("dtype", "auto")
+        if dtype not in DTYPES + ("auto",):
+            raise InstanceConfigError(f"dtype={dtype!r} is not allowed: expected 'auto' or one of {', '.join(DTYPES)}")
+
+        queued = value("max_queued_jobs", "4")
+        if not queued.isdigit() or int(queued) < 1:
+            raise InstanceConfigError(f"max_queued_jobs={queued!r} is not allowed: expected an integer >= 1")
+
+        model_dir = Path(value("model_dir", "/models")).expanduser()
+        if not model_dir.is_dir():
+            raise InstanceConfigError(
+                f"model_dir={str(model_dir)!r} is not a directory: set FRAMEPACK_MODEL_DIR or the "
+                "config parameter model_dir to a FramePack model directory (docs/architecture.md)"
+            )
+        return cls(model_dir, device, None if dtype == "auto" else dtype, int(queued))

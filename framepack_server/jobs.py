@@ -1,0 +1,153 @@
+"""Generation jobs of one model instance: a bounded queue in front of one worker thread.
+
+Triton calls the model's `execute` on one thread per instance. Running a job there
+would make every other request wait, unanswered, until it ends. Instead `execute`
+validates, then hands the job to this queue and returns; a worker thread runs the jobs
+one after the other and streams their responses through the request's response sender.
+A full queue refuses new jobs at once (UNAVAILABLE) instead of letting them pile up.
+
+Nothing here imports Triton: the response sender is anything with the `ResponseSink`
+methods, so the job logic is testable without a server.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+
+from framepack_backend.errors import GenerationCancelled
+from framepack_backend.settings import SettingsError
+
+from .protocol import JobRequest, Status, WireResponse, to_wire
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (Triton's response sender, in the server)."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def send(self, response: WireResponse) -> None: ...
+
+    def fail(self, status: Status, text: str) -> None:
+        """Send an error response (message `STATUS: text`); it is the request's last."""
+
+    def close(self) -> None:
+        """End the request without another response (after cancellation)."""
+
+
+class Log(Protocol):
+    def info(self, message: str) -> None: ...
+
+    def error(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    image: np.ndarray
+    request: JobRequest
+    sink: ResponseSink
+
+
+class Outcome(str, Enum):
+    DONE = "done"
+    CANCELLED = "cancelled"
+    INVALID = "invalid"
+    FAILED = "failed"
+
+
+def run_job(pipeline, job: Job, log: Log, stopping: threading.Event | None = None) -> Outcome:
+    """Run one job to its end and stream every event; never raises."""
+    sink = job.sink
+    steps_done = 0
+    start = time.perf_counter()
+
+    def cancelled() -> bool:
+        return sink.is_cancelled() or (stopping is not None and stopping.is_set())
+
+    try:
+        if cancelled():
+            raise GenerationCancelled()
+        for event in pipeline.generate(job.image, job.request.prompt, job.request.settings, cancel=cancelled):
+            response = to_wire(event)
+            steps_done += response.event["kind"] == "progress"
+            sink.send(response)
+        log.info(f"request {job.request_id}: done in {time.perf_counter() - start:.1f} s ({steps_done} steps)")
+        return Outcome.DONE
+    except GenerationCancelled:
+        log.info(
+            f"request {job.request_id}: cancelled by the client after {steps_done} steps "
+            f"({time.perf_counter() - start:.1f} s); job stopped"
+        )
+        _quietly(sink.close)
+        return Outcome.CANCELLED
+    except SettingsError as e:
+        log.info(f"request {job.request_id}: rejected: {e}")
+        _quietly(sink.fail, Status.INVALID_ARGUMENT, str(e))
+        return Outcome.INVALID
+    except Exception as e:  # a bug or resource failure ends this job, not the server
+        log.error(f"request {job.request_id}: failed:\n{traceback.format_exc()}")
+        _quietly(sink.fail, Status.INTERNAL, f"generation failed: {type(e).__name__}: {e}")
+        return Outcome.FAILED
+
+
+def _quietly(action, *args) -> None:
+    """Answering a client that has gone away may fail; there is nobody left to tell."""
+    try:
+        action(*args)
+    except Exception:
+        pass
+
+
+_STOP = object()
+
+
+class JobQueue:
+    """At most `capacity` waiting jobs, run one at a time on a worker thread."""
+
+    def __init__(self, pipeline, log: Log, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be at least 1, got {capacity}")
+        self._pipeline = pipeline
+        self._log = log
+        self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full or shutting down (the caller says UNAVAILABLE)."""
+        if self._stopping.is_set():
+            return False
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the running job at its next step, refuse the waiting ones, end the worker."""
+        self._stopping.set()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                _quietly(job.sink.fail, Status.UNAVAILABLE, "the model is shutting down")
+        self._jobs.put(_STOP)
+        self._worker.join(timeout_s)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            run_job(self._pipeline, job, self._log, self._stopping)

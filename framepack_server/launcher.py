@@ -1,0 +1,324 @@
+"""`framepack-server`: run Triton Inference Server with the FramePack model repository.
+
+    framepack-server                          # embedded Triton, tiny random model, CPU or GPU
+    framepack-server --model-dir /models      # real weights (docs/architecture.md layout)
+    framepack-server --tritonserver /opt/tritonserver/bin/tritonserver
+
+As a library (tests, the demo):
+
+    with TritonServer(model_dir=path, grpc_port=free_port()) as server:
+        ...  # server.grpc_address
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from .triton_install import (
+    TritonInstall,
+    TritonNotFound,
+    cache_dir,
+    default_model_repository,
+    embedded_install,
+    external_install,
+    python_library_dir,
+    stub_python_path,
+)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
+# Loading real weights takes minutes; the tiny model a few seconds.
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+# How long Triton waits for running jobs on shutdown; jobs stop at their next step.
+EXIT_TIMEOUT_S = 10
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((DEFAULT_HOST, 0))
+        return s.getsockname()[1]
+
+
+def ensure_tiny_bundle(folder: Path | None = None) -> Path:
+    """The tiny random model under the cache, written on first use (atomically)."""
+    folder = folder or cache_dir() / "tiny"
+    if folder.is_dir():
+        return folder
+    from framepack_backend.tiny_bundle import write_tiny_bundle
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        write_tiny_bundle(partial)
+        os.rename(partial, folder)
+    except OSError:
+        if not folder.is_dir():  # not merely another launcher finishing first
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+class TritonServer:
+    """One `tritonserver` process serving the framepack model; a context manager."""
+
+    def __init__(
+        self,
+        model_dir: Path | str | None = None,
+        *,
+        host: str = DEFAULT_HOST,
+        grpc_port: int = DEFAULT_PORTS["grpc"],
+        http_port: int = DEFAULT_PORTS["http"],
+        metrics_port: int = DEFAULT_PORTS["metrics"],
+        device: str = "auto",
+        tritonserver: Path | str | None = None,
+        backend_directory: Path | str | None = None,
+        model_repository: Path | str | None = None,
+        log_path: Path | str | None = None,
+        echo_log: bool = False,
+        startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        environment: dict[str, str] | None = None,
+    ):
+        if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
+        self.model_dir = Path(model_dir).expanduser().resolve() if model_dir else None
+        self.host = host
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.device = device
+        self.tritonserver = Path(tritonserver) if tritonserver else None
+        self.backend_directory = Path(backend_directory) if backend_directory else None
+        self.model_repository = Path(model_repository or default_model_repository()).resolve()
+        self.log_path = Path(log_path) if log_path else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
+        self.echo_log = echo_log
+        self.startup_timeout_s = startup_timeout_s
+        self.environment = dict(environment or {})
+        self._process: subprocess.Popen | None = None
+        self._pump: threading.Thread | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{_reachable(self.host)}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_reachable(self.host)}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_reachable(self.host)}:{self.ports['metrics']}/metrics"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError("server already started")
+        if not (self.model_repository / "framepack" / "config.pbtxt").is_file():
+            raise ServerStartError(
+                f"no framepack model under {self.model_repository}: pass --model-repository "
+                "or set FRAMEPACK_MODEL_REPOSITORY"
+            )
+        model_dir = self.model_dir or ensure_tiny_bundle()
+        if not model_dir.is_dir():
+            raise ServerStartError(f"--model-dir {model_dir}: no such directory")
+        for name, port in self.ports.items():
+            _check_port_free(self.host, port, name)
+        install = self._install()
+        command = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_directory}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w", encoding="utf-8")
+        log.write(f"# {' '.join(command)}\n# model dir: {model_dir}\n")
+        log.flush()
+        self._process = subprocess.Popen(
+            command,
+            env=self._environment(install, model_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # our Ctrl-C reaches the server only through stop()
+        )
+        self._pump = threading.Thread(target=_pump_log, args=(self._process.stdout, log, self.echo_log), daemon=True)
+        self._pump.start()
+
+    def wait_ready(self) -> None:
+        """Wait for /v2/health/ready; if the server dies or times out, raise with its log's tail."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._pump.join(5)
+                raise ServerStartError(
+                    f"tritonserver exited with code {self._process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_text())}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise ServerStartError(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f} s; "
+            f"last lines of {self.log_path}:\n{_tail(self.log_text())}"
+        )
+
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 20) -> int | None:
+        """Ask the server to exit (SIGTERM), then kill its process group if it does not."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if self._pump is not None:
+            self._pump.join(5)
+        self._process = None
+        return process.returncode
+
+    def wait(self, stop_requested: threading.Event) -> int | None:
+        """Block until the server exits or `stop_requested` is set; then stop it."""
+        while not stop_requested.wait(0.5):
+            if self._process.poll() is not None:
+                break
+        return self.stop()
+
+    def _install(self) -> TritonInstall:
+        if self.tritonserver:
+            return external_install(self.tritonserver, self.backend_directory)
+        return embedded_install(cache_dir())
+
+    def _environment(self, install: TritonInstall, model_dir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        libraries = [str(p) for p in install.library_path]
+        if not self.tritonserver and python_library_dir():
+            libraries.insert(0, str(python_library_dir()))
+        if env.get("LD_LIBRARY_PATH"):
+            libraries.append(env["LD_LIBRARY_PATH"])
+        if libraries:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
+        env["FRAMEPACK_PYTHONPATH"] = os.pathsep.join(stub_python_path())
+        env["FRAMEPACK_MODEL_DIR"] = str(model_dir)
+        # Triton makes one instance per visible GPU, or one CPU instance when it sees none.
+        if self.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        elif self.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = self.device[5:]
+        env.update(self.environment)
+        return env
+
+
+def _reachable(host: str) -> str:
+    return DEFAULT_HOST if host in ("0.0.0.0", "") else host
+
+
+def _check_port_free(host: str, port: int, name: str) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServerStartError(f"{name} port {host}:{port} is not free ({e.strerror}): choose --{name}-port") from None
+
+
+def _pump_log(stream: IO[bytes], log: IO[str], echo: bool) -> None:
+    with log:
+        for raw in stream:
+            line = raw.decode("utf-8", errors="replace")
+            log.write(line)
+            log.flush()
+            if echo:
+                sys.stderr.write(line)
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton Inference Server.")
+    parser.add_argument("--model-dir", type=Path, help="model directory (default: a tiny random model, made on first use)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="default %(default)s")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"], help="default %(default)s")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], help="default %(default)s")
+    parser.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, or cuda:N")
+    parser.add_argument("--tritonserver", type=Path, help="another tritonserver binary (default: the embedded one)")
+    parser.add_argument("--backend-directory", type=Path, help="its backends folder (default: beside its bin/)")
+    parser.add_argument("--model-repository", type=Path, help="default: this project's model_repository/")
+    parser.add_argument("--log-file", type=Path, help="server log (default: under the cache folder)")
+    parser.add_argument("--quiet", action="store_true", help="write the server log to the file only")
+    parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds")
+    args = parser.parse_args(argv)
+
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    try:
+        server = TritonServer(
+            args.model_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+            metrics_port=args.metrics_port, device=args.device, tritonserver=args.tritonserver,
+            backend_directory=args.backend_directory, model_repository=args.model_repository,
+            log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    if server.model_dir is None:
+        print("framepack-server: no --model-dir, using the tiny random model (made on first use)", file=sys.stderr)
+    try:
+        server.start()
+        server.wait_ready()
+    except (ServerStartError, TritonNotFound) as e:
+        server.stop()
+        print(f"framepack-server: error: {e}", file=sys.stderr)
+        return 1
+    print(f"framepack-server: ready, gRPC at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it", flush=True)
+    code = server.wait(stop_requested)
+    if stop_requested.is_set():
+        print("framepack-server: stopped", file=sys.stderr)
+        return 0
+    print(f"framepack-server: tritonserver exited with code {code}", file=sys.stderr)
+    return 1 if not code else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

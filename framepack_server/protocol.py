@@ -1,0 +1,129 @@
+"""The wire protocol of the `framepack` Triton model, on the server side.
+
+Request: tensor input `image` (UINT8 H×W×3). Request parameters: `prompt` (str, required)
+and any field of `GenerationSettings` by name (str, int, float or bool; strings are
+parsed by the engine). Text travels as parameters, not BYTES tensors, because BYTES
+tensors crash the Python-backend stub under numpy 2.
+
+Responses (decoupled, one request → many responses), each with output `event`: UTF-8
+JSON bytes as a UINT8 vector, `{"kind": ...}`:
+
+- `progress`: section, sections, step, steps, elapsed_s, computed — plus output
+  `preview` (UINT8 h×w×3) when the engine made one;
+- `section`: section, sections, start_frame, frame_count, total_frames, fps — plus output
+  `frames` (UINT8 T×H×W×3), video frames [start_frame, start_frame + T) that supersede
+  earlier ones at those indices;
+- `final` (the last response, Triton's FINAL flag): frame_count, fps, width, height,
+  seed, settings (all values actually used), timings. The frames are not repeated: the
+  sections already carried them.
+
+Errors travel as Triton errors whose message starts with a status word, e.g.
+`INVALID_ARGUMENT: steps='x' is not allowed: expected int in [1, 100]`, because the gRPC
+stream carries an error's message but not its status code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Mapping
+
+import numpy as np
+
+from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.planner import FPS
+from framepack_backend.settings import GenerationSettings, SettingsError, validate_prompt
+
+MODEL_NAME = "framepack"
+IMAGE_INPUT = "image"
+EVENT_OUTPUT = "event"
+FRAMES_OUTPUT = "frames"
+PREVIEW_OUTPUT = "preview"
+PROMPT_PARAMETER = "prompt"
+
+
+class Status(str, Enum):
+    """gRPC status names used as the first word of an error message."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+def error_message(status: Status, text: str) -> str:
+    return f"{status.value}: {text}"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    prompt: str
+    settings: GenerationSettings
+
+
+def parse_parameters(parameters: Mapping[str, object]) -> JobRequest:
+    """Prompt and settings from a request's parameters; raises SettingsError naming the field."""
+    values = dict(parameters)
+    if PROMPT_PARAMETER not in values:
+        raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
+    prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
+    return JobRequest(prompt=prompt, settings=GenerationSettings.from_mapping(values))
+
+
+def parse_parameters_json(text: str) -> JobRequest:
+    """`request.parameters()` is a JSON object in the Python backend."""
+    try:
+        parameters = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        raise SettingsError("parameters", text, "a JSON object") from None
+    if not isinstance(parameters, dict):
+        raise SettingsError("parameters", parameters, "a JSON object")
+    return parse_parameters(parameters)
+
+
+@dataclass(frozen=True)
+class WireResponse:
+    """One streamed response: the event's metadata and its named image tensors."""
+
+    event: dict
+    tensors: dict[str, np.ndarray]
+    final: bool = False
+
+    def event_bytes(self) -> np.ndarray:
+        # A writable buffer, so torch.from_numpy can wrap it for DLPack without a copy.
+        return np.frombuffer(bytearray(json.dumps(self.event).encode("utf-8")), dtype=np.uint8)
+
+
+def to_wire(event: StepProgress | SectionFinished | GenerationResult) -> WireResponse:
+    if isinstance(event, StepProgress):
+        meta = dict(
+            kind="progress", section=event.section, sections=event.sections, step=event.step,
+            steps=event.steps, elapsed_s=round(event.elapsed_s, 4), computed=event.computed,
+        )
+        tensors = {} if event.preview is None else {PREVIEW_OUTPUT: _rgb(event.preview, 3)}
+        return WireResponse(meta, tensors)
+    if isinstance(event, SectionFinished):
+        meta = dict(
+            kind="section", section=event.section, sections=event.sections, start_frame=event.start_frame,
+            frame_count=len(event.frames), total_frames=event.total_frames, fps=FPS,
+        )
+        return WireResponse(meta, {FRAMES_OUTPUT: _rgb(event.frames, 4)})
+    if isinstance(event, GenerationResult):
+        meta = dict(
+            kind="final", frame_count=len(event.frames), fps=event.fps, width=event.width, height=event.height,
+            seed=event.seed, settings=_jsonable(event.settings), timings=_jsonable(event.timings),
+        )
+        return WireResponse(meta, {}, final=True)
+    raise TypeError(f"not a generation event: {type(event).__name__}")
+
+
+def _rgb(array: np.ndarray, ndim: int) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3:
+        raise ValueError(f"engine produced {array.dtype} {array.shape}, expected uint8 with {ndim} dims ending in 3")
+    return np.ascontiguousarray(array)
+
+
+def _jsonable(value: object) -> object:
+    """Settings and timings as plain JSON (numpy scalars and tuples included)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

@@ -1,0 +1,129 @@
+"""Triton Python backend of the `framepack` model: a thin adapter over framepack_backend.
+
+Parse a request, validate it, queue the job, stream the engine's events back as
+responses. The wire protocol is documented in framepack_server/protocol.py.
+"""
+
+import os
+import site
+import sys
+
+
+def _put_launcher_packages_first() -> None:
+    """Make the launcher's Python environment importable, ahead of the system's.
+
+    The stub's embedded interpreter starts isolated: its sys.path holds the system
+    Python's folders only, not the virtual environment the server was started from. The
+    launcher passes that environment's folders in FRAMEPACK_PYTHONPATH; `addsitedir`
+    also runs their .pth files (an editable install needs them). They must come first,
+    before numpy, torch or triton_python_backend_utils are imported.
+    """
+    before = list(sys.path)
+    for folder in os.environ.get("FRAMEPACK_PYTHONPATH", "").split(os.pathsep):
+        if folder:
+            site.addsitedir(folder)
+    added = [path for path in sys.path if path not in before]
+    sys.path[:] = added + before
+
+
+_put_launcher_packages_first()
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from framepack_backend.pipeline import Pipeline  # noqa: E402
+from framepack_backend.settings import SettingsError, validate_image  # noqa: E402
+from framepack_server.instance import InstanceConfig  # noqa: E402
+from framepack_server.jobs import Job, JobQueue  # noqa: E402
+from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
+from framepack_server.protocol import parse_parameters_json  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Names of pb_utils.TritonError codes; looked up late: the stub adds TritonError to
+# pb_utils only after this file is imported.
+ERROR_CODES = {
+    Status.INVALID_ARGUMENT: "INVALID_ARG",
+    Status.UNAVAILABLE: "UNAVAILABLE",
+    Status.CANCELLED: "CANCELLED",
+    Status.INTERNAL: "INTERNAL",
+}
+
+
+class TritonLog:
+    """Job log lines go to the server's log."""
+
+    def info(self, message: str) -> None:
+        pb_utils.Logger.log_info(f"framepack: {message}")
+
+    def error(self, message: str) -> None:
+        pb_utils.Logger.log_error(f"framepack: {message}")
+
+
+class ResponseSender:
+    """A request's response sender; tensors leave through DLPack (safe under numpy 1 and 2)."""
+
+    def __init__(self, sender):
+        self._sender = sender
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
+
+    def send(self, response: WireResponse) -> None:
+        arrays = {EVENT_OUTPUT: response.event_bytes(), **response.tensors}
+        outputs = [pb_utils.Tensor.from_dlpack(name, torch.from_numpy(a)) for name, a in arrays.items()]
+        self._sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if response.final else 0)
+
+    def fail(self, status: Status, text: str) -> None:
+        error = pb_utils.TritonError(error_message(status, text), getattr(pb_utils.TritonError, ERROR_CODES[status]))
+        self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def close(self) -> None:
+        self._sender.send(flags=FINAL)
+
+
+def _input_image(request):
+    tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+    # DLPack, not as_numpy(): the latter returns empty data under numpy 2. Copy, because
+    # the request's memory is released once execute() returns and the job runs later.
+    return validate_image(torch.from_dlpack(tensor.to_dlpack()).cpu().numpy().copy())
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if not pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
+            raise pb_utils.TritonModelException("the framepack model streams: its config must set decoupled: true")
+        config = InstanceConfig.from_triton(args, os.environ)
+        log = TritonLog()
+        start = time.perf_counter()
+        dtype = getattr(torch, config.dtype) if config.dtype else None
+        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype)
+        log.info(
+            f"instance {args['model_instance_name']} loaded {config.model_dir} on {config.device} "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        self._jobs = JobQueue(pipeline, log, config.max_queued_jobs)
+        self._max_queued = config.max_queued_jobs
+        self._numbers = itertools.count(1)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = ResponseSender(request.get_response_sender())
+            job_id = f"{next(self._numbers)}{'/' + request.request_id() if request.request_id() else ''}"
+            try:
+                job = Job(job_id, _input_image(request), parse_parameters_json(request.parameters()), sender)
+            except SettingsError as e:
+                sender.fail(Status.INVALID_ARGUMENT, str(e))
+                continue
+            if not self._jobs.submit(job):
+                sender.fail(
+                    Status.UNAVAILABLE,
+                    f"the server is busy ({self._max_queued} jobs already wait for this model instance); retry later",
+                )
+        return None
+
+    def finalize(self):
+        self._jobs.close()
