@@ -104,18 +104,18 @@ def _qk_rmsnorm_rope_kernel(
     out = x * rstd * weight
 
     if HAS_ROPE:
-        # The pair partner of element d is d ^ 1; its second load hits the cache.
-        partner = d ^ 1
-        x_partner = tl.load(x_row + partner, mask=mask, other=0.0).to(tl.float32)
-        weight_partner = tl.load(weight_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)
         # Text tokens (s >= rope_tokens) read no columns of cos/sin and get cos = 1,
         # sin = 0 instead: the normalised value passes unchanged.
         rope_columns = tl.where(s < rope_tokens, head_dim, 0)
         rope_mask = d < rope_columns
         cos = tl.load(cos_ptr + s * cos_stride_s + d, mask=rope_mask, other=1.0).to(tl.float32)
         sin = tl.load(sin_ptr + s * sin_stride_s + d, mask=rope_mask, other=0.0).to(tl.float32)
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        out = out * cos + sign * (x_partner * rstd * weight_partner) * sin
+        # Split the adjacent (real, imag) pairs in registers: the loads stay contiguous.
+        real, imag = tl.split(tl.reshape(out, (BLOCK_H, BLOCK_D // 2, 2)))
+        cos_real, cos_imag = tl.split(tl.reshape(cos, (1, BLOCK_D // 2, 2)))
+        sin_real, sin_imag = tl.split(tl.reshape(sin, (1, BLOCK_D // 2, 2)))
+        rotated = tl.join(real * cos_real - imag * sin_real, imag * cos_imag + real * sin_imag)
+        out = tl.reshape(rotated, (BLOCK_H, BLOCK_D))
 
     out_row = out_ptr + b * out_stride_b + s * out_stride_s + h * out_stride_h
     tl.store(out_row + d, out.to(out_ptr.dtype.element_ty), mask=mask)

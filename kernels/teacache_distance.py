@@ -24,8 +24,9 @@ import triton.language as tl
 
 from kernels.validation import FLOAT_DTYPES, check_launchable
 
-# Elements per first-stage program and partials per second-stage iteration.
+# Elements (and warps) per first-stage program; partials per second-stage iteration.
 PARTIAL_BLOCK = 4096
+PARTIAL_WARPS = 8
 FINAL_BLOCK = 1024
 
 
@@ -98,7 +99,7 @@ def teacache_relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch
     num_partials = triton.cdiv(numel, PARTIAL_BLOCK)
     partials = torch.empty((2, num_partials), dtype=torch.float32, device=current.device)
     rel = torch.empty((), dtype=torch.float32, device=current.device)
-    _abs_diff_partials_kernel[(num_partials,)](current, previous, partials[0], partials[1], numel, BLOCK=PARTIAL_BLOCK, num_warps=8)
+    _abs_diff_partials_kernel[(num_partials,)](current, previous, partials[0], partials[1], numel, BLOCK=PARTIAL_BLOCK, num_warps=PARTIAL_WARPS)
     _relative_l1_final_kernel[(1,)](partials[0], partials[1], rel, num_partials, BLOCK=FINAL_BLOCK, num_warps=4)
     return rel
 
