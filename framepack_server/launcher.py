@@ -6,7 +6,8 @@
 
 As a library (tests, the demo):
 
-    with TritonServer(model_dir=path, grpc_port=free_port()) as server:
+    grpc, http, metrics = free_ports(3)
+    with TritonServer(path, grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
         ...  # server.grpc_address
 """
 
@@ -50,10 +51,16 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((DEFAULT_HOST, 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct ports free on localhost right now (held open together so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((DEFAULT_HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def ensure_tiny_bundle(folder: Path | None = None) -> Path:

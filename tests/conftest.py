@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny random model and one real Triton server per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from framepack_backend.tiny_bundle import write_tiny_bundle
+from framepack_server.launcher import TritonServer, free_ports
+
+# Small enough for the CPU: a 2-second video at the 128 bucket with 4 steps per section
+# takes a few seconds with the tiny model.
+FAST_SETTINGS = {"resolution": 128, "steps": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The tiny random-weight model directory (public layout), written once per session."""
+    return write_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"))
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_bundle, tmp_path_factory) -> TritonServer:
+    """The embedded tritonserver with our model repository and the tiny model, on free ports."""
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    grpc, http, metrics = free_ports(3)
+    server = TritonServer(
+        tiny_bundle,
+        grpc_port=grpc,
+        http_port=http,
+        metrics_port=metrics,
+        device="cpu",
+        log_path=log,
+        startup_timeout_s=300,
+    )
+    with server:
+        yield server

@@ -1,0 +1,161 @@
+"""The whole serving path on the CPU: real tritonserver, our model repository, the tiny
+model, the real client (CLI as a subprocess, or its streaming API)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from client import stream
+from client.cli import load_image
+from conftest import FAST_SETTINGS
+from framepack_backend.buckets import bucket_for
+
+pytestmark = pytest.mark.server
+
+SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.png"
+CANCELLED_LINE = "cancelled by the client"
+
+
+def run_cli(server, output: Path, *extra: str, seconds: str = "2.4", **popen) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "client.cli", "generate",
+        "--image", str(SAMPLE), "--prompt", "a person waves", "--output", str(output),
+        "--server", server.grpc_address, "--seconds", seconds,
+        "--resolution", str(FAST_SETTINGS["resolution"]), "--steps", str(FAST_SETTINGS["steps"]), *extra,
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def read_mp4(path: Path) -> tuple[np.ndarray, av.video.stream.VideoStream]:
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video)])
+        return frames, video
+
+
+def test_cli_writes_the_planned_mp4(triton_server, tmp_path):
+    output = tmp_path / "out" / "wave.mp4"
+    cli = run_cli(triton_server, output, "--crf", "20", "--save-sections", str(tmp_path / "sections"),
+                  "--save-previews", str(tmp_path / "previews"))
+    stdout, stderr = cli.communicate(timeout=300)
+    assert cli.returncode == 0, stderr
+    assert stdout.strip() == str(output)
+
+    frames, video = read_mp4(output)
+    sections = 2  # round(2.4 s · 30 / 36)
+    assert len(frames) == 36 * sections + 1
+    assert video.average_rate == 30
+    assert video.codec_context.name == "h264" and video.format.name == "yuv420p"
+    height, width = bucket_for(*load_image(SAMPLE).shape[:2], FAST_SETTINGS["resolution"])
+    assert (video.height, video.width) == (height, width)
+    # Random weights make noise, but it must move: frames differ from each other.
+    assert frames.std() > 5
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
+    assert sorted(p.name for p in (tmp_path / "sections").iterdir()) == ["section_01.mp4", "section_02.mp4"]
+    assert len(list((tmp_path / "previews").glob("*.png"))) == sections * FAST_SETTINGS["steps"]
+    assert [p.name for p in output.parent.iterdir()] == ["wave.mp4"]  # no temporary left behind
+
+
+def test_responses_stream_before_the_final_one_and_other_requests_are_answered(triton_server):
+    image = load_image(SAMPLE)
+    arrivals: list[tuple[float, stream.Event]] = []
+    refusal: dict[str, object] = {}
+
+    def send_bad_request() -> None:
+        sent = time.monotonic()
+        try:
+            list(stream.generate(triton_server.grpc_address, image, "x", {"steps": "many"}))
+        except stream.ServerError as e:
+            refusal.update(error=e, sent=sent, answered=time.monotonic())
+
+    settings = {**FAST_SETTINGS, "seconds": 2.4}
+    bad_request = threading.Thread(target=send_bad_request)
+    for event in stream.generate(triton_server.grpc_address, image, "a person waves", settings):
+        arrivals.append((time.monotonic(), event))
+        if len(arrivals) == 1:
+            bad_request.start()  # while the job runs
+    bad_request.join(30)
+
+    final_at, final = arrivals[-1]
+    assert isinstance(final, stream.Final) and final.frame_count == 73
+    kinds = [type(e).__name__ for _, e in arrivals]
+    steps = FAST_SETTINGS["steps"]
+    assert kinds == (["Progress"] * steps + ["Section"]) * 2 + ["Final"]
+    first_section_at = next(t for t, e in arrivals if isinstance(e, stream.Section))
+    first_progress_at = arrivals[0][0]
+    # The first section's frames and the first steps arrived well before the end.
+    assert final_at - first_section_at > 0.5
+    assert first_section_at - first_progress_at > 0.1
+    # A bad request sent while the job ran was refused at once, not after the job.
+    assert refusal["error"].status == "INVALID_ARGUMENT"
+    assert refusal["answered"] < final_at
+    assert refusal["answered"] - refusal["sent"] < 2.0
+
+
+@pytest.mark.parametrize(
+    "settings, field, allowed",
+    [
+        ({"steps": "many"}, "steps", "int in [1, 100]"),
+        ({"window": 0}, "window", "int in [1, 33]"),
+        ({"stepz": 3}, "stepz", "one of the settings"),
+        ({"preset": "Disco"}, "preset", "one of"),
+    ],
+)
+def test_bad_settings_are_invalid_arguments_naming_the_field(triton_server, settings, field, allowed):
+    with pytest.raises(stream.ServerError) as caught:
+        list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "x", settings))
+    assert caught.value.status == "INVALID_ARGUMENT"
+    assert caught.value.message.startswith(f"{field}=")
+    assert allowed in caught.value.message
+
+
+def test_cli_reports_a_server_error_in_one_line_and_writes_no_mp4(triton_server, tmp_path):
+    output = tmp_path / "bad.mp4"
+    cli = run_cli(triton_server, output, "--window", "0")
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 1
+    assert stderr.strip().splitlines() == [
+        "framepack: error: INVALID_ARGUMENT: window=0 is not allowed: expected int in [1, 33]"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(triton_server, tmp_path):
+    cancellations_before = triton_server.log_text().count(CANCELLED_LINE)
+    output = tmp_path / "cancelled.mp4"
+    cli = run_cli(triton_server, output, seconds="5")  # 4 sections: far from done when interrupted
+    progress = threading.Event()
+    stderr_text: list[str] = []
+
+    def watch_stderr() -> None:
+        for chunk in iter(lambda: cli.stderr.read(1), ""):
+            stderr_text.append(chunk)
+            if "section 1/" in "".join(stderr_text[-64:]):
+                progress.set()
+
+    threading.Thread(target=watch_stderr, daemon=True).start()
+    assert progress.wait(120), "no progress from the client"
+    cli.send_signal(signal.SIGINT)
+    assert cli.wait(60) == 130
+    assert "cancelled; no video written" in "".join(stderr_text)
+    assert list(tmp_path.iterdir()) == []
+
+    deadline = time.monotonic() + 60
+    while triton_server.log_text().count(CANCELLED_LINE) == cancellations_before:
+        assert time.monotonic() < deadline, "the server did not report the cancellation"
+        time.sleep(0.2)
+    line = [ln for ln in triton_server.log_text().splitlines() if CANCELLED_LINE in ln][-1]
+    steps_done = int(line.split("after ")[1].split(" steps")[0])
+    assert steps_done < 4 * FAST_SETTINGS["steps"]  # stopped early, not run to the end
+
+    events = list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "next", {**FAST_SETTINGS, "seconds": 1}))
+    assert isinstance(events[-1], stream.Final) and events[-1].frame_count == 37

@@ -1,0 +1,280 @@
+"""Server-side pieces without a running server: wire protocol, job runner and queue,
+instance configuration, the model config, and the launcher's checks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from framepack_backend.errors import GenerationCancelled
+from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.settings import GenerationSettings, SettingsError
+from framepack_server import protocol
+from framepack_server.instance import InstanceConfig, InstanceConfigError
+from framepack_server.jobs import Job, JobQueue, Outcome, run_job
+from framepack_server.launcher import ServerStartError, TritonServer, free_ports
+from framepack_server.protocol import JobRequest, Status, parse_parameters, parse_parameters_json, to_wire
+from framepack_server.triton_install import embedded_install, stub_python_path
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+# ------------------------------------------------------------------ protocol
+
+
+def test_parameters_give_prompt_and_typed_settings():
+    request = parse_parameters({"prompt": "waves", "steps": "7", "gs": 8, "teacache": "off", "preset": "Dance"})
+    assert request.prompt == "waves"
+    assert (request.settings.steps, request.settings.gs, request.settings.teacache) == (7, 8.0, False)
+    assert request.settings.flow_preset == "dance"  # from the preset; explicit values won
+
+
+@pytest.mark.parametrize(
+    "parameters, field",
+    [({}, "prompt"), ({"prompt": 3}, "prompt"), ({"prompt": "p", "steps": 0}, "steps"),
+     ({"prompt": "p", "colour": "red"}, "colour")],
+)
+def test_bad_parameters_name_the_field(parameters, field):
+    with pytest.raises(SettingsError) as caught:
+        parse_parameters(parameters)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]"])
+def test_parameters_must_be_a_json_object(text):
+    with pytest.raises(SettingsError) as caught:
+        parse_parameters_json(text)
+    assert caught.value.field == "parameters"
+
+
+def test_events_on_the_wire():
+    preview = np.full((4, 6, 3), 9, np.uint8)
+    progress = to_wire(StepProgress(1, 2, 3, 4, elapsed_s=1.23456, computed=False, preview=preview))
+    assert progress.event == dict(kind="progress", section=1, sections=2, step=3, steps=4, elapsed_s=1.2346,
+                                  computed=False)
+    assert progress.tensors[protocol.PREVIEW_OUTPUT] is not None and not progress.final
+    assert to_wire(StepProgress(1, 2, 3, 4, elapsed_s=0.0)).tensors == {}
+
+    frames = np.zeros((33, 8, 10, 3), np.uint8)
+    section = to_wire(SectionFinished(1, 2, start_frame=40, frames=frames, total_frames=73))
+    assert section.event == dict(kind="section", section=1, sections=2, start_frame=40, frame_count=33,
+                                 total_frames=73, fps=30)
+    assert section.tensors[protocol.FRAMES_OUTPUT].shape == (33, 8, 10, 3)
+
+    result = GenerationResult(np.zeros((73, 8, 10, 3), np.uint8), 30, 10, 8, 5, {"steps": 4},
+                              {"total_s": np.float32(2.5), "computed_steps": np.int64(8)})
+    final = to_wire(result)
+    assert final.final and final.tensors == {}
+    assert json.loads(final.event_bytes().tobytes()) == dict(
+        kind="final", frame_count=73, fps=30, width=10, height=8, seed=5, settings={"steps": 4},
+        timings={"total_s": 2.5, "computed_steps": 8},
+    )
+
+
+def test_engine_output_of_the_wrong_type_is_refused():
+    with pytest.raises(ValueError):
+        to_wire(SectionFinished(1, 1, 0, np.zeros((3, 8, 10, 3), np.float32), 3))
+
+
+# ------------------------------------------------------------------ jobs
+
+
+class RecordingSink:
+    def __init__(self, cancel_after: int | None = None):
+        self.sent = []
+        self.failures = []
+        self.closed = False
+        self.cancel_after = cancel_after
+
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+    def send(self, response):
+        self.sent.append(response)
+
+    def fail(self, status, text):
+        self.failures.append((status, text))
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(("info", message))
+
+    def error(self, message):
+        self.lines.append(("error", message))
+
+
+class ScriptedPipeline:
+    """Yields `sections` × `steps` progress events, polling cancel before each like the engine."""
+
+    def __init__(self, steps=3, sections=2, error: Exception | None = None, gate: threading.Event | None = None):
+        self.steps, self.sections, self.error, self.gate = steps, sections, error, gate
+        self.started = threading.Event()
+
+    def generate(self, image, prompt, settings, cancel=None):
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        for section in range(1, self.sections + 1):
+            for step in range(1, self.steps + 1):
+                if self.gate is not None:
+                    self.gate.wait(5)
+                if cancel():
+                    raise GenerationCancelled()
+                yield StepProgress(section, self.sections, step, self.steps, 0.0)
+            yield SectionFinished(section, self.sections, 0, np.zeros((1, 2, 2, 3), np.uint8), 1)
+        yield GenerationResult(np.zeros((1, 2, 2, 3), np.uint8), 30, 2, 2, 0, {}, {})
+
+
+def job(sink) -> Job:
+    return Job("7", np.zeros((16, 16, 3), np.uint8), JobRequest("p", GenerationSettings()), sink)
+
+
+def test_a_job_streams_every_event_and_ends_with_the_final_one():
+    sink = RecordingSink()
+    assert run_job(ScriptedPipeline(), job(sink), RecordingLog()) is Outcome.DONE
+    kinds = [r.event["kind"] for r in sink.sent]
+    assert kinds == ["progress"] * 3 + ["section"] + ["progress"] * 3 + ["section", "final"]
+    assert [r.final for r in sink.sent] == [False] * 8 + [True]
+    assert sink.failures == [] and not sink.closed
+
+
+def test_a_cancelled_job_stops_at_the_next_step_and_closes_the_request():
+    sink = RecordingSink(cancel_after=2)
+    log = RecordingLog()
+    assert run_job(ScriptedPipeline(), job(sink), log) is Outcome.CANCELLED
+    assert len(sink.sent) == 2 and sink.closed and sink.failures == []
+    assert log.lines == [("info", log.lines[0][1])] and "cancelled by the client after 2 steps" in log.lines[0][1]
+
+
+def test_engine_errors_become_error_responses():
+    sink = RecordingSink()
+    bad = SettingsError("seconds", 999, "float in [0.5, 120.0]")
+    assert run_job(ScriptedPipeline(error=bad), job(sink), RecordingLog()) is Outcome.INVALID
+    assert sink.failures == [(Status.INVALID_ARGUMENT, str(bad))]
+
+    sink, log = RecordingSink(), RecordingLog()
+    assert run_job(ScriptedPipeline(error=RuntimeError("out of memory")), job(sink), log) is Outcome.FAILED
+    assert sink.failures == [(Status.INTERNAL, "generation failed: RuntimeError: out of memory")]
+    assert log.lines[0][0] == "error" and "Traceback" in log.lines[0][1]
+
+
+def test_a_full_queue_refuses_and_closing_stops_the_running_job():
+    gate = threading.Event()
+    pipeline = ScriptedPipeline(gate=gate)
+    jobs = JobQueue(pipeline, RecordingLog(), capacity=1)
+    running, waiting, refused = RecordingSink(), RecordingSink(), RecordingSink()
+    assert jobs.submit(job(running))
+    assert pipeline.started.wait(5)
+    assert jobs.submit(job(waiting))
+    assert not jobs.submit(job(refused))  # the model says UNAVAILABLE
+    threading.Timer(0.2, gate.set).start()  # the running job reaches its next step after close()
+    jobs.close()  # returns once the worker has ended
+    assert running.closed and running.sent == []  # stopped before its first step
+    assert waiting.failures == [(Status.UNAVAILABLE, "the model is shutting down")]
+    assert not jobs.submit(job(RecordingSink()))
+
+
+# ------------------------------------------------------------------ instance configuration
+
+
+def triton_args(kind="CPU", device_id="0", **parameters):
+    config = {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    return {"model_config": json.dumps(config), "model_instance_kind": kind, "model_instance_device_id": device_id}
+
+
+def test_instance_config_from_parameters_and_environment(tmp_path):
+    config = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), dtype="float16"), {})
+    assert config == InstanceConfig(tmp_path, "cpu", "float16", 4)
+    assert InstanceConfig.from_triton(triton_args("GPU", "3", model_dir=str(tmp_path)), {}).device == "cuda:3"
+    env = {"FRAMEPACK_MODEL_DIR": str(tmp_path), "FRAMEPACK_DEVICE": "cpu", "FRAMEPACK_MAX_QUEUED_JOBS": "2"}
+    config = InstanceConfig.from_triton(triton_args("GPU", "1", model_dir="/nowhere"), env)
+    assert (config.model_dir, config.device, config.max_queued_jobs) == (tmp_path, "cpu", 2)
+
+
+@pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),
+                                               ("max_queued_jobs", "0", "max_queued_jobs"),
+                                               ("model_dir", "/no/such/dir", "model_dir")])
+def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
+    args = triton_args(**{"model_dir": str(tmp_path), key: value})
+    with pytest.raises(InstanceConfigError, match=f"^{named}="):
+        InstanceConfig.from_triton(args, {})
+
+
+def test_model_config_matches_the_protocol():
+    config = text_format.Parse((REPOSITORY / "framepack" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == protocol.MODEL_NAME and config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled
+    assert [(i.name, list(i.dims)) for i in config.input] == [(protocol.IMAGE_INPUT, [-1, -1, 3])]
+    outputs = {o.name: list(o.dims) for o in config.output}
+    assert outputs == {protocol.EVENT_OUTPUT: [-1], protocol.FRAMES_OUTPUT: [-1, -1, -1, 3],
+                       protocol.PREVIEW_OUTPUT: [-1, -1, 3]}
+    uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
+    assert all(t.data_type == uint8 for t in [*config.input, *config.output])  # no BYTES tensors
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
+    assert set(config.parameters) == {"model_dir", "device", "dtype", "max_queued_jobs"}
+
+
+# ------------------------------------------------------------------ launcher
+
+
+def test_the_backend_folder_links_the_stub_for_this_python(tmp_path):
+    install = embedded_install(tmp_path)
+    python = install.backend_directory / "python"
+    names = sorted(p.name for p in python.iterdir())
+    assert names == ["libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"]
+    assert all((python / n).is_symlink() and (python / n).resolve().is_file() for n in names)
+    assert install.binary.is_file()
+    assert embedded_install(tmp_path) == install  # idempotent
+
+
+def test_the_stub_gets_our_packages_and_site_packages():
+    folders = stub_python_path()
+    assert str(REPOSITORY.parent) in folders
+    import numpy
+
+    assert any(numpy.__file__.startswith(folder + "/") for folder in folders)
+
+
+def test_a_busy_port_is_named(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        grpc, metrics = free_ports(2)
+        server = TritonServer(tmp_path, grpc_port=grpc, http_port=port, metrics_port=metrics, log_path=tmp_path / "l")
+        with pytest.raises(ServerStartError, match=f"http port 127.0.0.1:{port} is not free"):
+            server.start()
+
+
+def test_a_device_that_does_not_exist_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="device='gpu'"):
+        TritonServer(tmp_path, device="gpu")
+
+
+@pytest.mark.server
+def test_a_server_that_cannot_load_the_model_fails_with_its_log(tmp_path):
+    empty_model_dir = tmp_path / "empty"
+    empty_model_dir.mkdir()
+    grpc, http, metrics = free_ports(3)
+    server = TritonServer(empty_model_dir, grpc_port=grpc, http_port=http, metrics_port=metrics,
+                          device="cpu", log_path=tmp_path / "server.log", startup_timeout_s=120)
+    with pytest.raises(ServerStartError) as caught:
+        with server:
+            pass
+    assert "tritonserver exited with code 1 while starting" in str(caught.value)
+    assert "failed to load" in str(caught.value)
