@@ -63,7 +63,8 @@ def resolve_backend(requested: str, device: str | torch.device) -> str:
         available = available_backends()
         return next(name for name in AUTO_PREFERENCE if name in available)
     if requested not in available_backends():
-        raise SettingsError("attention", requested, f"one of {', '.join(['auto', *available_backends()])} on this machine")
+        allowed = ", ".join(["auto", *available_backends()])
+        raise SettingsError("attention", requested, f"one of {allowed} on this machine")
     return requested
 
 

@@ -67,7 +67,8 @@ def test_registered_backend_is_dispatched_by_name(monkeypatch):
         calls.append(key_mask)
         return 2 * v
 
-    monkeypatch.setitem(attention_module._BACKENDS, "double", attention_module.AttentionBackend("double", doubling, lambda: True))
+    backend = attention_module.AttentionBackend("double", doubling, lambda: True)
+    monkeypatch.setitem(attention_module._BACKENDS, "double", backend)
     v = torch.ones(1, 3, 1, 2)
 
     out = attention(v, v, v, backend="double")

@@ -144,7 +144,8 @@ def test_from_pretrained_casts_to_dtype(tmp_path):
     loaded = FramePackTransformer.from_pretrained(tmp_path)  # bf16 by default
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        out = loaded(**{k: v.bfloat16() if v is not None and v.is_floating_point() else v for k, v in tiny_inputs().items()})
+        inputs = {k: v.bfloat16() if v is not None and v.is_floating_point() else v for k, v in tiny_inputs().items()}
+        out = loaded(**inputs)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 2, 4, 6)
     assert torch.isfinite(out).all()
 

@@ -65,7 +65,9 @@ def section_inputs(
 CASES = {
     # name: (config overrides, batch, frames, height, width, padding, text lengths, padded text length)
     "tiny": ({}, 1, 2, 4, 4, 0, [6], 9),
-    "odd_non_square": (dict(num_attention_heads=3, attention_head_dim=8, rope_axes_dim=(2, 2, 4)), 2, 3, 6, 10, 1, [4, 7], 7),
+    "odd_non_square": (
+        dict(num_attention_heads=3, attention_head_dim=8, rope_axes_dim=(2, 2, 4)), 2, 3, 6, 10, 1, [4, 7], 7
+    ),
     "multi_section_masked": ({}, 2, 5, 10, 14, 3, [3, 8], 8),
     "multi_section_batch1": ({}, 1, 5, 10, 14, 2, [5], 11),
 }
@@ -105,9 +107,7 @@ def test_batched_rows_equal_their_single_runs():
     with torch.no_grad():
         batched = ours(**inputs)
         for row, length in enumerate([3, 8]):
-            single = {k: (v[row : row + 1] if k not in {"indices_latents", "indices_latents_clean",
-                                                         "indices_latents_history_2x", "indices_latents_history_4x"} else v)
-                      for k, v in inputs.items()}
+            single = {k: v if k.startswith("indices") else v[row : row + 1] for k, v in inputs.items()}
             single["encoder_hidden_states"] = single["encoder_hidden_states"][:, :length]
             single["encoder_attention_mask"] = None
             assert (ours(**single) - batched[row : row + 1]).abs().max() <= TOLERANCE
@@ -195,9 +195,37 @@ def test_input_errors_name_the_field():
     _, ours = build_pair(TINY, seed=5)
     inputs = section_inputs(1, 2, 4, 4, 0, [4], 4, seed=2)
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"indices_latents must hold one frame index per latent frame, shape \(2,\)"):
+        expected = r"indices_latents must hold one frame index per latent frame, shape \(2,\)"
+        with pytest.raises(ValueError, match=expected):
             ours(**dict(inputs, indices_latents=torch.arange(3)))
         with pytest.raises(ValueError, match="latents_history_2x needs its frame indices"):
             ours(**dict(inputs, indices_latents_history_2x=None))
         with pytest.raises(ValueError, match="guidance is required"):
             ours(**dict(inputs, guidance=None))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_gpu_is_as_close_to_fp32_as_diffusers():
+    """Full head size (128, RoPE 16/56/56), realistic token counts; bf16 error judged against diffusers' own."""
+    config = {**TINY, "num_attention_heads": 4, "attention_head_dim": 128, "rope_axes_dim": (16, 56, 56),
+              "mlp_ratio": 4.0, "text_embed_dim": 256, "image_proj_dim": 64}
+    torch.backends.cudnn.allow_tf32 = False
+    reference, ours = build_pair(config, seed=6)
+    reference, ours = reference.cuda(), ours.cuda()
+    inputs = section_inputs(1, 9, 32, 48, 2, [20], 20, seed=3)
+    inputs = dict(inputs, encoder_hidden_states=torch.randn(1, 20, 256), image_embeds=torch.randn(1, 16, 64))
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+
+    def bf16(x):
+        return x.bfloat16() if x.is_floating_point() and x.ndim > 1 else x
+
+    with torch.no_grad():
+        exact = reference(**inputs, return_dict=False)[0]
+        assert (ours(**inputs) - exact).abs().max() <= 1e-3
+        their_bf16 = reference.bfloat16()(**{k: bf16(v) for k, v in inputs.items()}, return_dict=False)[0]
+        our_bf16 = ours.bfloat16()(**{k: bf16(v) for k, v in inputs.items()})
+
+    their_error = (their_bf16.float() - exact).abs().mean()
+    our_error = (our_bf16.float() - exact).abs().mean()
+    assert our_error <= 1.25 * their_error

@@ -118,7 +118,9 @@ class TransformerConfig:
 # ------------------------------------------------------------- time and position codes
 
 
-def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_sinusoid(
+    t: torch.Tensor, channels: int = TIMESTEP_CHANNELS, max_period: float = 10000.0
+) -> torch.Tensor:
     """(batch,) float timesteps -> (batch, channels) [cos | sin] features (the DiT/GLIDE encoding)."""
     if t.ndim != 1:
         raise ValueError(f"timestep/guidance must be 1-D (batch,), got shape {tuple(t.shape)}")
@@ -129,19 +131,22 @@ def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS, max_pe
 
 
 class Rope(NamedTuple):
-    """cos/sin tables for the latent tokens, (tokens, 1, head_dim) fp32, broadcast over heads."""
+    """Per-token rotation of each channel pair, complex64 (tokens, 1, head_dim / 2), broadcast over heads.
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos + i·sin of the rotary angle; for pooled (2x/4x) tokens the averaged cos and sin,
+    which is not a unit complex number, exactly as the reference pools them.
+    """
+
+    rotation: torch.Tensor
 
 
 def rope_grid(
     frame_positions: torch.Tensor, height: int, width: int, axes_dim: tuple[int, int, int], theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of the 3-D rotary angles on a (frames, height, width) token grid -> each (T, H, W, head_dim).
+    """cos, sin of the 3-D rotary angles on a (frames, height, width) token grid -> each (T, H, W, head_dim / 2).
 
-    The head dim is split into (time, height, width) parts; each pair of channels
-    rotates by position × 1/theta^(2i/d) with both channels of a pair sharing the angle.
+    The head dim is split into (time, height, width) parts; channel pair i of a part of
+    size d rotates by position × theta^(-2i/d). One column per pair of channels.
     """
     device = frame_positions.device
     positions = (frame_positions.float(), torch.arange(height, dtype=torch.float32, device=device),
@@ -150,11 +155,11 @@ def rope_grid(
     cos_axes, sin_axes = [], []
     for axis, (pos, dim) in enumerate(zip(positions, axes_dim)):
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-        angles = torch.outer(pos, freqs).repeat_interleave(2, dim=1)
-        shape = [1, 1, 1, dim]
+        angles = torch.outer(pos, freqs)
+        shape = [1, 1, 1, dim // 2]
         shape[axis] = sizes[axis]
-        cos_axes.append(angles.cos().view(shape).expand(*sizes, dim))
-        sin_axes.append(angles.sin().view(shape).expand(*sizes, dim))
+        cos_axes.append(angles.cos().view(shape).expand(*sizes, dim // 2))
+        sin_axes.append(angles.sin().view(shape).expand(*sizes, dim // 2))
     return torch.cat(cos_axes, dim=-1), torch.cat(sin_axes, dim=-1)
 
 
@@ -173,10 +178,13 @@ def pool_rope_grid(grid: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate channel pairs (x0, x1) of (batch, tokens, heads, head_dim) x; the math runs in fp32."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x.float() * rope.cos + rotated.float() * rope.sin).to(x.dtype)
+    """Rotate channel pairs (x0, x1) of (batch, tokens, heads, head_dim) x, in fp32.
+
+    As a complex product (x0 + i·x1)(cos + i·sin) it is three kernels (cast, multiply,
+    cast back) instead of the seven of the real-valued form.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rope.rotation).flatten(-2).to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,9 @@ class ConditionEmbedding(nn.Module):
         self.guidance_embedder = MLPEmbedder(TIMESTEP_CHANNELS, dim) if guidance_embeds else None
         self.text_embedder = MLPEmbedder(pooled_dim, dim)
 
-    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.timestep_embedder(timestep_sinusoid(timestep).to(pooled.dtype))
         if self.guidance_embedder is not None:
             if guidance is None:
@@ -222,7 +232,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activation: Any) -> None:
         super().__init__()
-        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, hidden)}), nn.Identity(), nn.Linear(hidden, dim)])
+        project_in = nn.ModuleDict({"proj": nn.Linear(dim, hidden)})
+        self.net = nn.ModuleList([project_in, nn.Identity(), nn.Linear(hidden, dim)])
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,9 +330,12 @@ class TextTokenRefiner(nn.Module):
         self.time_text_embed = ConditionEmbedding(dim, text_dim, guidance_embeds=False)
         self.proj_in = nn.Linear(text_dim, dim)
         # A dict only to reproduce the checkpoint path `token_refiner.refiner_blocks.N`.
-        self.token_refiner = nn.ModuleDict({"refiner_blocks": nn.ModuleList(RefinerBlock(dim, heads) for _ in range(layers))})
+        blocks = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(layers))
+        self.token_refiner = nn.ModuleDict({"refiner_blocks": blocks})
 
-    def forward(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None, backend: str
+    ) -> torch.Tensor:
         key_mask = None
         if mask is None:
             pooled = text.mean(dim=1)
@@ -399,7 +413,8 @@ class JointAttention(nn.Module):
         self.heads = heads
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=NORM_EPS), nn.RMSNorm(head_dim, eps=NORM_EPS)
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
         self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=NORM_EPS), nn.RMSNorm(head_dim, eps=NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
@@ -449,7 +464,8 @@ class DualStreamBlock(nn.Module):
         x = torch.addcmul(x, x_attn, gate_attn)
         x = torch.addcmul(x, self.ff(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff)
         context = torch.addcmul(context, c_attn, c_gate_attn)
-        context = torch.addcmul(context, self.ff_context(modulate(self.norm2_context(context), c_shift_ff, c_scale_ff)), c_gate_ff)
+        c_ff = self.ff_context(modulate(self.norm2_context(context), c_shift_ff, c_scale_ff))
+        context = torch.addcmul(context, c_ff, c_gate_ff)
         return x, context
 
 
@@ -528,7 +544,9 @@ class FramePackTransformer(nn.Module):
         self.image_projection = ImageProjection(cfg.image_proj_dim, dim) if cfg.has_image_proj else None
         self.time_text_embed = ConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
 
-        self.transformer_blocks = nn.ModuleList(DualStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers))
+        self.transformer_blocks = nn.ModuleList(
+            DualStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers)
+        )
         self.single_transformer_blocks = nn.ModuleList(
             SingleStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_single_layers)
         )
@@ -550,7 +568,9 @@ class FramePackTransformer(nn.Module):
         folder = Path(path)
         config_file = folder / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: a transformer folder needs config.json beside its weights")
+            raise FileNotFoundError(
+                f"{config_file} not found: a transformer folder needs config.json beside its weights"
+            )
         with torch.device("meta"):
             model = cls.from_config(json.loads(config_file.read_text()))
         state_dict = load_safetensors_state_dict(folder, dtype=dtype, device=device)
@@ -600,7 +620,7 @@ class FramePackTransformer(nn.Module):
         if attention_kwargs:
             raise ValueError(f"attention_kwargs {sorted(attention_kwargs)} are not supported (no LoRA scaling)")
         cfg = self.config
-        batch, _, frames, height, width = hidden_states.shape
+        frames, height, width = hidden_states.shape[2:]
         grid = (frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
 
         latents, rope = self.embed_latents(
@@ -654,7 +674,9 @@ class FramePackTransformer(nn.Module):
             if latents is None:
                 continue
             if self.clean_x_embedder is None:
-                raise ValueError(f"{name} was given but this checkpoint has no clean_x_embedder (has_clean_x_embedder=False)")
+                raise ValueError(
+                    f"{name} was given but this checkpoint has no clean_x_embedder (has_clean_x_embedder=False)"
+                )
             if latents.ndim != 5 or latents.shape[:2] != noisy.shape[:2] or latents.shape[3:] != noisy.shape[3:]:
                 raise ValueError(
                     f"{name} must be (batch, channels, frames, height, width) matching hidden_states "
@@ -664,12 +686,14 @@ class FramePackTransformer(nn.Module):
                 raise ValueError(f"{name} needs its frame indices (indices_{name.removeprefix('latents_')})")
             cos, sin = table(positions(idx, latents.shape[2], f"indices for {name}"))
             if scale != "1x":
-                cos, sin = pool_rope_grid(cos, CONTEXT_ROPE_KERNELS[scale]), pool_rope_grid(sin, CONTEXT_ROPE_KERNELS[scale])
+                kernel = CONTEXT_ROPE_KERNELS[scale]
+                cos, sin = pool_rope_grid(cos, kernel), pool_rope_grid(sin, kernel)
             tokens.insert(0, self.clean_x_embedder(latents, scale))
             cos_parts.insert(0, cos.flatten(0, 2))
             sin_parts.insert(0, sin.flatten(0, 2))
 
-        return torch.cat(tokens, dim=1), Rope(torch.cat(cos_parts)[:, None], torch.cat(sin_parts)[:, None])
+        rotation = torch.complex(torch.cat(cos_parts), torch.cat(sin_parts))[:, None]
+        return torch.cat(tokens, dim=1), Rope(rotation)
 
     def embed_context(
         self,
@@ -688,7 +712,9 @@ class FramePackTransformer(nn.Module):
 
         if image_embeds is not None:
             if self.image_projection is None:
-                raise ValueError("image_embeds was given but this checkpoint has no image_projection (has_image_proj=False)")
+                raise ValueError(
+                    "image_embeds was given but this checkpoint has no image_projection (has_image_proj=False)"
+                )
             context = torch.cat([self.image_projection(image_embeds), context], dim=1)
 
         if text_mask is None:
