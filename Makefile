@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use;
+# re-running skips what is already installed (stamp files under .venv/.stamps).
+
+PYTHON ?= python3
+# torch goes in first and pinned: this version's CPU wheel lies on the machine's disk,
+# while an unpinned torch (asked for by a dependency) would pull a CUDA build of several GB.
+# On a GPU machine pass the CUDA build you want, e.g. TORCH='torch==2.11.0'.
+TORCH ?= torch==2.13.0
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := $(VENV)/.stamps
+
+.PHONY: demo test clean
+
+demo: $(STAMPS)/client-server
+	$(BIN)/python -m framepack_server.demo
+
+test: $(STAMPS)/test
+	$(BIN)/python -m pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/torch: | $(BIN)/python
+	$(BIN)/pip install '$(TORCH)'
+	mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/client-server: pyproject.toml $(STAMPS)/torch
+	$(BIN)/pip install -e '.[client,server]'
+	touch $@
+
+$(STAMPS)/test: pyproject.toml $(STAMPS)/torch
+	$(BIN)/pip install -e '.[client,server,test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) outputs
