@@ -115,6 +115,7 @@ class JobQueue:
     def __init__(self, pipeline, log: Log, capacity: int):
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
         self._pipeline = pipeline
         self._log = log
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)

@@ -105,25 +105,31 @@ class TritonPythonModel:
             f"instance {args['model_instance_name']} loaded {config.model_dir} on {config.device} "
             f"in {time.perf_counter() - start:.1f} s"
         )
+        self._log = log
         self._jobs = JobQueue(pipeline, log, config.max_queued_jobs)
-        self._max_queued = config.max_queued_jobs
         self._numbers = itertools.count(1)
 
     def execute(self, requests):
         for request in requests:
             sender = ResponseSender(request.get_response_sender())
-            job_id = f"{next(self._numbers)}{'/' + request.request_id() if request.request_id() else ''}"
             try:
-                job = Job(job_id, _input_image(request), parse_parameters_json(request.parameters()), sender)
+                self._admit(request, sender)
             except SettingsError as e:
                 sender.fail(Status.INVALID_ARGUMENT, str(e))
-                continue
-            if not self._jobs.submit(job):
-                sender.fail(
-                    Status.UNAVAILABLE,
-                    f"the server is busy ({self._max_queued} jobs already wait for this model instance); retry later",
-                )
+            except Exception as e:  # one malformed request must not take the others down
+                self._log.error(f"request refused: {type(e).__name__}: {e}")
+                sender.fail(Status.INTERNAL, f"{type(e).__name__}: {e}")
         return None
+
+    def _admit(self, request, sender: ResponseSender) -> None:
+        number = next(self._numbers)
+        job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
+        job = Job(job_id, _input_image(request), parse_parameters_json(request.parameters()), sender)
+        if not self._jobs.submit(job):
+            sender.fail(
+                Status.UNAVAILABLE,
+                f"the server is busy ({self._jobs.capacity} jobs already wait for this model instance); retry later",
+            )
 
     def finalize(self):
         self._jobs.close()
