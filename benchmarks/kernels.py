@@ -7,7 +7,8 @@ Per kernel it times:
 - compiled_reference: `torch.compile` of that reference (inductor fuses it too);
 - eager_bf16: the op chain the diffusers blocks run today (bf16 intermediates).
 `peer` is the fastest of the three torch variants; ratio = ours / peer (< 1: ours
-faster). Every time is the median of CUDA-event timings after warm-up. Prints a table
+faster). Every time is the median over repeats of CUDA-event timings of 10
+back-to-back calls, after warm-up. Prints a table
 and writes JSON under benchmarks/results/.
 
     python benchmarks/kernels.py [--repeats 50] [--out PATH]
@@ -92,7 +93,13 @@ def teacache_reference(current, previous, acc, coeffs, threshold):
 # --- timing -------------------------------------------------------------------------
 
 
-def time_cuda(fn: Callable[[], object], repeats: int, warmup: int = 3) -> dict[str, float]:
+def time_cuda(fn: Callable[[], object], repeats: int, calls: int = 10, warmup: int = 3) -> dict[str, float]:
+    """Seconds per call: `calls` back-to-back calls between two events, `repeats` times.
+
+    Back-to-back calls queue on the GPU while Python prepares the next, as they do
+    inside the transformer, so the host-side cost of a call is hidden unless it
+    exceeds the kernel's own time.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -100,10 +107,11 @@ def time_cuda(fn: Callable[[], object], repeats: int, warmup: int = 3) -> dict[s
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 

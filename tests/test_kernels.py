@@ -128,6 +128,16 @@ class KernelComparisons:
         assert_close(out, expected, dtype)
 
     @pytest.mark.parametrize("dtype", DTYPES)
+    def test_qk_heads_split_over_programs(self, dtype, monkeypatch):
+        # 3 heads, 2 per program: the second program's block is half masked.
+        monkeypatch.setattr(qk_norm_rope, "HEADS_PER_PROGRAM", 2)
+        x = self.randn(2, 37, 3, 16, dtype=dtype, seed=36)
+        weight = self.randn(16, dtype=dtype, seed=37)
+        cos, sin = (t.to(self.device) for t in rope_tables(30, 16))
+        out = kernels.qk_rmsnorm_rope(x, weight, cos, sin, rope_tokens=30)
+        assert_close(out, kernels.qk_rmsnorm_rope_reference(x, weight, cos, sin, rope_tokens=30), dtype)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
     def test_qk_norm_only_and_odd_head_dim(self, dtype):
         x = self.randn(2, 37, 3, 7, dtype=dtype, seed=8)
         weight = self.randn(7, dtype=dtype, seed=9)
