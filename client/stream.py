@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 MODEL_NAME = "framepack"
-STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "INTERNAL")
+STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL")
 # How often the waiting loop wakes up, so Ctrl-C is handled promptly.
 POLL_S = 0.2
 

@@ -8,7 +8,7 @@ within a file system), and the temporary file is removed on any failure.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from fractions import Fraction
 from pathlib import Path
 
@@ -63,8 +63,10 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int | None = 
     if height == 0 or width == 0:
         raise ValueError(f"frames of {frames.shape[2]}×{frames.shape[1]} pixels are too small for H.264")
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(descriptor)
+    # A fresh hidden name beside the target; "x" mode creates it with the usual
+    # permissions (umask), unlike mkstemp's owner-only ones.
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+    open(temporary, "xb").close()
     try:
         with av.open(temporary, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps))

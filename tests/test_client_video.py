@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,13 @@ def test_mp4_round_trip_keeps_count_rate_size_and_pixels(tmp_path):
     assert decoded.shape == frames.shape
     assert (rate, codec, pixel_format) == (30, "h264", "yuv420p")
     assert np.abs(decoded.astype(int) - frames.astype(int)).mean() < 6
+
+
+def test_the_mp4_gets_the_usual_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = write_mp4(tmp_path / "clip.mp4", moving_gradient(2, 16, 16), fps=30)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_odd_sides_are_cropped_to_even(tmp_path):
