@@ -87,7 +87,8 @@ def teacache_ours(current, previous, acc, coeffs, threshold):
 
 
 def teacache_reference(current, previous, acc, coeffs, threshold):
-    return kernels.teacache_accumulate_reference(acc, kernels.teacache_relative_l1_reference(current, previous), coeffs, threshold)
+    rel = kernels.teacache_relative_l1_reference(current, previous)
+    return kernels.teacache_accumulate_reference(acc, rel, coeffs, threshold)
 
 
 # --- timing -------------------------------------------------------------------------
@@ -234,10 +235,16 @@ def main() -> None:
         for case in make_cases(device):
             results[case["name"]] = run_case(case, args.repeats)
 
-    header = f"{'kernel':36s} {'ours ms':>8s} {'GB/s':>6s} {'eager ms':>9s} {'compiled ms':>11s} {'bf16 chain ms':>13s} {'ours/peer':>9s}  max err"
+    header = (
+        f"{'kernel':36s} {'ours ms':>8s} {'GB/s':>6s} {'eager ms':>9s} {'compiled ms':>11s} "
+        f"{'bf16 chain ms':>13s} {'ours/peer':>9s}  max err"
+    )
     print(f"GPU: {gpu}\n{header}")
     for name, r in results.items():
-        ms = {k: f"{r[k + '_s'] * 1e3:.3f}" if k + "_s" in r else "failed" for k in ("eager_reference", "compiled_reference", "eager_bf16")}
+        ms = {
+            k: f"{r[k + '_s'] * 1e3:.3f}" if k + "_s" in r else "failed"
+            for k in ("eager_reference", "compiled_reference", "eager_bf16")
+        }
         print(
             f"{name:36s} {r['ours_s'] * 1e3:8.3f} {r['ours_GBps']:6.0f} {ms['eager_reference']:>9s} "
             f"{ms['compiled_reference']:>11s} {ms['eager_bf16']:>13s} {r['ratio']:9.3f}  "

@@ -99,7 +99,9 @@ def teacache_relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch
     num_partials = triton.cdiv(numel, PARTIAL_BLOCK)
     partials = torch.empty((2, num_partials), dtype=torch.float32, device=current.device)
     rel = torch.empty((), dtype=torch.float32, device=current.device)
-    _abs_diff_partials_kernel[(num_partials,)](current, previous, partials[0], partials[1], numel, BLOCK=PARTIAL_BLOCK, num_warps=PARTIAL_WARPS)
+    _abs_diff_partials_kernel[(num_partials,)](
+        current, previous, partials[0], partials[1], numel, BLOCK=PARTIAL_BLOCK, num_warps=PARTIAL_WARPS
+    )
     _relative_l1_final_kernel[(1,)](partials[0], partials[1], rel, num_partials, BLOCK=FINAL_BLOCK, num_warps=4)
     return rel
 
@@ -140,5 +142,7 @@ def teacache_accumulate(
 
     new_acc = torch.empty((), dtype=torch.float32, device=acc.device)
     should_compute = torch.empty((), dtype=torch.uint8, device=acc.device)
-    _teacache_accumulate_kernel[(1,)](acc, rel, coeffs, new_acc, should_compute, float(threshold), NUM_COEFFS=coeffs.numel(), num_warps=1)
+    _teacache_accumulate_kernel[(1,)](
+        acc, rel, coeffs, new_acc, should_compute, float(threshold), NUM_COEFFS=coeffs.numel(), num_warps=1
+    )
     return new_acc, should_compute.view(torch.bool)
