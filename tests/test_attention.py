@@ -82,3 +82,29 @@ def test_resolve_backend_auto_and_errors():
     assert resolve_backend("sdpa", "cpu") == "sdpa"
     with pytest.raises(SettingsError, match="attention='flash' is not allowed: expected one of auto, sdpa"):
         resolve_backend("flash", "cpu")
+
+
+# Relative error allowed per backend against float64 attention, bf16 inputs of size (1, 4096, 8, 128).
+# "sage" quantizes q and k to int8 by design.
+GPU_TOLERANCE = {"sdpa": 1e-2, "flash": 1e-2, "xformers": 1e-2, "sage": 5e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", sorted(GPU_TOLERANCE))
+def test_gpu_backends_match_exact_attention(backend):
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not installed or not supported on this GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 8, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = attention(q, k, v, backend=backend).double()
+    ref = naive_attention(q, k, v).double()
+    rel = float((out - ref).norm() / ref.norm())
+    assert out.shape == q.shape
+    assert rel < GPU_TOLERANCE[backend], f"{backend}: relative error {rel:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_picks_an_exact_backend_on_gpu():
+    assert resolve_backend("auto", "cuda") in ("flash", "sdpa", "xformers")

@@ -138,6 +138,10 @@ class Rope(NamedTuple):
     """
 
     rotation: torch.Tensor
+    # The same angles as real tables (tokens, head_dim), each value repeated for its channel
+    # pair, fp32: the layout of the fused q/k norm + RoPE kernel and of the compiled path.
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 def rope_grid(
@@ -183,6 +187,11 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     As a complex product (x0 + i·x1)(cos + i·sin) it is three kernels (cast, multiply,
     cast back) instead of the seven of the real-valued form.
     """
+    if torch.compiler.is_compiling():
+        # Inductor does not generate code for complex arithmetic; the real form fuses.
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
+        return (x.float() * rope.cos[:, None] + rotated * rope.sin[:, None]).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rope.rotation).flatten(-2).to(x.dtype)
 
@@ -438,6 +447,8 @@ class JointAttention(nn.Module):
 class DualStreamBlock(nn.Module):
     """MMDiT block ("double" block): joint attention, separate AdaLN/MLP weights per stream."""
 
+    fused_kernels = False  # run models/fused.py's forward on the Triton kernels instead
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         mlp = int(dim * mlp_ratio)
@@ -457,6 +468,10 @@ class DualStreamBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: Rope,
         key_mask: torch.Tensor | None, backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_kernels:
+            from . import fused  # imports Triton, so only on this path
+
+            return fused.dual_stream_forward(self, x, context, temb, rope, key_mask, backend)
         x_in, (gate_attn, shift_ff, scale_ff, gate_ff) = self.norm1(x, temb)
         c_in, (c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff) = self.norm1_context(context, temb)
         x_attn, c_attn = self.attn(x_in, c_in, rope, key_mask, backend)
@@ -495,6 +510,8 @@ class SingleStreamAttention(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP on the joint [latents, context] sequence, one gated residual."""
 
+    fused_kernels = False
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         mlp = int(dim * mlp_ratio)
@@ -507,6 +524,10 @@ class SingleStreamBlock(nn.Module):
         self, x: torch.Tensor, temb: torch.Tensor, n_latent: int, rope: Rope,
         key_mask: torch.Tensor | None, backend: str,
     ) -> torch.Tensor:
+        if self.fused_kernels:
+            from . import fused
+
+            return fused.single_stream_forward(self, x, temb, n_latent, rope, key_mask, backend)
         x_in, (gate,) = self.norm(x, temb)
         mlp = gelu_tanh(self.proj_mlp(x_in))
         attn = self.attn(x_in, n_latent, rope, key_mask, backend)
@@ -588,6 +609,25 @@ class FramePackTransformer(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         require_backend(name)
         self.attention_backend = name
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        """Run the blocks on the fused Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+        if enabled:
+            from . import fused  # noqa: F401 - fails here, not mid-forward, when Triton is missing
+        for block in self.blocks():
+            block.fused_kernels = enabled
+
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """torch.compile each block: inductor fuses the elementwise work around GEMMs and attention.
+
+        Blocks, not the whole model: TeaCache's skip decision stays in Python, and blocks of
+        one kind share a compiled graph, so compiling costs two graphs, not sixty.
+        """
+        for block in self.blocks():
+            block.compile(mode=mode, dynamic=False)
 
     # -- forward
 
@@ -692,8 +732,9 @@ class FramePackTransformer(nn.Module):
             cos_parts.insert(0, cos.flatten(0, 2))
             sin_parts.insert(0, sin.flatten(0, 2))
 
-        rotation = torch.complex(torch.cat(cos_parts), torch.cat(sin_parts))[:, None]
-        return torch.cat(tokens, dim=1), Rope(rotation)
+        cos, sin = torch.cat(cos_parts), torch.cat(sin_parts)
+        rope = Rope(torch.complex(cos, sin)[:, None], cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1))
+        return torch.cat(tokens, dim=1), rope
 
     def embed_context(
         self,

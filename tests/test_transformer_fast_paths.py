@@ -1,0 +1,81 @@
+"""The transformer's fast paths (fused Triton kernels, compiled blocks) against diffusers.
+
+On the CPU the kernels run under the Triton interpreter, which must be chosen before
+Triton is imported, so that check runs in a child process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_transformer_parity import CASES, TINY, build_pair, section_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, torch
+from tests.test_transformer_parity import CASES, TINY, build_pair, section_inputs
+out = {}
+for name in ("tiny", "multi_section_batch1", "multi_section_masked"):
+    overrides, batch, frames, height, width, padding, lengths, text_len = CASES[name]
+    reference, ours = build_pair({**TINY, **overrides})
+    ours.set_fused_kernels(True)
+    inputs = section_inputs(batch, frames, height, width, padding, lengths, text_len, seed=len(name))
+    with torch.no_grad():
+        expected = reference(**inputs, return_dict=False)[0]
+        got = ours(**inputs)
+    out[name] = float((got - expected).abs().max())
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernels_match_diffusers_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"tiny", "multi_section_batch1", "multi_section_masked"}
+    assert max(errors.values()) <= 1e-4, errors
+
+
+GPU_CONFIG = {**TINY, "num_attention_heads": 4, "attention_head_dim": 128, "rope_axes_dim": (16, 56, 56),
+              "mlp_ratio": 4.0, "text_embed_dim": 256, "image_proj_dim": 64}
+
+
+def gpu_inputs():
+    inputs = section_inputs(1, 9, 32, 48, 2, [20], 20, seed=3)
+    inputs = dict(inputs, encoder_hidden_states=torch.randn(1, 20, 256), image_embeds=torch.randn(1, 16, 64))
+    return {k: v.cuda() for k, v in inputs.items()}
+
+
+def bf16(inputs):
+    return {k: v.bfloat16() if v.is_floating_point() and v.ndim > 1 else v for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fast_path", ["fused_kernels", "compiled_blocks"])
+def test_fast_path_bf16_is_as_close_to_fp32_as_diffusers(fast_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference, ours = build_pair(GPU_CONFIG, seed=6)
+    reference, ours = reference.cuda(), ours.cuda()
+    inputs = gpu_inputs()
+    with torch.no_grad():
+        exact = reference(**inputs, return_dict=False)[0]
+        their_bf16 = reference.bfloat16()(**bf16(inputs), return_dict=False)[0]
+        ours = ours.bfloat16()
+        if fast_path == "fused_kernels":
+            ours.set_fused_kernels(True)
+        else:
+            ours.compile_blocks()
+        our_bf16 = ours(**bf16(inputs))
+    their_error = float((their_bf16.float() - exact).abs().mean())
+    our_error = float((our_bf16.float() - exact).abs().mean())
+    assert our_error <= 1.25 * their_error, (our_error, their_error)
