@@ -84,7 +84,12 @@ def attention(
 
     Returns (batch, q_seq, heads, head_dim) in the dtype of `q`.
     """
-    return require_backend(backend).run(q, k, v, key_mask)
+    # Availability is checked when a backend is chosen (set_attention_backend), not here:
+    # this runs 60 times per forward and inside compiled graphs.
+    entry = _BACKENDS.get(backend)
+    if entry is None:
+        require_backend(backend)  # raises, listing the available backends
+    return entry.run(q, k, v, key_mask)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -115,7 +120,7 @@ def _sdpa_priority() -> list:
 
 
 def _sdpa_cuda_first(q, k, v, key_mask):
-    if not q.is_cuda or key_mask is not None:
+    if not q.is_cuda or key_mask is not None or torch.compiler.is_compiling():
         return _sdpa(q, k, v, key_mask)
     from torch.nn.attention import sdpa_kernel
 

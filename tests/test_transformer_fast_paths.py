@@ -79,3 +79,33 @@ def test_fast_path_bf16_is_as_close_to_fp32_as_diffusers(fast_path):
     their_error = float((their_bf16.float() - exact).abs().mean())
     our_error = float((our_bf16.float() - exact).abs().mean())
     assert our_error <= 1.25 * their_error, (our_error, their_error)
+
+
+def test_fp8_quantization_replaces_block_linears_and_keeps_modulation():
+    _, ours = build_pair(TINY)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for b in ours.blocks() for m in b.modules())
+    replaced = ours.quantize_fp8()
+    from framepack_backend.models.fp8 import Fp8Linear, quantize_rows
+
+    assert replaced == sum(isinstance(m, Fp8Linear) for b in ours.blocks() for m in b.modules())
+    # Left in bf16: the AdaLN projections, one per dual-stream stream (2 per block) and one per single block.
+    assert n_linear - replaced == 2 * TINY["num_layers"] + TINY["num_single_layers"]
+    w = torch.randn(7, 32)
+    values, scale = quantize_rows(w)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (7, 1)
+    assert ((values.float() * scale - w).abs() / w.abs().amax(1, keepdim=True)).max() < 0.07
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU")
+def test_fp8_forward_stays_close_to_bf16():
+    _, ours = build_pair(GPU_CONFIG, seed=6)
+    ours = ours.cuda().bfloat16()
+    inputs = bf16(gpu_inputs())
+    with torch.no_grad():
+        reference = ours(**inputs).float()
+        ours.quantize_fp8()
+        quantized = ours(**inputs).float()
+    rel = float((quantized - reference).norm() / reference.norm())
+    assert rel < 0.1, rel

@@ -620,6 +620,12 @@ class FramePackTransformer(nn.Module):
         for block in self.blocks():
             block.fused_kernels = enabled
 
+    def quantize_fp8(self) -> int:
+        """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
+        from .fp8 import quantize_block_linears
+
+        return quantize_block_linears(self.blocks())
+
     def compile_blocks(self, mode: str | None = None) -> None:
         """torch.compile each block: inductor fuses the elementwise work around GEMMs and attention.
 

@@ -1,0 +1,182 @@
+"""One transformer forward at the 640 bucket, full 13B config: ours vs diffusers, same run.
+
+Same process, same weights (one random state dict shared by both models), same inputs.
+Prints a table and writes JSON under benchmarks/results/.
+
+    python benchmarks/transformer_forward.py [--config full|small] [--repeats 5] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framepack_backend.attention import available_backends  # noqa: E402
+from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
+
+FULL_CONFIG = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56), image_condition_type=None, has_image_proj=True, image_proj_dim=1152,
+    has_clean_x_embedder=True,
+)
+# A quick configuration for trying the script itself (same shapes, fewer blocks).
+SMALL_CONFIG = dict(FULL_CONFIG, num_layers=2, num_single_layers=4)
+
+
+def make_inputs(device, dtype, latent_hw=(80, 80), window=9, text_tokens=100, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = latent_hw
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    pad = 0  # the last section (video start): [1 | window | 1 | 2 | 16]
+    idx = torch.arange(1 + pad * window + window + 1 + 2 + 16)
+    start, _, latents, clean_1x, clean_2x, clean_4x = idx.split([1, pad * window, window, 1, 2, 16])
+    return dict(
+        hidden_states=rnd(1, 16, window, h, w),
+        timestep=torch.tensor([900.0], device=device, dtype=dtype),
+        encoder_hidden_states=rnd(1, text_tokens, 4096),
+        encoder_attention_mask=torch.ones(1, text_tokens, dtype=torch.bool, device=device),
+        pooled_projections=rnd(1, 768),
+        image_embeds=rnd(1, 729, 1152),
+        indices_latents=latents[None].to(device),
+        guidance=torch.tensor([10000.0], device=device, dtype=dtype),
+        latents_clean=rnd(1, 16, 2, h, w),
+        indices_latents_clean=torch.cat([start, clean_1x])[None].to(device),
+        latents_history_2x=rnd(1, 16, 2, h, w),
+        indices_latents_history_2x=clean_2x[None].to(device),
+        latents_history_4x=rnd(1, 16, 16, h, w),
+        indices_latents_history_4x=clean_4x[None].to(device),
+    )
+
+
+def time_forward(model, inputs, repeats, warmup=2):
+    out = None
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        out = model(**inputs, return_dict=False)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(**inputs, return_dict=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return statistics.median(times), min(times), max(times), warmup_s, out
+
+
+def relative_error(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=("full", "small"), default="full")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--weight-scale", type=float, default=0.05)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/transformer_forward.py needs a CUDA GPU")
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    dtype, device = torch.bfloat16, torch.device("cuda")
+    config = FULL_CONFIG if args.config == "full" else SMALL_CONFIG
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        peer = HunyuanVideoFramepackTransformer3DModel(**config).eval()
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.mul_(args.weight_scale)
+    peer.requires_grad_(False)
+    with torch.device("meta"):
+        ours = FramePackTransformer(**config)
+    ours.load_state_dict(peer.state_dict(), strict=True, assign=True)  # shares the peer's weights
+    ours.eval().requires_grad_(False)
+    inputs = make_inputs(device, dtype)
+    rows, results = [], []
+
+    def measure(name, model, peer_name="diffusers", peer_s=None, peer_out=None):
+        s, mn, mx, warm, out = time_forward(model, inputs, args.repeats)
+        assert torch.isfinite(out).all(), f"{name}: output is not finite"
+        err = None if peer_out is None else relative_error(out, peer_out)
+        rows.append((name, s, mn, mx, warm, err))
+        print(f"{name:34s} {s:8.4f} s  warm-up {warm:6.1f} s  rel err {err}", flush=True)
+        return s, out
+
+    with torch.inference_mode():
+        peer_s, peer_out = measure("diffusers eager", peer)
+        ours_runs = {}
+        for backend in available_backends():
+            ours.set_attention_backend(backend)
+            ours_runs[f"eager-{backend}"] = measure(f"ours eager {backend}", ours, peer_out=peer_out)[0]
+        ours.set_attention_backend("sdpa")
+        ours.set_fused_kernels(True)
+        ours_runs["fused-kernels"] = measure("ours fused kernels", ours, peer_out=peer_out)[0]
+        ours.set_fused_kernels(False)
+        if not args.no_compile:
+            ours.compile_blocks()
+            ours_runs["compiled"] = measure("ours compiled blocks", ours, peer_out=peer_out)[0]
+        if torch.cuda.get_device_capability() >= (9, 0):
+            with torch.device("meta"):
+                fp8 = FramePackTransformer(**config)
+            fp8.load_state_dict(peer.state_dict(), strict=True, assign=True)
+            fp8.eval().requires_grad_(False).quantize_fp8()
+            fp8.set_fused_kernels(True)
+            ours_runs["fp8-fused-kernels"] = measure("ours fp8 + fused kernels", fp8, peer_out=peer_out)[0]
+            fp8.set_fused_kernels(False)
+            if not args.no_compile:
+                fp8.compile_blocks()
+                ours_runs["fp8-compiled"] = measure("ours fp8 compiled blocks", fp8, peer_out=peer_out)[0]
+            del fp8
+        peers = {"diffusers": peer_s}
+        if not args.no_compile:
+            for block in list(peer.transformer_blocks) + list(peer.single_transformer_blocks):
+                block.compile()
+            peers["diffusers-compiled"] = measure("diffusers compiled blocks", peer, peer_out=peer_out)[0]
+        for ours_name, ours_s in ours_runs.items():
+            for peer_name, p_s in peers.items():
+                results.append(dict(ours=ours_name, peer=peer_name, ours_s=ours_s, peer_s=p_s, ratio=p_s / ours_s))
+
+    gpu = torch.cuda.get_device_name()
+    print(f"\n{gpu}, config={args.config}, bf16, latent 80x80, window 9")
+    print(f"{'model':32s} {'median s':>9s} {'min':>7s} {'max':>7s} {'warm-up s':>9s} {'rel err':>9s}")
+    for name, s, mn, mx, warm, err in rows:
+        print(f"{name:32s} {s:9.4f} {mn:7.4f} {mx:7.4f} {warm:9.2f} {'' if err is None else f'{err:9.2e}'}")
+    record = dict(
+        benchmark="transformer_forward", gpu=gpu, config=args.config,
+        versions=dict(torch=torch.__version__, python=platform.python_version(),
+                      diffusers=__import__("diffusers").__version__),
+        command=" ".join(sys.argv), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        rows=[dict(model=r[0], median_s=r[1], min_s=r[2], max_s=r[3], warmup_s=r[4], rel_error=r[5]) for r in rows],
+        pairs=results,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"transformer_forward_{args.config}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
