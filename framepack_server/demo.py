@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("outputs/demo.mp4"), help="default %(default)s")
     parser.add_argument("--model-dir", type=Path, help="default: the tiny random model")
     parser.add_argument("--seconds", default="2", help="video length (default %(default)s)")
-    parser.add_argument("--resolution", default="128", help="bucket resolution (default %(default)s, small for the CPU)")
+    parser.add_argument("--resolution", default="128", help="bucket resolution (default %(default)s, for a CPU)")
     parser.add_argument("--steps", default="4", help="steps per section (default %(default)s)")
     args = parser.parse_args(argv)
 

@@ -32,6 +32,11 @@ class InstanceConfig:
     device: str  # "cpu" or "cuda:N"
     dtype: str | None  # None: the engine's default for the device
     max_queued_jobs: int
+    # Created by the launcher when it stops the server (FRAMEPACK_SHUTDOWN_FILE; see jobs.py).
+    shutdown_file: Path | None = None
+
+    def shutdown_requested(self) -> bool:
+        return self.shutdown_file is not None and self.shutdown_file.exists()
 
     @classmethod
     def from_triton(cls, args: Mapping[str, str], environ: Mapping[str, str]) -> "InstanceConfig":
@@ -65,4 +70,11 @@ class InstanceConfig:
                 f"model_dir={str(model_dir)!r} is not a directory: set FRAMEPACK_MODEL_DIR or the "
                 "config parameter model_dir to a FramePack model directory (docs/architecture.md)"
             )
-        return cls(model_dir, device, None if dtype == "auto" else dtype, int(queued))
+        shutdown_file = environ.get("FRAMEPACK_SHUTDOWN_FILE", "").strip()
+        return cls(
+            model_dir,
+            device,
+            None if dtype == "auto" else dtype,
+            int(queued),
+            Path(shutdown_file) if shutdown_file else None,
+        )

@@ -6,6 +6,11 @@ validates, then hands the job to this queue and returns; a worker thread runs th
 one after the other and streams their responses through the request's response sender.
 A full queue refuses new jobs at once (UNAVAILABLE) instead of letting them pile up.
 
+On shutdown Triton lets running requests go on and tells the model nothing (a running
+job kept the server alive until it ended). So the queue also polls `shutdown_requested`
+(the launcher's shutdown file): running jobs stop at their next step and answer
+UNAVAILABLE, and new ones are refused.
+
 Nothing here imports Triton: the response sender is anything with the `ResponseSink`
 methods, so the job logic is testable without a server.
 """
@@ -18,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -59,18 +64,23 @@ class Job:
 class Outcome(str, Enum):
     DONE = "done"
     CANCELLED = "cancelled"
+    STOPPED = "stopped"  # by the server's shutdown
     INVALID = "invalid"
     FAILED = "failed"
 
 
-def run_job(pipeline, job: Job, log: Log, stopping: threading.Event | None = None) -> Outcome:
+def _never() -> bool:
+    return False
+
+
+def run_job(pipeline, job: Job, log: Log, shutting_down: Callable[[], bool] = _never) -> Outcome:
     """Run one job to its end and stream every event; never raises."""
     sink = job.sink
     steps_done = 0
     start = time.perf_counter()
 
     def cancelled() -> bool:
-        return sink.is_cancelled() or (stopping is not None and stopping.is_set())
+        return sink.is_cancelled() or shutting_down()
 
     try:
         if cancelled():
@@ -82,12 +92,19 @@ def run_job(pipeline, job: Job, log: Log, stopping: threading.Event | None = Non
         log.info(f"request {job.request_id}: done in {time.perf_counter() - start:.1f} s ({steps_done} steps)")
         return Outcome.DONE
     except GenerationCancelled:
+        elapsed = time.perf_counter() - start
+        if sink.is_cancelled():
+            log.info(
+                f"request {job.request_id}: cancelled by the client after {steps_done} steps ({elapsed:.1f} s); "
+                "job stopped"
+            )
+            _quietly(sink.close)
+            return Outcome.CANCELLED
         log.info(
-            f"request {job.request_id}: cancelled by the client after {steps_done} steps "
-            f"({time.perf_counter() - start:.1f} s); job stopped"
+            f"request {job.request_id}: stopped after {steps_done} steps ({elapsed:.1f} s): the server is shutting down"
         )
-        _quietly(sink.close)
-        return Outcome.CANCELLED
+        _quietly(sink.fail, Status.UNAVAILABLE, "the server is shutting down; retry later")
+        return Outcome.STOPPED
     except SettingsError as e:
         log.info(f"request {job.request_id}: rejected: {e}")
         _quietly(sink.fail, Status.INVALID_ARGUMENT, str(e))
@@ -112,7 +129,7 @@ _STOP = object()
 class JobQueue:
     """At most `capacity` waiting jobs, run one at a time on a worker thread."""
 
-    def __init__(self, pipeline, log: Log, capacity: int):
+    def __init__(self, pipeline, log: Log, capacity: int, shutdown_requested: Callable[[], bool] = _never):
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
         self.capacity = capacity
@@ -120,18 +137,22 @@ class JobQueue:
         self._log = log
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
         self._stopping = threading.Event()
+        self._shutdown_requested = shutdown_requested
         self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
         self._worker.start()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full or shutting down (the caller says UNAVAILABLE)."""
-        if self._stopping.is_set():
+        if self.shutting_down():
             return False
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
             return False
         return True
+
+    def shutting_down(self) -> bool:
+        return self._stopping.is_set() or self._shutdown_requested()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the running job at its next step, refuse the waiting ones, end the worker."""
@@ -151,4 +172,4 @@ class JobQueue:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            run_job(self._pipeline, job, self._log, self._stopping)
+            run_job(self._pipeline, job, self._log, self.shutting_down)

@@ -118,6 +118,7 @@ class TritonServer:
         self.environment = dict(environment or {})
         self._process: subprocess.Popen | None = None
         self._pump: threading.Thread | None = None
+        self._run_dir: Path | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -169,6 +170,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
         ]
+        self._run_dir = Path(tempfile.mkdtemp(prefix="framepack-server-"))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w", encoding="utf-8")
         log.write(f"# {' '.join(command)}\n# model dir: {model_dir}\n")
@@ -207,11 +209,13 @@ class TritonServer:
         )
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 20) -> int | None:
-        """Ask the server to exit (SIGTERM), then kill its process group if it does not."""
+        """Stop running jobs, ask the server to exit (SIGTERM), kill its process group if it does not."""
         process = self._process
         if process is None:
             return None
         if process.poll() is None:
+            # Triton tells the model nothing on shutdown; jobs poll this file and stop.
+            self._shutdown_file().touch()
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout_s)
@@ -220,6 +224,7 @@ class TritonServer:
                 process.wait()
         if self._pump is not None:
             self._pump.join(5)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
         self._process = None
         return process.returncode
 
@@ -229,6 +234,9 @@ class TritonServer:
             if self._process.poll() is not None:
                 break
         return self.stop()
+
+    def _shutdown_file(self) -> Path:
+        return self._run_dir / "shutdown"
 
     def _install(self) -> TritonInstall:
         if self.tritonserver:
@@ -246,6 +254,7 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
         env["FRAMEPACK_PYTHONPATH"] = os.pathsep.join(stub_python_path())
         env["FRAMEPACK_MODEL_DIR"] = str(model_dir)
+        env["FRAMEPACK_SHUTDOWN_FILE"] = str(self._shutdown_file())
         # Triton makes one instance per visible GPU, or one CPU instance when it sees none.
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -261,10 +270,13 @@ def _reachable(host: str) -> str:
 
 def _check_port_free(host: str, port: int, name: str) -> None:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServerStartError(f"{name} port {host}:{port} is not free ({e.strerror}): choose --{name}-port") from None
+            raise ServerStartError(
+                f"{name} port {host}:{port} is not free ({e.strerror}): choose --{name}-port"
+            ) from None
 
 
 def _pump_log(stream: IO[bytes], log: IO[str], echo: bool) -> None:
@@ -282,8 +294,8 @@ def _tail(text: str, lines: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton Inference Server.")
-    parser.add_argument("--model-dir", type=Path, help="model directory (default: a tiny random model, made on first use)")
+    parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton.")
+    parser.add_argument("--model-dir", type=Path, help="weights (default: a tiny random model, made on first use)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="default %(default)s")
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"], help="default %(default)s")
@@ -318,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         print(f"framepack-server: error: {e}", file=sys.stderr)
         return 1
-    print(f"framepack-server: ready, gRPC at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it", flush=True)
+    print(
+        f"framepack-server: ready, gRPC at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
+        flush=True,
+    )
     code = server.wait(stop_requested)
     if stop_requested.is_set():
         print("framepack-server: stopped", file=sys.stderr)

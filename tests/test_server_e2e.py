@@ -18,6 +18,7 @@ from client import stream
 from client.cli import load_image
 from conftest import FAST_SETTINGS
 from framepack_backend.buckets import bucket_for
+from framepack_server.launcher import TritonServer, free_ports
 
 pytestmark = pytest.mark.server
 
@@ -157,5 +158,33 @@ def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(trit
     steps_done = int(line.split("after ")[1].split(" steps")[0])
     assert steps_done < 4 * FAST_SETTINGS["steps"]  # stopped early, not run to the end
 
-    events = list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "next", {**FAST_SETTINGS, "seconds": 1}))
+    next_job = {**FAST_SETTINGS, "seconds": 1}
+    events = list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "next", next_job))
     assert isinstance(events[-1], stream.Final) and events[-1].frame_count == 37
+
+
+def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path):
+    grpc, http, metrics = free_ports(3)
+    server = TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
+                          log_path=tmp_path / "server.log", startup_timeout_s=300)
+    outcome: dict[str, Exception] = {}
+
+    def keep_reading(events) -> None:  # as a client does, until the stream ends
+        try:
+            list(events)
+        except stream.ServerError as e:
+            outcome["error"] = e
+
+    with server:
+        events = stream.generate(server.grpc_address, load_image(SAMPLE), "x", {**FAST_SETTINGS, "seconds": 10})
+        assert isinstance(next(events), stream.Progress)
+        reader = threading.Thread(target=keep_reading, args=(events,))
+        reader.start()
+        started = time.monotonic()
+        server.stop()
+        stop_s = time.monotonic() - started
+        reader.join(10)
+    assert outcome["error"].status == "UNAVAILABLE" and "shutting down" in outcome["error"].message
+    # A 10-second video takes far longer; on its own, Triton would wait for the job to end.
+    assert stop_s < 10
+    assert "stopped after" in server.log_text()

@@ -182,9 +182,26 @@ def test_a_full_queue_refuses_and_closing_stops_the_running_job():
     assert not jobs.submit(job(refused))  # the model says UNAVAILABLE
     threading.Timer(0.2, gate.set).start()  # the running job reaches its next step after close()
     jobs.close()  # returns once the worker has ended
-    assert running.closed and running.sent == []  # stopped before its first step
+    assert running.sent == []  # stopped before its first step
+    assert running.failures == [(Status.UNAVAILABLE, "the server is shutting down; retry later")]
     assert waiting.failures == [(Status.UNAVAILABLE, "the model is shutting down")]
     assert not jobs.submit(job(RecordingSink()))
+
+
+def test_the_shutdown_signal_stops_the_running_job_and_refuses_new_ones(tmp_path):
+    shutdown_file = tmp_path / "shutdown"
+    gate = threading.Event()
+    pipeline = ScriptedPipeline(gate=gate)
+    jobs = JobQueue(pipeline, RecordingLog(), capacity=2, shutdown_requested=shutdown_file.exists)
+    running = RecordingSink()
+    assert jobs.submit(job(running))
+    assert pipeline.started.wait(5)
+    shutdown_file.touch()
+    gate.set()
+    assert not jobs.submit(job(RecordingSink()))
+    jobs.close()
+    assert running.failures == [(Status.UNAVAILABLE, "the server is shutting down; retry later")]
+    assert len(running.sent) < 6  # not run to its end
 
 
 # ------------------------------------------------------------------ instance configuration
@@ -198,10 +215,15 @@ def triton_args(kind="CPU", device_id="0", **parameters):
 def test_instance_config_from_parameters_and_environment(tmp_path):
     config = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), dtype="float16"), {})
     assert config == InstanceConfig(tmp_path, "cpu", "float16", 4)
+    assert not config.shutdown_requested()
     assert InstanceConfig.from_triton(triton_args("GPU", "3", model_dir=str(tmp_path)), {}).device == "cuda:3"
-    env = {"FRAMEPACK_MODEL_DIR": str(tmp_path), "FRAMEPACK_DEVICE": "cpu", "FRAMEPACK_MAX_QUEUED_JOBS": "2"}
+    env = {"FRAMEPACK_MODEL_DIR": str(tmp_path), "FRAMEPACK_DEVICE": "cpu", "FRAMEPACK_MAX_QUEUED_JOBS": "2",
+           "FRAMEPACK_SHUTDOWN_FILE": str(tmp_path / "shutdown")}
     config = InstanceConfig.from_triton(triton_args("GPU", "1", model_dir="/nowhere"), env)
     assert (config.model_dir, config.device, config.max_queued_jobs) == (tmp_path, "cpu", 2)
+    assert not config.shutdown_requested()
+    (tmp_path / "shutdown").touch()
+    assert config.shutdown_requested()
 
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),

@@ -105,7 +105,7 @@ class TritonPythonModel:
             f"in {time.perf_counter() - start:.1f} s"
         )
         self._log = log
-        self._jobs = JobQueue(pipeline, log, config.max_queued_jobs)
+        self._jobs = JobQueue(pipeline, log, config.max_queued_jobs, config.shutdown_requested)
         self._numbers = itertools.count(1)
 
     def execute(self, requests):
