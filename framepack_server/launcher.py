@@ -121,6 +121,11 @@ class TritonServer:
         self._run_dir: Path | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The tritonserver process, also the id of its process group (its backend stubs)."""
+        return self._process.pid if self._process else None
+
+    @property
     def grpc_address(self) -> str:
         return f"{_reachable(self.host)}:{self.ports['grpc']}"
 
@@ -222,6 +227,12 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # When Triton gives up waiting for the model ("Exit timeout expired"), it exits and
+        # leaves the backend stub behind; the stubs share the server's process group.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self._pump is not None:
             self._pump.join(5)
         shutil.rmtree(self._run_dir, ignore_errors=True)

@@ -3,6 +3,7 @@ model, the real client (CLI as a subprocess, or its streaming API)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
         assert isinstance(next(events), stream.Progress)
         reader = threading.Thread(target=keep_reading, args=(events,))
         reader.start()
+        process_group = server.pid
         started = time.monotonic()
         server.stop()
         stop_s = time.monotonic() - started
@@ -188,3 +190,5 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
     # A 10-second video takes far longer; on its own, Triton would wait for the job to end.
     assert stop_s < 10
     assert "stopped after" in server.log_text()
+    with pytest.raises(ProcessLookupError):  # no backend stub left behind
+        os.killpg(process_group, 0)
