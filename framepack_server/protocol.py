@@ -17,6 +17,11 @@ JSON bytes as a UINT8 vector, `{"kind": ...}`:
   seed, settings (all values actually used), timings. The frames are not repeated: the
   sections already carried them.
 
+A request with the parameter `describe` true (and no image: the input is optional) is
+answered at once by one final `describe` response: `settings` (every setting's type,
+default, range or choices and help text), `presets` (name → the settings it sets) and
+`flow_presets`, so front ends show the engine's values without importing it.
+
 Errors travel as Triton errors whose message starts with a status word, e.g.
 `INVALID_ARGUMENT: steps='x' is not allowed: expected int in [1, 100]`, because the gRPC
 stream carries an error's message but not its status code.
@@ -33,6 +38,7 @@ import numpy as np
 
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
 from framepack_backend.planner import FPS
+from framepack_backend.presets import FLOW_PRESETS, PRESETS
 from framepack_backend.settings import GenerationSettings, SettingsError, validate_prompt
 
 MODEL_NAME = "framepack"
@@ -41,6 +47,7 @@ EVENT_OUTPUT = "event"
 FRAMES_OUTPUT = "frames"
 PREVIEW_OUTPUT = "preview"
 PROMPT_PARAMETER = "prompt"
+DESCRIBE_PARAMETER = "describe"
 
 
 class Status(str, Enum):
@@ -71,6 +78,10 @@ def parse_parameters(parameters: Mapping[str, object]) -> JobRequest:
 
 
 def parse_parameters_json(text: str) -> JobRequest:
+    return parse_parameters(request_parameters(text))
+
+
+def request_parameters(text: str) -> dict[str, object]:
     """`request.parameters()` is a JSON object in the Python backend."""
     try:
         parameters = json.loads(text or "{}")
@@ -78,7 +89,27 @@ def parse_parameters_json(text: str) -> JobRequest:
         raise SettingsError("parameters", text, "a JSON object") from None
     if not isinstance(parameters, dict):
         raise SettingsError("parameters", parameters, "a JSON object")
-    return parse_parameters(parameters)
+    return parameters
+
+
+def is_describe_request(parameters: Mapping[str, object]) -> bool:
+    """Whether the request asks what the server accepts instead of for a video."""
+    if DESCRIBE_PARAMETER not in parameters:
+        return False
+    value = parameters[DESCRIBE_PARAMETER]
+    if value is not True and value != "true":
+        raise SettingsError(DESCRIBE_PARAMETER, value, "true, or no such parameter for a video request")
+    return True
+
+
+def describe_response() -> WireResponse:
+    event = dict(
+        kind="describe",
+        settings=GenerationSettings.describe(),
+        presets={name: preset.as_settings() for name, preset in PRESETS.items()},
+        flow_presets=list(FLOW_PRESETS),
+    )
+    return WireResponse(_jsonable(event), {}, final=True)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from framepack_backend.settings import SettingsError, validate_image  # noqa: E4
 from framepack_server.instance import InstanceConfig  # noqa: E402
 from framepack_server.jobs import Job, JobQueue  # noqa: E402
 from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
-from framepack_server.protocol import parse_parameters_json  # noqa: E402
+from framepack_server.protocol import describe_response, is_describe_request, parse_parameters  # noqa: E402
+from framepack_server.protocol import request_parameters  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Names of pb_utils.TritonError codes; looked up late: the stub adds TritonError to
@@ -86,6 +87,8 @@ class ResponseSender:
 
 def _input_image(request):
     tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+    if tensor is None:  # optional in the config, because describe requests carry no image
+        raise SettingsError(IMAGE_INPUT, None, "a UINT8 H×W×3 input tensor 'image'")
     # DLPack, not as_numpy(): the latter returns empty data under numpy 2. Copy, because
     # the request's memory is released once execute() returns and the job runs later.
     return validate_image(torch.from_dlpack(tensor.to_dlpack()).cpu().numpy().copy())
@@ -121,9 +124,13 @@ class TritonPythonModel:
         return None
 
     def _admit(self, request, sender: ResponseSender) -> None:
+        parameters = request_parameters(request.parameters())
+        if is_describe_request(parameters):
+            sender.send(describe_response())  # answered at once, even while a job runs
+            return
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
-        job = Job(job_id, _input_image(request), parse_parameters_json(request.parameters()), sender)
+        job = Job(job_id, _input_image(request), parse_parameters(parameters), sender)
         if not self._jobs.submit(job):
             sender.fail(
                 Status.UNAVAILABLE,
