@@ -12,8 +12,9 @@ import torch
 from . import conditioning, planner
 from .attention import resolve_backend
 from .buckets import bucket_for, resize_and_center_crop
-from .components import Components, load_components
+from .components import Components, encoder_dtype_for, load_components
 from .events import GenerationResult, SectionFinished, StepProgress
+from .memory import MemoryManager, peak_memory, reset_peak_memory
 from .preview import latent_preview
 from .presets import FLOW_PRESETS
 from .sampler import guided_flow, iterate_unipc
@@ -35,6 +36,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.model_dir = model_dir
+        self.memory = MemoryManager(components, device)
 
     @classmethod
     def from_pretrained(
@@ -43,12 +45,21 @@ class Pipeline:
         """Load the five components from a model directory (docs/architecture.md layout).
 
         The transformer runs in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
+        Weights load into host memory; the memory manager then places them for the default
+        settings' memory mode (a job whose settings differ moves them again).
         """
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model_dir = Path(model_dir)
-        return cls(load_components(model_dir, device=device, dtype=dtype), device, dtype, model_dir)
+        components = load_components(
+            model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device)
+        )
+        pipeline = cls(components, device, dtype, model_dir)
+        defaults = GenerationSettings()
+        height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
+        pipeline.memory.prepare(defaults.memory_mode, defaults.gpu_memory_preservation, height, width, defaults.window)
+        return pipeline
 
     def generate(
         self,
@@ -80,21 +91,29 @@ class Pipeline:
         t_start = time.perf_counter()
 
         height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
+        reset_peak_memory(self.device)
+        mode = self.memory.prepare(
+            settings.memory_mode, settings.gpu_memory_preservation, height, width, settings.window
+        )
+        settings = settings.replace(memory_mode=mode)
+        timings["placement_s"] = time.perf_counter() - t_start
         pixels = resize_and_center_crop(image, width, height)
-        text = conditioning.encode_prompt(
-            c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
-        ).cropped()
-        if settings.cfg == 1:
-            negative = conditioning.zero_prompt_like(text)
-        else:
-            negative = conditioning.encode_prompt(
-                c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, settings.negative_prompt,
-                self.device, self.dtype,
+        with self.memory.phase("text"):
+            text = conditioning.encode_prompt(
+                c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
             ).cropped()
-        start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
-        image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
+            if settings.cfg == 1:
+                negative = conditioning.zero_prompt_like(text)
+            else:
+                negative = conditioning.encode_prompt(
+                    c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, settings.negative_prompt,
+                    self.device, self.dtype,
+                ).cropped()
+        with self.memory.phase("image"):
+            start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
+            image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
         image_embeds = image_embeds.to(self.dtype)
-        timings["encode_s"] = time.perf_counter() - t_start
+        timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
 
         window = settings.window
         lh, lw = height // 8, width // 8
@@ -150,26 +169,28 @@ class Pipeline:
 
             computed_before = teacache.computed_steps
             x0 = None
-            for step_index, x0 in iterate_unipc(
-                flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel
-            ):
-                yield StepProgress(
-                    section=plan.index + 1,
-                    sections=sections,
-                    step=step_index + 1,
-                    steps=settings.steps,
-                    elapsed_s=time.perf_counter() - t_start,
-                    computed=teacache.computed_steps > computed_before,
-                    preview=latent_preview(x0) if settings.preview else None,
-                )
-                computed_before = teacache.computed_steps
+            with self.memory.phase("sampling"):
+                for step_index, x0 in iterate_unipc(
+                    flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel
+                ):
+                    yield StepProgress(
+                        section=plan.index + 1,
+                        sections=sections,
+                        step=step_index + 1,
+                        steps=settings.steps,
+                        elapsed_s=time.perf_counter() - t_start,
+                        computed=teacache.computed_steps > computed_before,
+                        preview=latent_preview(x0) if settings.preview else None,
+                    )
+                    computed_before = teacache.computed_steps
             sampling_s += time.perf_counter() - t_section
 
             t_decode = time.perf_counter()
             history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, settings.sampling)
             first, count = planner.decode_range(plan, history, window, settings.sampling)
-            decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
-            decoded = decoded.float().cpu()
+            with self.memory.phase("decode"):
+                decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
+                decoded = decoded.float().cpu()
             if video is None:
                 video = decoded
             else:
@@ -190,6 +211,7 @@ class Pipeline:
         timings.update(sampling_s=sampling_s, decode_s=decode_s, total_s=time.perf_counter() - t_start)
         timings["computed_steps"] = teacache.computed_steps
         timings["skipped_steps"] = teacache.skipped_steps
+        timings["memory"] = {"mode": mode, **peak_memory(self.device)}
         yield GenerationResult(
             frames=frames,
             fps=FPS,

@@ -1,0 +1,34 @@
+"""GPU memory modes: resident, offload and block streaming, chosen to fit the card (see modes.py)."""
+
+from .accounting import peak_memory, reset_peak_memory
+from .footprint import MemoryFootprint, job_footprint, streamable_blocks
+from .host import HostArena, PackedBlock
+from .manager import PHASES, MemoryManager, available_gpu_bytes
+from .modes import StreamPlan, choose_memory_mode, memory_needed, plan_stream
+from .schedule import Acquire, Prefetch, Release, Restart, RingSchedule
+from .streaming import BlockStreamer
+from .weights import ComponentWeights
+
+__all__ = [
+    "Acquire",
+    "BlockStreamer",
+    "ComponentWeights",
+    "HostArena",
+    "MemoryFootprint",
+    "MemoryManager",
+    "PHASES",
+    "PackedBlock",
+    "Prefetch",
+    "Release",
+    "Restart",
+    "RingSchedule",
+    "StreamPlan",
+    "available_gpu_bytes",
+    "choose_memory_mode",
+    "job_footprint",
+    "memory_needed",
+    "peak_memory",
+    "plan_stream",
+    "reset_peak_memory",
+    "streamable_blocks",
+]

@@ -1,0 +1,138 @@
+"""Where a pipeline's weights live during a job: the mode, and which components each phase needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+from .footprint import job_footprint, streamable_blocks
+from .modes import TEXT_ENCODER_SLOTS, StreamPlan, budget_bytes, choose_memory_mode, plan_stream
+from .weights import ComponentWeights
+
+COMPONENTS = ("text_encoder", "text_encoder_2", "image_encoder", "vae", "transformer")
+# The components each phase of a job runs, in job order.
+PHASES = {
+    "text": ("text_encoder", "text_encoder_2"),
+    "image": ("image_encoder", "vae"),
+    "sampling": ("transformer",),
+    "decode": ("vae",),
+}
+# Components that stream their blocks in stream mode; the others are small enough to move whole.
+STREAMED = ("text_encoder", "transformer")
+
+
+def available_gpu_bytes(device: torch.device) -> int:
+    """GPU memory a job may use: what is free plus what this process's allocator already holds."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+class MemoryManager:
+    """Puts the components where the memory mode wants them, before a job and around each phase."""
+
+    def __init__(self, components: Any, device: torch.device | str):
+        self.components = components
+        self.device = torch.device(device)
+        self.mode: str | None = None
+        self.plan: StreamPlan | None = None
+        self._weights: dict[str, ComponentWeights] = {}
+
+    def prepare(
+        self,
+        requested: str,
+        preserve_gb: float,
+        height: int,
+        width: int,
+        window: int,
+        available_bytes: int | None = None,
+    ) -> str:
+        """Pick the mode for a job at this size (see choose_memory_mode), place the weights, return the mode.
+
+        `available_bytes` overrides the measured free GPU memory (a simulated smaller
+        card). On a CPU every mode runs as asked and "auto" is resident.
+        """
+        footprint = job_footprint(self.components, height, width, window)
+        if available_bytes is None and self.device.type != "cuda":
+            # Host and device memory are one: nothing to fit, so "auto" leaves everything in place.
+            mode = "resident" if requested == "auto" else choose_memory_mode(requested, 0, 0.0, footprint)
+            budget = 0
+        else:
+            if available_bytes is None:
+                available_bytes = available_gpu_bytes(self.device)
+            mode = choose_memory_mode(requested, available_bytes, preserve_gb, footprint)
+            budget = budget_bytes(available_bytes, preserve_gb)
+        self.configure(mode, plan_stream(budget, footprint) if mode == "stream" else None)
+        return mode
+
+    def configure(self, mode: str, plan: StreamPlan | None = None) -> None:
+        """Move the weights for `mode`: all on the device (resident) or all in host memory."""
+        if mode == "stream" and plan is None:
+            raise ValueError("stream mode needs a StreamPlan (see plan_stream)")
+        if (mode, plan) == (self.mode, self.plan):
+            return
+        if mode == "resident":
+            for name in COMPONENTS:
+                if name in self._weights:
+                    self._weights[name].place()
+                else:
+                    with torch.inference_mode(False):  # weights must not become inference tensors
+                        getattr(self.components, name).to(self.device)
+        else:
+            for name in COMPONENTS:
+                self._host_weights(name).evict()
+        self._set_vae_tiling(mode == "stream")
+        self.mode, self.plan = mode, plan
+        self._release_cached_memory()
+
+    def placed(self) -> set[str]:
+        """The components whose weights are on the device now (streamed ones count while they run)."""
+        if self.mode == "resident":
+            return set(COMPONENTS)
+        return {name for name, weights in self._weights.items() if weights.on_device}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Have the components of phase `name` (see PHASES) on the device for the `with` block."""
+        if name not in PHASES:
+            raise ValueError(f"phase={name!r} is not allowed: expected one of {', '.join(PHASES)}")
+        if self.mode in (None, "resident"):
+            yield
+            return
+        try:
+            with ExitStack() as stack:
+                for component in PHASES[name]:
+                    weights = self._weights[component]
+                    if self.mode == "stream" and weights.blocks:
+                        slots, resident = (
+                            (self.plan.slots, self.plan.resident_blocks) if component == "transformer"
+                            else (TEXT_ENCODER_SLOTS, 0)
+                        )
+                        stack.enter_context(weights.streamed(slots, resident))
+                    else:
+                        stack.enter_context(weights.placed())
+                yield
+        finally:
+            self._release_cached_memory()
+
+    def _host_weights(self, name: str) -> ComponentWeights:
+        """The component's host copy, made on first use (a resident-only engine never pays for it)."""
+        if name not in self._weights:
+            module = getattr(self.components, name)
+            blocks = streamable_blocks(module) if name in STREAMED else []
+            self._weights[name] = ComponentWeights(module, self.device, blocks)
+        return self._weights[name]
+
+    def _set_vae_tiling(self, tiled: bool) -> None:
+        vae = self.components.vae
+        if tiled and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        elif hasattr(vae, "disable_tiling"):
+            vae.disable_tiling()
+
+    def _release_cached_memory(self) -> None:
+        # Give freed blocks back to the driver, so the preserved memory is really free for others.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

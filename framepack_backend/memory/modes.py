@@ -1,0 +1,120 @@
+"""Memory modes and the choice between them: the fastest mode whose peak fits the GPU.
+
+- resident: every component stays on the GPU (fastest).
+- offload: each phase moves the components it runs onto the GPU and back to host memory
+  after (text encoders, then SigLIP + VAE encoder, then the transformer, then the VAE).
+- stream: like offload, but the transformer and the Llama text encoder keep their blocks
+  in host memory and stream them through a small ring of GPU slots while they run; the
+  VAE works in tiles. As many transformer blocks as the budget allows stay on the GPU
+  for the whole sampling phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import MEMORY_MODES, SettingsError
+from .footprint import GIB, MemoryFootprint
+
+FASTEST_FIRST = ("resident", "offload", "stream")
+TEXT_ENCODER_SLOTS = 2  # the text encoder runs once per job: two slots overlap its copies well enough
+PREFERRED_SLOTS = 3  # one slot of slack when a block's copy outlasts the previous block's compute
+MIN_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How the transformer streams: ring slots and how many leading blocks stay on the GPU."""
+
+    slots: int
+    resident_blocks: int
+
+
+def resident_bytes(footprint: MemoryFootprint) -> int:
+    f = footprint
+    return f.weights + max(f.text_work, f.image_work, f.sampling_work, f.decode_work)
+
+
+def offload_phase_bytes(footprint: MemoryFootprint) -> dict[str, int]:
+    f = footprint
+    return {
+        "text": f.text_encoder + f.text_encoder_2 + f.text_work,
+        "image": f.image_encoder + f.vae + f.image_work,
+        "sampling": f.transformer + f.sampling_work,
+        "decode": f.vae + f.decode_work,
+    }
+
+
+def stream_sampling_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> int:
+    """Transformer weights outside the blocks + resident blocks + the ring + activations."""
+    blocks = footprint.transformer_blocks
+    streamed = blocks[plan.resident_blocks :]
+    ring = min(plan.slots, len(streamed)) * max(streamed, default=0)
+    outside_blocks = footprint.transformer - sum(blocks)
+    return outside_blocks + sum(blocks[: plan.resident_blocks]) + ring + footprint.sampling_work
+
+
+def stream_phase_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> dict[str, int]:
+    f = footprint
+    layers = f.text_encoder_layers
+    text_ring = min(TEXT_ENCODER_SLOTS, len(layers)) * max(layers, default=0)
+    return {
+        "text": f.text_encoder - sum(layers) + text_ring + f.text_encoder_2 + f.text_work,
+        "image": f.image_encoder + f.vae + f.image_work_tiled,
+        "sampling": stream_sampling_bytes(f, plan),
+        "decode": f.vae + f.decode_work_tiled,
+    }
+
+
+def memory_needed(mode: str, footprint: MemoryFootprint, plan: StreamPlan | None = None) -> int:
+    """Estimated peak GPU bytes of a job in `mode` (stream: with `plan`, default the smallest ring)."""
+    if mode == "resident":
+        return resident_bytes(footprint)
+    if mode == "offload":
+        return max(offload_phase_bytes(footprint).values())
+    if mode == "stream":
+        return max(stream_phase_bytes(footprint, plan or StreamPlan(MIN_SLOTS, 0)).values())
+    raise SettingsError("memory_mode", mode, "one of " + ", ".join(repr(m) for m in FASTEST_FIRST))
+
+
+def budget_bytes(free_bytes: int, preserve_gb: float) -> int:
+    """GPU bytes a job may use: what is free minus the preservation (GB counted as GiB, as the reference does)."""
+    if free_bytes < 0:
+        raise ValueError(f"free_bytes={free_bytes} is not allowed: expected >= 0")
+    if not preserve_gb >= 0:
+        raise SettingsError("gpu_memory_preservation", preserve_gb, "a number of GB >= 0")
+    return free_bytes - int(preserve_gb * GIB)
+
+
+def choose_memory_mode(requested: str, free_bytes: int, preserve_gb: float, footprint: MemoryFootprint) -> str:
+    """`requested` unless it is "auto"; then the fastest mode whose estimated peak fits.
+
+    The budget is `free_bytes` (GPU memory this job may take: free plus what the
+    engine itself holds) minus `preserve_gb`. When nothing fits, stream: it is the
+    smallest, and the only mode that may still run.
+    """
+    if requested not in MEMORY_MODES:
+        raise SettingsError("memory_mode", requested, "one of " + ", ".join(repr(m) for m in MEMORY_MODES))
+    budget = budget_bytes(free_bytes, preserve_gb)
+    if requested != "auto":
+        return requested
+    for mode in FASTEST_FIRST[:-1]:
+        if memory_needed(mode, footprint) <= budget:
+            return mode
+    return "stream"
+
+
+def plan_stream(budget: int, footprint: MemoryFootprint) -> StreamPlan:
+    """The fastest stream configuration within `budget` bytes for the sampling phase.
+
+    Three slots when they fit (else two), then as many leading blocks resident as fit:
+    each resident block is one copy less per forward.
+    """
+    slots = PREFERRED_SLOTS
+    if stream_sampling_bytes(footprint, StreamPlan(slots, 0)) > budget:
+        slots = MIN_SLOTS
+    resident = 0
+    while (resident < len(footprint.transformer_blocks)
+           and stream_sampling_bytes(footprint, StreamPlan(slots, resident + 1)) <= budget):
+        resident += 1
+    return StreamPlan(slots, resident)
