@@ -6,6 +6,7 @@ PYTHON ?= python3
 # while an unpinned torch (asked for by a dependency) would pull a CUDA build of several GB.
 # On a GPU machine pass the CUDA build you want, e.g. TORCH='torch==2.11.0'.
 TORCH ?= torch==2.13.0
+CHROMIUM := /usr/bin/chromium
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ STAMPS := $(VENV)/.stamps
 demo: $(STAMPS)/client-server
 	$(BIN)/python -m framepack_server.demo
 
-test: $(STAMPS)/test
+test: $(STAMPS)/test | $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 $(BIN)/python:
@@ -33,6 +34,17 @@ $(STAMPS)/client-server: pyproject.toml $(STAMPS)/torch
 $(STAMPS)/test: pyproject.toml $(STAMPS)/torch
 	$(BIN)/pip install -e '.[client,server,test]'
 	touch $@
+
+# The web UI's browser test drives Debian's chromium through Playwright (which is never
+# allowed to download a browser of its own). Installed when missing and possible (root,
+# apt-get); otherwise that test skips and says why.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update && apt-get install -y chromium) || \
+			echo "could not install chromium: the web UI browser test will be skipped"; \
+	else \
+		echo "no $(CHROMIUM) and no root apt-get: the web UI browser test will be skipped"; \
+	fi
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,6 +1,7 @@
 """`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
 
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+    framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
 Only the settings given on the command line are sent; the server applies its defaults,
 validates everything and reports the values it used. A bad value comes back as one line
@@ -67,11 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
     for name, text in SETTINGS.items():
         settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
+    ui = commands.add_parser("ui", help="serve the web UI (needs the 'ui' extra: gradio)")
+    ui.add_argument("--server", default=DEFAULT_SERVER, help="gRPC address HOST:PORT (default %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
+    ui.add_argument("--port", type=int, default=7860, help="port of the web UI (default %(default)s)")
+    ui.add_argument("--output-dir", type=Path, metavar="DIR", help="where MP4s go (default: a temporary folder)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ui":
+        return run_ui(args)
     # SIGTERM cancels like Ctrl-C: the job stops on the server and no MP4 is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -96,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(path)
     return 0
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    try:
+        from .webui import serve  # gradio is an optional extra
+    except ImportError as e:
+        print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return serve(args.server, args.host, args.port, args.output_dir)
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -40,6 +40,13 @@ class FrameAssembler:
         self._video[start_frame:end] = frames
         self._received[start_frame:end] = True
 
+    def received(self) -> np.ndarray:
+        """The frames received so far, first to last (a view; sections arrive contiguous)."""
+        if self._video is None:
+            raise ValueError("no frames were received")
+        arrived = np.flatnonzero(self._received)
+        return self._video[arrived[0] : arrived[-1] + 1]
+
     def video(self) -> np.ndarray:
         """All frames; raises if any frame never arrived."""
         if self._video is None:

@@ -1,0 +1,129 @@
+"""One web-UI job: stream it from the server and turn its events into what the page shows.
+
+Nothing here imports Gradio, so the job logic is testable without a browser: `run_job`
+yields `JobUpdate`s, and `client/webui.py` puts them on the page.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from . import stream
+from .video import FrameAssembler, write_mp4
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """What changed on the page; a part left None stays as it is."""
+
+    status: str
+    preview: np.ndarray | None = None  # the latest step's preview image
+    video: Path | None = None  # the video so far (rewritten after every section), at the end the whole one
+    final: Path | None = None  # the finished MP4, offered for download
+
+
+class StopSignals:
+    """The Stop button's flag for the job each browser session is running."""
+
+    def __init__(self) -> None:
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        flag = threading.Event()
+        with self._lock:
+            self._flags[session] = flag
+        return flag
+
+    def stop(self, session: str) -> bool:
+        """Raise the session's flag; False when it runs no job."""
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is not None:
+            flag.set()
+        return flag is not None
+
+    def finish(self, session: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
+
+
+def run_job(
+    server: str,
+    image: np.ndarray,
+    prompt: str,
+    settings: Mapping[str, str | int | float | bool],
+    folder: Path,
+    stop_requested: Callable[[], bool],
+) -> Iterator[JobUpdate]:
+    """Stream one job into `folder`; the last update says how it ended (never raises ServerError)."""
+    yield JobUpdate(f"Sent to {server}; waiting for the first step…")
+    assembler = FrameAssembler()
+    final = None
+    try:
+        for event in stream.generate(server, image, prompt, settings, cancel=stop_requested):
+            if isinstance(event, stream.Progress):
+                yield JobUpdate(progress_text(event), preview=event.preview)
+            elif isinstance(event, stream.Section):
+                assembler.add(event.start_frame, event.frames, event.total_frames)
+                # A new name each time: the browser and Gradio's cache treat it as a new video.
+                partial = write_mp4(
+                    folder / f"partial_{event.section:02d}.mp4", assembler.received(), event.fps, settings.get("crf")
+                )
+                yield JobUpdate(section_text(event, len(assembler.received())), video=partial)
+            elif isinstance(event, stream.Final):
+                final = event
+        if final is None:
+            if stop_requested():
+                yield JobUpdate("Cancelled: the job was stopped on the server; no video was written.")
+            else:
+                yield JobUpdate("Error: the server ended the stream without a final response.")
+            return
+        video = assembler.video()
+        if len(video) != final.frame_count:
+            raise ValueError(f"received {len(video)} frames, the server reported {final.frame_count}")
+    except stream.ServerError as e:
+        yield JobUpdate(f"Error: {e}")
+        return
+    except ValueError as e:  # frames that do not fit together
+        yield JobUpdate(f"Error: {e}")
+        return
+    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, final.settings.get("crf"))
+    yield JobUpdate(done_text(final), video=path, final=path)
+
+
+def progress_text(event: stream.Progress) -> str:
+    done = (event.section - 1) * event.steps + event.step
+    total = event.sections * event.steps
+    # The server's clock started with the job, so the rate includes encoding the inputs.
+    left = event.elapsed_s / done * (total - done)
+    return (
+        f"Section {event.section}/{event.sections} · step {event.step}/{event.steps} · "
+        f"{_clock(event.elapsed_s)} elapsed · ETA {_clock(left)}"
+    )
+
+
+def section_text(event: stream.Section, frames_so_far: int) -> str:
+    return (
+        f"Section {event.section}/{event.sections} done · {frames_so_far} of {event.total_frames} frames "
+        f"({frames_so_far / event.fps:.1f} s of video)"
+    )
+
+
+def done_text(final: stream.Final) -> str:
+    return (
+        f"Done: {final.frame_count} frames, {final.width}×{final.height} at {final.fps} fps, seed {final.seed}, "
+        f"{final.timings.get('total_s', 0.0):.1f} s on the server."
+    )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

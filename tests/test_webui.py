@@ -1,0 +1,237 @@
+"""The web UI: its job logic on its own, and the whole page in a real headless browser
+(Debian's chromium driven by Playwright) against the real tritonserver with the tiny model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from client import stream
+from client.cli import load_image, main
+from client.video import FrameAssembler
+from client.webui_job import StopSignals, progress_text, run_job
+from conftest import FAST_SETTINGS
+from framepack_backend.presets import PRESETS
+from framepack_server.launcher import free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "client" / "assets" / "sample.png"
+SCREENSHOT = ROOT / "docs" / "webui.png"
+# Playwright never downloads a browser here: it drives the distribution's chromium.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+# Records every value the status box, the preview and the video take, from inside the
+# page: polling from the test process could miss the fast steps of the tiny model.
+RECORDER = """() => {
+    window.seen = {status: [], preview: [], video: []};
+    const note = (list, value) => { if (value && list[list.length - 1] !== value) list.push(value); };
+    setInterval(() => {
+        note(window.seen.status, document.querySelector('#status textarea')?.value);
+        note(window.seen.preview, document.querySelector('#preview img')?.getAttribute('src'));
+        note(window.seen.video, document.querySelector('#video video')?.getAttribute('src'));
+    }, 5);
+}"""
+
+
+# --- the job logic, no browser -------------------------------------------------------
+
+
+def test_progress_text_counts_steps_over_all_sections_for_the_eta():
+    event = stream.Progress(section=2, sections=3, step=1, steps=4, elapsed_s=50.0, preview=None)
+    # 5 of 12 steps in 50 s: 7 steps left take about 70 s.
+    assert progress_text(event) == "Section 2/3 · step 1/4 · 0:50 elapsed · ETA 1:10"
+
+
+def test_stop_signals_reach_only_the_session_s_current_job():
+    stops = StopSignals()
+    first = stops.start("a")
+    other = stops.start("b")
+    assert stops.stop("a") and first.is_set() and not other.is_set()
+    stops.finish("a", first)
+    assert not stops.stop("a")  # no job runs for "a" any more
+    newer = stops.start("b")
+    stops.finish("b", other)  # an older job ending leaves the newer one's flag in place
+    assert stops.stop("b") and newer.is_set()
+
+
+def test_the_video_so_far_is_the_run_of_frames_received():
+    # Inverted sampling: sections arrive from the end; a later one rewrites the overlap.
+    assembler = FrameAssembler()
+    frames = lambda value, count: np.full((count, 4, 6, 3), value, dtype=np.uint8)  # noqa: E731
+    assembler.add(37, frames(1, 36), 73)
+    assert assembler.received().shape == (36, 4, 6, 3) and (assembler.received() == 1).all()
+    assembler.add(0, frames(2, 40), 73)
+    so_far = assembler.received()
+    assert len(so_far) == 73 and (so_far[:40] == 2).all() and (so_far[40:] == 1).all()
+
+
+def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
+    (port,) = free_ports(1)
+    updates = list(run_job(f"127.0.0.1:{port}", load_image(SAMPLE), "x", {}, tmp_path, lambda: False))
+    assert updates[-1].status.startswith(f"Error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}")
+    assert updates[-1].final is None and list(tmp_path.iterdir()) == []
+
+
+def test_framepack_ui_exits_with_the_error_when_the_server_is_down(capsys):
+    pytest.importorskip("gradio")
+    (port,) = free_ports(1)
+    assert main(["ui", "--server", f"127.0.0.1:{port}", "--port", "1"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"framepack: error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}"
+    )
+
+
+def test_the_web_ui_imports_neither_torch_nor_the_engine():
+    pytest.importorskip("gradio")
+    check = (
+        "import sys, client.cli, client.webui; print([m for m in ('torch', 'framepack_backend') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --- the page in a browser --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (test extra)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's (apt-get install -y chromium; `make test` does)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def web_ui(triton_server, tmp_path_factory) -> str:
+    """The page for the test server, served on a free port; its URL."""
+    pytest.importorskip("gradio")
+    from client.webui import build_app
+
+    output_dir = tmp_path_factory.mktemp("webui")
+    app = build_app(triton_server.grpc_address, stream.describe(triton_server.grpc_address), output_dir)
+    (port,) = free_ports(1)
+    app.queue().launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+        allowed_paths=[str(output_dir)],
+    )
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+@pytest.fixture
+def page(browser, web_ui):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(web_ui)
+    page.locator("input[type=file]").first.set_input_files(SAMPLE)
+    page.locator("#status").wait_for()
+    page.evaluate(RECORDER)
+    yield page
+    context.close()
+
+
+def field(page, label: str):
+    return page.get_by_label(label, exact=True)
+
+
+def set_fields(page, values: dict[str, object]) -> None:
+    for label, value in values.items():
+        field(page, label).fill(str(value))
+
+
+def wait_for_status(page, prefix: str) -> str:
+    page.wait_for_function(
+        "prefix => document.querySelector('#status textarea').value.startsWith(prefix)", arg=prefix,
+    )
+    return field(page, "Status").input_value()
+
+
+def test_dance_preset_fills_the_settings(page):
+    assert field(page, "Steps").input_value() == "25"  # Default
+    field(page, "Preset").click()
+    page.get_by_role("option", name="Dance").click()
+    page.wait_for_function("() => document.querySelector('input[aria-label=\"Flow preset\"]').value === 'dance'")
+    dance = PRESETS["Dance"]
+    assert (dance.steps, dance.gs, dance.teacache, dance.flow_preset) == (30, 12.0, False, "dance")
+    assert int(field(page, "Steps").input_value()) == dance.steps
+    assert float(field(page, "Distilled guidance (gs)").input_value()) == dance.gs
+    assert field(page, "TeaCache").is_checked() is dance.teacache
+    assert field(page, "Flow preset").input_value() == dance.flow_preset
+    assert float(field(page, "GPU memory preservation (GB)").input_value()) == dance.gpu_memory_preservation
+
+
+def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path):
+    field(page, "Prompt").fill("The person dances gracefully, with clear movements, full of charm.")
+    set_fields(page, {"Video length (seconds)": 2, "Steps": FAST_SETTINGS["steps"],
+                      "Resolution": FAST_SETTINGS["resolution"]})
+    page.get_by_role("button", name="Start").click()
+    done = wait_for_status(page, "Done")
+    assert done.startswith("Done: 73 frames")
+    link = page.locator("#download a").first
+    link.wait_for()
+
+    seen = page.evaluate("window.seen")
+    before_done = seen["status"][: next(i for i, s in enumerate(seen["status"]) if s.startswith("Done"))]
+    steps_shown = [s for s in before_done if s.startswith("Section") and " step " in s]
+    assert len(steps_shown) >= 2, seen["status"]
+    assert "Section 1/2 · step 1/4" in steps_shown[0] and "ETA" in steps_shown[0]
+    assert len(seen["preview"]) >= 2
+    # The video grew section by section: the first section's clip played before the whole video.
+    assert "partial_01.mp4" in seen["video"][0] and seen["video"][-1].endswith("framepack_seed31337.mp4")
+
+    with page.expect_download() as download:
+        link.click()
+    mp4 = tmp_path / "download.mp4"
+    download.value.save_as(mp4)
+    with av.open(str(mp4)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 73  # 2 s → 2 sections of 36 frames + the start frame
+    assert np.stack(frames).std() > 5  # the random model paints moving noise, not a blank
+
+    page.screenshot(path=tmp_path / "webui.png", full_page=True)
+    assert (tmp_path / "webui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("FRAMEPACK_UPDATE_SCREENSHOT"):  # refresh the README's picture
+        shutil.copyfile(tmp_path / "webui.png", SCREENSHOT)
+
+
+def test_stop_cancels_the_job_on_the_server(page, triton_server):
+    log_lines_before = triton_server.log_path.read_text().count("cancelled by the client")
+    set_fields(page, {"Video length (seconds)": 20, "Steps": FAST_SETTINGS["steps"],
+                      "Resolution": FAST_SETTINGS["resolution"]})
+    page.get_by_role("button", name="Start").click()
+    wait_for_status(page, "Section 1/")
+    page.get_by_role("button", name="Stop").click()
+    assert wait_for_status(page, "Cancelled").startswith("Cancelled: the job was stopped on the server")
+    deadline = time.monotonic() + 30
+    while triton_server.log_path.read_text().count("cancelled by the client") == log_lines_before:
+        assert time.monotonic() < deadline, "the server did not log the cancellation"
+        time.sleep(0.2)
+    assert page.locator("#download a").count() == 0
+    assert page.get_by_role("button", name="Start").is_enabled()
+
+
+def test_a_rejected_setting_shows_the_server_s_message(page):
+    set_fields(page, {"Resolution": 200})  # the page lets it through; the server wants a multiple of 16
+    page.get_by_role("button", name="Start").click()
+    message = wait_for_status(page, "Error")
+    assert message == (
+        "Error: INVALID_ARGUMENT: resolution=200 is not allowed: expected a multiple of 16 between 128 and 1280"
+    )
