@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -33,12 +33,18 @@ def available_gpu_bytes(device: torch.device) -> int:
 class MemoryManager:
     """Puts the components where the memory mode wants them, before a job and around each phase."""
 
-    def __init__(self, components: Any, device: torch.device | str):
+    def __init__(
+        self,
+        components: Any,
+        device: torch.device | str,
+        host_weights: Mapping[str, ComponentWeights] | None = None,
+    ):
+        """`host_weights`: host copies already made for some components (they are made on first need otherwise)."""
         self.components = components
         self.device = torch.device(device)
         self.mode: str | None = None
         self.plan: StreamPlan | None = None
-        self._weights: dict[str, ComponentWeights] = {}
+        self._weights: dict[str, ComponentWeights] = dict(host_weights or {})
 
     def prepare(
         self,
