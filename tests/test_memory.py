@@ -235,7 +235,7 @@ def test_streamed_forwards_follow_the_ring_schedule_and_equal_resident_bit_for_b
     for position in computes:
         k = log[position][1]
         before = log[:position]
-        assert Acquire(k, before[-1].slot) == before[-1]  # the compute waits for its own copy, last
+        assert isinstance(before[-1], Acquire) and before[-1].block == k  # the compute waits for its own copy
         # Block k+1 (cyclically: the next forward's first block) is copied in since its last compute.
         following = (k + 1) % n
         prefetched = [i for i, e in enumerate(before) if isinstance(e, Prefetch) and e.block == following]
@@ -283,6 +283,29 @@ def test_teacache_reading_the_first_block_before_it_runs_streams_too():
         got, skipped_streamed = run_steps()
     assert skipped_streamed == skipped
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_forward_cut_short_by_an_error_restarts_the_ring_and_the_next_one_is_exact():
+    model = tiny_transformer(seed=8)
+    inputs = tiny_inputs(9)
+    with torch.inference_mode():
+        expected = model(**inputs)
+    weights = ComponentWeights(model, "cpu", streamable_blocks(model))
+    failing = model.single_transformer_blocks[1]
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    log: list = []
+    with BlockStreamer(weights.blocks, "cpu", slots=3, trace=log), torch.inference_mode():
+        handle = failing.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="simulated"):
+            model(**inputs)
+        handle.remove()
+        got = model(**inputs)
+    assert torch.equal(got, expected)
+    failed_block = len(model.transformer_blocks) + 1
+    assert [e for e in log if isinstance(e, Restart)] == [Restart(None), Restart(abandoned=failed_block)]
 
 
 def test_resident_blocks_stay_placed_and_only_the_rest_stream():
@@ -406,8 +429,10 @@ def test_streamed_forward_on_the_gpu_equals_resident_with_less_memory():
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = FramePackTransformer(**config).to(torch.bfloat16).eval().requires_grad_(False)
-    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_floating_point(v) else
-              (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in tiny_inputs(1).items()}
+    inputs = {
+        k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda()) if isinstance(v, torch.Tensor) else v
+        for k, v in tiny_inputs(1).items()
+    }
     with torch.inference_mode():
         expected = model(**inputs)
     weights = ComponentWeights(model, "cuda", streamable_blocks(model))

@@ -27,7 +27,7 @@ def _round_up(n: int, to: int) -> int:
 
 
 @dataclass(frozen=True)
-class TensorSlot:
+class ModuleTensor:
     """Where one module tensor (parameter or buffer) lives: owner module, attribute name, dtype, shape."""
 
     owner: nn.Module
@@ -46,11 +46,11 @@ class TensorSlot:
         self.get().data = tensor
 
 
-def module_tensors(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[TensorSlot]:
+def module_tensors(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[ModuleTensor]:
     """Every parameter and buffer of `module`, each once, skipping those inside `exclude`."""
     skipped = {id(m) for root in exclude for m in root.modules()}
     seen: set[int] = set()
-    slots = []
+    tensors = []
     for owner in module.modules():
         if id(owner) in skipped:
             continue
@@ -59,12 +59,12 @@ def module_tensors(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> list
                 if tensor is None or id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
-                slots.append(TensorSlot(owner, name, tensor.dtype, tensor.shape))
-    return slots
+                tensors.append(ModuleTensor(owner, name, tensor.dtype, tensor.shape))
+    return tensors
 
 
 def module_bytes(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> int:
-    return sum(slot.nbytes for slot in module_tensors(module, exclude))
+    return sum(t.nbytes for t in module_tensors(module, exclude))
 
 
 class HostArena:
@@ -97,11 +97,8 @@ class HostArena:
         return sum(chunk[0].numel() for chunk in self._chunks)
 
 
-def _views(flat: torch.Tensor, slots: Sequence[TensorSlot], offsets: Sequence[int]) -> list[torch.Tensor]:
-    return [
-        flat[offset : offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-        for slot, offset in zip(slots, offsets)
-    ]
+def _views(flat: torch.Tensor, tensors: Sequence[ModuleTensor], offsets: Sequence[int]) -> list[torch.Tensor]:
+    return [flat[offset : offset + t.nbytes].view(t.dtype).view(t.shape) for t, offset in zip(tensors, offsets)]
 
 
 class PackedBlock:
@@ -109,28 +106,28 @@ class PackedBlock:
 
     def __init__(self, module: nn.Module, arena: HostArena):
         self.module = module
-        self.slots = module_tensors(module)
+        self.tensors = module_tensors(module)
         self.offsets = []
         total = 0
-        for slot in self.slots:
+        for tensor in self.tensors:
             self.offsets.append(total)
-            total = _round_up(total + slot.nbytes, ALIGNMENT)
+            total = _round_up(total + tensor.nbytes, ALIGNMENT)
         self.nbytes = total
         with torch.inference_mode(False), torch.no_grad():
             self.host = arena.allocate(total)
             self.host_views = self.views(self.host)
-            for slot, view in zip(self.slots, self.host_views):
-                view.copy_(slot.get())
+            for tensor, view in zip(self.tensors, self.host_views):
+                view.copy_(tensor.get())
         self._device_flat: torch.Tensor | None = None
         self.point_at(self.host_views)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """This block's tensors as views of `flat` (a host buffer, a device copy or a GPU slot)."""
-        return _views(flat, self.slots, self.offsets)
+        return _views(flat, self.tensors, self.offsets)
 
     def point_at(self, views: Sequence[torch.Tensor]) -> None:
-        for slot, view in zip(self.slots, views):
-            slot.point_at(view)
+        for tensor, view in zip(self.tensors, views):
+            tensor.point_at(view)
 
     def point_at_host(self) -> None:
         self.point_at(self.host_views)
@@ -150,24 +147,24 @@ class HostTensors:
     """The tensors of a module outside its packed blocks, each with its own host copy."""
 
     def __init__(self, module: nn.Module, arena: HostArena, exclude: Iterable[nn.Module] = ()):
-        self.slots = module_tensors(module, exclude)
+        self.tensors = module_tensors(module, exclude)
         with torch.inference_mode(False), torch.no_grad():
             self.host = []
-            for slot in self.slots:
-                copy = arena.allocate(slot.nbytes).view(slot.dtype).view(slot.shape)
-                copy.copy_(slot.get())
+            for tensor in self.tensors:
+                copy = arena.allocate(tensor.nbytes).view(tensor.dtype).view(tensor.shape)
+                copy.copy_(tensor.get())
                 self.host.append(copy)
         self.evict()
 
     @property
     def nbytes(self) -> int:
-        return sum(slot.nbytes for slot in self.slots)
+        return sum(tensor.nbytes for tensor in self.tensors)
 
     def place(self, device: torch.device) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            for slot, host in zip(self.slots, self.host):
-                slot.point_at(host.to(device, non_blocking=True, copy=True))
+            for tensor, host in zip(self.tensors, self.host):
+                tensor.point_at(host.to(device, non_blocking=True, copy=True))
 
     def evict(self) -> None:
-        for slot, host in zip(self.slots, self.host):
-            slot.point_at(host)
+        for tensor, host in zip(self.tensors, self.host):
+            tensor.point_at(host)
