@@ -9,7 +9,7 @@ section loop (planner context, UniPC, history) with 2 steps each; and the phases
 whole job (random full-size Llama, CLIP, SigLIP, VAE) in stream mode under 6 GiB.
 One step is one transformer forward (cfg 1) at the 640 bucket (latent 80×80), window 9.
 
-    python benchmarks/memory.py [--repeats 3] [--sections 1,4,16] [--skip-peer] [--skip-job]
+    python benchmarks/memory.py [--repeats 3] [--sections 1,4,16] [--skip-peer] [--skip-job] [--fused-kernels]
 """
 
 from __future__ import annotations
@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--skip-peer", action="store_true", help="no diffusers group-offloading row")
     parser.add_argument("--skip-job", action="store_true", help="no whole-job phases (random encoders and VAE)")
+    parser.add_argument("--fused-kernels", action="store_true", help="our blocks on the Triton kernels (every row)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -283,7 +284,7 @@ def main() -> None:
         versions=dict(torch=torch.__version__, python=platform.python_version(),
                       diffusers=__import__("diffusers").__version__),
         shape=dict(latent=list(LATENT_HW), window=WINDOW, pixels=[HEIGHT, WIDTH], dtype="bf16",
-                   weight_scale=args.weight_scale, small_card_gib=SMALL_CARD_GIB),
+                   weight_scale=args.weight_scale, small_card_gib=SMALL_CARD_GIB, fused_kernels=args.fused_kernels),
         modes=[],
     )
     started = time.perf_counter()
@@ -301,6 +302,8 @@ def main() -> None:
         ours = FramePackTransformer(**FULL_CONFIG)
     ours.load_state_dict(peer.state_dict(), strict=True, assign=True)  # the same tensors
     ours.eval().requires_grad_(False)
+    if args.fused_kernels:
+        ours.set_fused_kernels(True)
     inputs = make_inputs(device, dtype, latent_hw=LATENT_HW, window=WINDOW)
 
     footprint = job_footprint(SimpleNamespace(**vars(build_encoders("meta")), transformer=ours), HEIGHT, WIDTH, WINDOW)
