@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -30,32 +31,58 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The transformer checkpoint each sampling variant needs (sub-folder of the model directory).
+TRANSFORMER_FOR_SAMPLING = {"inverted": "transformer", "f1": "transformer_f1"}
+
+
 class Pipeline:
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, model_dir: Path):
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_dir: Path,
+        sampling: str = "inverted",
+    ):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.model_dir = model_dir
+        self.sampling = sampling
         self.memory = MemoryManager(components, device)
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        sampling: str = "inverted",
+        fused_kernels: bool | None = None,
+        fp8: bool = False,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
         The transformer runs in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
+        `sampling` picks the transformer: "inverted" (transformer/) or "f1" (transformer_f1/).
+        `fused_kernels` (default: on for CUDA when Triton is installed) runs the blocks on the
+        Triton kernels of kernels/, the fastest exact path measured (benchmarks/results).
+        `fp8` turns the blocks' linear layers into FP8 e4m3 (Hopper; faster, not exact).
         Weights load into host memory; the memory manager then places them for the default
         settings' memory mode (a job whose settings differ moves them again).
         """
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if sampling not in TRANSFORMER_FOR_SAMPLING:
+            raise SettingsError("sampling", sampling, f"one of {', '.join(TRANSFORMER_FOR_SAMPLING)}")
         model_dir = Path(model_dir)
         components = load_components(
-            model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device)
+            model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
+            transformer_subfolder=TRANSFORMER_FOR_SAMPLING[sampling],
         )
-        pipeline = cls(components, device, dtype, model_dir)
+        configure_transformer(components.transformer, device, fused_kernels, fp8)
+        pipeline = cls(components, device, dtype, model_dir, sampling)
         defaults = GenerationSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(defaults.memory_mode, defaults.gpu_memory_preservation, height, width, defaults.window)
@@ -78,8 +105,13 @@ class Pipeline:
             settings = GenerationSettings.from_mapping(settings)
         image = validate_image(image)
         prompt = validate_prompt(prompt)
-        if settings.sampling != "inverted":
-            raise SettingsError("sampling", settings.sampling, "'inverted' (the loaded transformer's variant)")
+        if settings.sampling == "auto":
+            settings = settings.replace(sampling=self.sampling)
+        if settings.sampling != self.sampling:
+            raise SettingsError(
+                "sampling", settings.sampling,
+                f"{self.sampling!r}: this pipeline was loaded with {TRANSFORMER_FOR_SAMPLING[self.sampling]}/",
+            )
         backend = resolve_backend(settings.attention, self.device)
         self.components.transformer.set_attention_backend(backend)
         return self._run(image, prompt, settings.replace(attention=backend), cancel)
@@ -221,3 +253,15 @@ class Pipeline:
             settings=settings.to_dict(),
             timings=timings,
         )
+
+
+def configure_transformer(transformer, device: torch.device, fused_kernels: bool | None, fp8: bool) -> None:
+    """Apply the speed options; asking for one this machine cannot run is an error, not a fallback."""
+    if fp8:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise SettingsError("fp8", True, "a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+        transformer.quantize_fp8()
+    if fused_kernels is None:
+        fused_kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if fused_kernels:
+        transformer.set_fused_kernels(True)

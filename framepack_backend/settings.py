@@ -37,7 +37,7 @@ def _spec(default: Any, kind: type, *, low=None, high=None, choices=None, doc: s
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage", "xformers")
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
-SAMPLING_VARIANTS = ("inverted", "f1")
+SAMPLING_VARIANTS = ("auto", "inverted", "f1")
 SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")
 
@@ -62,7 +62,9 @@ class GenerationSettings:
     flow_preset: str = _spec("standard", str, choices=tuple(FLOW_PRESETS), doc="schedule shape for a kind of motion")
     negative_prompt: str = _spec("", str, doc="negative prompt (used when cfg > 1)")
     resolution: int = _spec(640, int, low=128, high=1280, doc="bucket base resolution (multiple of 16)")
-    sampling: str = _spec("inverted", str, choices=SAMPLING_VARIANTS, doc="inverted anti-drifting or forward F1")
+    sampling: str = _spec(
+        "auto", str, choices=SAMPLING_VARIANTS, doc="inverted anti-drifting or forward F1 ('auto': the loaded model's)"
+    )
     solver: str = _spec("bh1", str, choices=SOLVERS, doc="UniPC variant")
     attention: str = _spec("auto", str, choices=ATTENTION_BACKENDS, doc="attention backend")
     memory_mode: str = _spec("auto", str, choices=MEMORY_MODES, doc="where weights live during a job")

@@ -132,6 +132,9 @@ def write_tiny_bundle(out_dir: str | Path, seed: int = 0) -> Path:
         _write_image_encoder(out / "image_encoder", out / "feature_extractor")
         torch.manual_seed(seed + 4)
         _write_transformer(out / "transformer")
+        # The forward (F1) model: same architecture, its own weights.
+        torch.manual_seed(seed + 5)
+        _write_transformer(out / "transformer_f1")
     return out
 
 

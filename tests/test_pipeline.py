@@ -120,3 +120,20 @@ def test_cancel_stops_within_one_step(pipeline, image):
         for event in pipeline.generate(image, "x", {**FAST, "seconds": 2}, cancel=cancel):
             events.append(event)
     assert len([e for e in events if isinstance(e, StepProgress)]) == 2
+
+
+def test_forward_f1_sampling_grows_the_video_from_its_start(tmp_path_factory, image):
+    bundle = write_tiny_bundle(tmp_path_factory.mktemp("tiny_f1"))
+    f1 = Pipeline.from_pretrained(bundle, device="cpu", sampling="f1")
+    events = list(f1.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+    result = events[-1]
+    assert result.frames.shape == (73, 112, 144, 3) and result.settings["sampling"] == "f1"
+    starts = [e.start_frame for e in events if isinstance(e, SectionFinished)]
+    assert starts == sorted(starts) and starts[0] == 0  # appended at the end
+    assert np.array_equal(assemble(events), result.frames)
+
+
+def test_sampling_must_match_the_loaded_transformer(pipeline, image):
+    with pytest.raises(SettingsError) as info:
+        pipeline.generate(image, "x", {**FAST, "sampling": "f1"})
+    assert info.value.field == "sampling" and "transformer/" in str(info.value)

@@ -10,7 +10,7 @@ from framepack_backend.settings import GenerationSettings, SettingsError, valida
 def test_defaults_follow_the_spec():
     s = GenerationSettings()
     assert (s.steps, s.gs, s.cfg, s.rs, s.seed, s.window) == (25, 10.0, 1.0, 0.0, 31337, 9)
-    assert s.teacache and s.teacache_threshold == 0.15 and s.sampling == "inverted"
+    assert s.teacache and s.teacache_threshold == 0.15 and s.sampling == "auto"
 
 
 def test_preset_applies_then_explicit_values_win():

@@ -1,0 +1,133 @@
+"""One whole generation at full model size (random weights): seconds per video frame.
+
+Text encoding (Llama 8B + CLIP-L), SigLIP, VAE encode, the 13B transformer for every
+section and step, and VAE decode, through `Pipeline.generate`, with TeaCache off and on.
+The weights are random (no downloads here), built directly on the GPU in the public
+models' full configurations; the tokenizers are the tiny bundle's (token ids only
+select rows of the embedding table, so their vocabulary size does not change the cost).
+
+    python benchmarks/generation.py [--seconds 5] [--steps 25] [--kernels/--no-kernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from transformer_forward import FULL_CONFIG  # noqa: E402
+
+from framepack_backend.components import Components  # noqa: E402
+from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
+from framepack_backend.pipeline import Pipeline  # noqa: E402
+from framepack_backend.tiny_bundle import write_tiny_bundle  # noqa: E402
+
+
+def build_components(device: torch.device, weight_scale: float) -> Components:
+    from diffusers import AutoencoderKLHunyuanVideo
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel,
+                              PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionConfig,
+                              SiglipVisionModel)
+
+    tiny = write_tiny_bundle(Path(tempfile.mkdtemp()) / "tiny")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    with torch.device(device):
+        llama = LlamaModel(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128320,
+                                       max_position_embeddings=8192, rope_theta=500000.0))
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, vocab_size=49408, projection_dim=768))
+        siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
+                                                      num_hidden_layers=27, num_attention_heads=16,
+                                                      image_size=384, patch_size=14))
+        vae = AutoencoderKLHunyuanVideo()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        transformer = FramePackTransformer(**FULL_CONFIG)
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.mul_(weight_scale)
+    for model in (llama, clip, siglip, vae, transformer):
+        model.eval().requires_grad_(False)
+    return Components(
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(tiny / "tokenizer"),
+        text_encoder=llama,
+        tokenizer_2=CLIPTokenizer.from_pretrained(tiny / "tokenizer_2"),
+        text_encoder_2=clip,
+        vae=vae,
+        feature_extractor=SiglipImageProcessor(size={"height": 384, "width": 384}),
+        image_encoder=siglip,
+        transformer=transformer,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--no-kernels", action="store_true", help="eager blocks instead of the fused kernels")
+    parser.add_argument("--weight-scale", type=float, default=0.05)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/generation.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    t0 = time.perf_counter()
+    components = build_components(device, args.weight_scale)
+    components.transformer.set_fused_kernels(not args.no_kernels)
+    pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
+    print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
+    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "client/assets/sample.png")
+                       .convert("RGB"))
+    runs = []
+    for teacache in (False, True):
+        settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache, "teacache_threshold": 0.15,
+                    "memory_mode": "resident", "preview": True}
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        first_section_s = None
+        result = None
+        for event in pipeline.generate(image, "a character dances in the rain", settings):
+            name = type(event).__name__
+            if name == "SectionFinished" and first_section_s is None:
+                first_section_s = time.perf_counter() - start
+            if name == "GenerationResult":
+                result = event
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        frames = result.frames.shape[0]
+        run = dict(teacache=teacache, frames=frames, width=result.width, height=result.height,
+                   total_s=total, s_per_frame=total / frames, first_section_s=first_section_s,
+                   timings=result.timings, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        runs.append(run)
+        print(json.dumps(run, default=str), flush=True)
+
+    gpu = torch.cuda.get_device_name()
+    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}")
+    for run in runs:
+        print(f"TeaCache {'0.15' if run['teacache'] else 'off ':4s}: {run['frames']} frames "
+              f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
+    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv),
+                  versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"generation_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
