@@ -406,7 +406,8 @@ def main() -> None:
         if not args.skip_job:
             cap_memory(None)
             progress("whole job: random full-size Llama-3-8B, CLIP-L, SigLIP and VAE (fp16), to host memory")
-            encoders = build_encoders("cuda")
+            with torch.inference_mode(False):  # module buffers must not be inference tensors
+                encoders = build_encoders("cuda")
             components = SimpleNamespace(**vars(encoders), transformer=ours)
             manager = MemoryManager(components, device, host_weights={"transformer": weights})
             manager.configure("stream", small_plan)  # moves the encoders to host memory
