@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import stream
+from .connection import Endpoint
 from .video import FrameAssembler, write_mp4
 
 DEFAULT_SERVER = "localhost:8001"
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
     generate.add_argument("--save-sections", type=Path, metavar="DIR", help="save each section as an MP4 clip")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    connection = generate.add_argument_group("connection", "TLS (the server runs with --grpc-server-cert) and patience")
+    connection.add_argument("--ssl", action="store_true", help="connect with TLS")
+    connection.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA of the server's certificate")
+    connection.add_argument("--private-key", type=Path, metavar="PEM", help="client key, if the server asks for one")
+    connection.add_argument("--certificate-chain", type=Path, metavar="PEM", help="client certificate chain")
+    connection.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                            help="wait this long for a (re)starting server (default %(default)s)")
     settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
     for name, text in SETTINGS.items():
         settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
@@ -84,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         image = load_image(args.image)
+        args.endpoint = Endpoint(
+            args.server, ssl=args.ssl, root_certificates=args.root_certificates, private_key=args.private_key,
+            certificate_chain=args.certificate_chain, connect_timeout_s=args.connect_timeout,
+        )
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -122,7 +134,7 @@ def load_image(path: Path) -> np.ndarray:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise ValueError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"--image {path}: not a readable image ({e})") from None
 
 
@@ -131,7 +143,7 @@ def run_generate(args: argparse.Namespace, image: np.ndarray, settings: dict[str
     final = None
     bar = None
     try:
-        for event in stream.generate(args.server, image, args.prompt, settings):
+        for event in stream.generate(args.endpoint, image, args.prompt, settings):
             if isinstance(event, stream.Progress):
                 if bar is None:
                     bar = tqdm(total=event.sections * event.steps, unit="step", disable=args.quiet, file=sys.stderr)

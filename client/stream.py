@@ -4,6 +4,8 @@ The wire protocol (see framepack_server/protocol.py on the server side): input `
 UINT8 H×W×3; `prompt` and settings as request parameters; every response carries
 `event` (JSON bytes) and, for progress and section events, `preview` or `frames`.
 Errors arrive as one message `STATUS: text` (the stream carries no status code).
+`server` is an address `HOST:PORT` or a `connection.Endpoint` (TLS, connect timeout);
+connecting waits for a (re)starting server with backoff (connection.py).
 A request with the parameter `describe` (and no image) is answered by one `describe`
 event: the settings spec and the preset tables.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
@@ -19,8 +22,15 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-MODEL_NAME = "framepack"
-STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL")
+from .connection import MODEL_NAME, Endpoint, Unreachable, as_endpoint, ready_client
+
+STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
+# Requests that break the model config (dtype, shape or name of an input) are refused by
+# Triton itself, before our model sees them, with messages such as "unexpected shape
+# for input 'image' for model 'framepack'. Expected [-1,-1,3], got [64,64]".
+TRITON_INPUT_ERROR = re.compile(r"input '[^']*'.*model '|model '[^']*' expects")
+# Triton's answer while the model's backend process is dead (the launcher restarts it).
+TRITON_STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
 # How often the waiting loop wakes up, so Ctrl-C and `cancel` are handled promptly.
 POLL_S = 0.2
 
@@ -77,10 +87,29 @@ class ServerError(Exception):
         super().__init__(f"{status}: {message}")
 
 
-def _server_error(text: str) -> ServerError:
+class ServerLost(ServerError):
+    """The server, or its model process, went away while answering; it may be back soon."""
+
+    def __init__(self, message: str):
+        super().__init__("UNAVAILABLE", message)
+
+
+def _server_error(error: InferenceServerException, address: str) -> ServerError:
+    """The stream's error as a ServerError with a status word.
+
+    Our model prefixes its messages with the status. Triton's own refusals carry none,
+    and a broken connection comes as a gRPC status instead of a message from the server.
+    """
+    text = error.message() or ""
     status, _, rest = text.partition(": ")
     if status in STATUSES:
         return ServerError(status, rest)
+    if TRITON_INPUT_ERROR.search(text):
+        return ServerError("INVALID_ARGUMENT", text)
+    if TRITON_STUB_DIED.search(text):
+        return ServerLost(f"the server's model process died ({text}); retry once it has restarted")
+    if error.status() is not None:  # from gRPC itself: the server went away mid-request
+        return ServerLost(f"lost the connection to the server at {address} ({error.status()}: {text})")
     return ServerError("UNKNOWN", text)
 
 
@@ -95,29 +124,38 @@ def _event_meta(result) -> dict:
     return json.loads(bytes(result.as_numpy("event")).decode("utf-8"))
 
 
+def _int(meta: dict, key: str) -> int:
+    """An integer field of an event; anything else is refused, because numbers from the
+    server end up in file names (section clips, previews) and must not carry a path."""
+    value = meta[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not an integer")
+    return value
+
+
 def _parse_event(result) -> Event:
     meta = _event_meta(result)
     kind = meta["kind"]
     if kind == "progress":
         return Progress(
-            meta["section"], meta["sections"], meta["step"], meta["steps"], meta["elapsed_s"],
-            result.as_numpy("preview"),
+            _int(meta, "section"), _int(meta, "sections"), _int(meta, "step"), _int(meta, "steps"),
+            float(meta["elapsed_s"]), result.as_numpy("preview"),
         )
     if kind == "section":
         return Section(
-            meta["section"], meta["sections"], meta["start_frame"], meta["total_frames"], meta["fps"],
-            result.as_numpy("frames"),
+            _int(meta, "section"), _int(meta, "sections"), _int(meta, "start_frame"), _int(meta, "total_frames"),
+            _int(meta, "fps"), result.as_numpy("frames"),
         )
     if kind == "final":
         return Final(
-            meta["frame_count"], meta["fps"], meta["width"], meta["height"], meta["seed"], meta["settings"],
-            meta["timings"],
+            _int(meta, "frame_count"), _int(meta, "fps"), _int(meta, "width"), _int(meta, "height"),
+            _int(meta, "seed"), meta["settings"], meta["timings"],
         )
     raise ServerError("UNKNOWN", f"unexpected event kind {kind!r} from the server")
 
 
 def generate(
-    server: str,
+    server: str | Endpoint,
     image: np.ndarray,
     prompt: str,
     settings: Mapping[str, str | int | float | bool],
@@ -138,8 +176,18 @@ def generate(
         yield _parse(result)
 
 
-def describe(server: str) -> Description:
-    """The settings the server accepts and its preset tables (a `describe` request)."""
+def describe(server: str | Endpoint) -> Description:
+    """The settings the server accepts and its preset tables (a `describe` request).
+
+    Idempotent, so asked again once when the server went away while answering.
+    """
+    try:
+        return _describe(server)
+    except ServerLost:
+        return _describe(server)  # connecting waits for the restarted server
+
+
+def _describe(server: str | Endpoint) -> Description:
     for result in _responses(server, [], {"describe": True}):
         try:
             meta = _event_meta(result)
@@ -152,16 +200,19 @@ def describe(server: str) -> Description:
 
 
 def _responses(
-    server: str,
+    server: str | Endpoint,
     inputs: list[grpcclient.InferInput],
     parameters: Mapping[str, str | int | float | bool],
     request_id: str = "",
     cancel: Callable[[], bool] | None = None,
 ) -> Iterator[grpcclient.InferResult]:
     """Send one request on a gRPC stream and yield its responses that carry outputs."""
-    client = grpcclient.InferenceServerClient(server)
+    endpoint = as_endpoint(server)
     try:
-        _check_ready(client, server)
+        client = ready_client(endpoint)
+    except Unreachable as e:
+        raise ServerError("UNAVAILABLE", str(e)) from None
+    try:
         responses: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
@@ -179,7 +230,7 @@ def _responses(
                     continue
                 if error is not None:
                     finished = True  # an error is the request's last response
-                    raise _server_error(error.message())
+                    raise _server_error(error, endpoint.address)
                 response = result.get_response()
                 finished = response.parameters["triton_final_response"].bool_param
                 if response.outputs:
@@ -190,11 +241,3 @@ def _responses(
     finally:
         client.close()
 
-
-def _check_ready(client: grpcclient.InferenceServerClient, server: str) -> None:
-    try:
-        ready = client.is_model_ready(MODEL_NAME)
-    except InferenceServerException as e:
-        raise ServerError("UNAVAILABLE", f"cannot reach the server at {server}: {e.message()}") from None
-    if not ready:
-        raise ServerError("UNAVAILABLE", f"the server at {server} has no ready model {MODEL_NAME!r}")

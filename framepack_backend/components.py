@@ -86,6 +86,11 @@ def load_components(
     def pretrained(cls, name: str, **kwargs):
         return cls.from_pretrained(folders[name], local_files_only=True, **kwargs)
 
+    def pretrained_weights(cls, name: str, **kwargs):
+        # Without use_safetensors, transformers and diffusers fall back to pickle files
+        # (pytorch_model.bin), and unpickling can run code from the model folder.
+        return pretrained(cls, name, use_safetensors=True, **kwargs)
+
     # The HunyuanVideo tokenizer is Llama-3's byte-level BPE. In transformers 5,
     # LlamaTokenizerFast rebuilds a SentencePiece-style pipeline from tokenizer.json and
     # drops spaces and non-Latin bytes; the generic fast class uses tokenizer.json as
@@ -93,12 +98,12 @@ def load_components(
     tokenizer = pretrained(PreTrainedTokenizerFast, "tokenizer")
     tokenizer_2 = pretrained(CLIPTokenizer, "tokenizer_2")
     feature_extractor = pretrained(_siglip_image_processor_class(), "feature_extractor")
-    text_encoder = pretrained(LlamaModel, "text_encoder", dtype=encoder_dtype)
-    text_encoder_2 = pretrained(CLIPTextModel, "text_encoder_2", dtype=encoder_dtype)
-    image_encoder = pretrained(SiglipVisionModel, "image_encoder", dtype=encoder_dtype)
+    text_encoder = pretrained_weights(LlamaModel, "text_encoder", dtype=encoder_dtype)
+    text_encoder_2 = pretrained_weights(CLIPTextModel, "text_encoder_2", dtype=encoder_dtype)
+    image_encoder = pretrained_weights(SiglipVisionModel, "image_encoder", dtype=encoder_dtype)
     # diffusers' memory-saving load needs `accelerate` and warns at length without it.
     low_memory = importlib.util.find_spec("accelerate") is not None
-    vae = pretrained(AutoencoderKLHunyuanVideo, "vae", torch_dtype=encoder_dtype, low_cpu_mem_usage=low_memory)
+    vae = pretrained_weights(AutoencoderKLHunyuanVideo, "vae", torch_dtype=encoder_dtype, low_cpu_mem_usage=low_memory)
     transformer = FramePackTransformer.from_pretrained(folders[transformer_subfolder], dtype=dtype, device=device)
 
     models = [text_encoder, text_encoder_2, image_encoder, vae, transformer]

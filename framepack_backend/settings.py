@@ -44,6 +44,10 @@ TEACACHE_MODES = ("default", "detail")
 MAX_PROMPT_CHARS = 4000
 MAX_IMAGE_PIXELS = 4096 * 4096
 MIN_IMAGE_SIDE = 16
+# The image is scaled to cover its bucket (aspect ratios up to about 2.4), so a thin
+# strip is upscaled along its long side too: 16×1048576 pixels would become a
+# 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
+MAX_IMAGE_ASPECT = 16
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,7 @@ class GenerationSettings:
             _check(f, getattr(self, f.name))
         if self.resolution % 16:
             raise SettingsError("resolution", self.resolution, "a multiple of 16 between 128 and 1280")
-        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
-            raise SettingsError("negative_prompt", self.negative_prompt, f"at most {MAX_PROMPT_CHARS} characters")
+        validate_prompt(self.negative_prompt, "negative_prompt")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> "GenerationSettings":
@@ -206,4 +209,6 @@ def validate_image(image: object, field_name: str = "image") -> np.ndarray:
         raise SettingsError(field_name, f"{w}×{h} pixels", f"both sides at least {MIN_IMAGE_SIDE} pixels")
     if h * w > MAX_IMAGE_PIXELS:
         raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {MAX_IMAGE_PIXELS} pixels")
+    if max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
+        raise SettingsError(field_name, f"{w}×{h} pixels", f"the long side at most {MAX_IMAGE_ASPECT}× the short one")
     return image

@@ -1,4 +1,5 @@
-"""Where and how one Triton model instance runs: model directory, device, dtype, queue size.
+"""Where and how one Triton model instance runs: model directory, device, dtype, queue
+size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -19,7 +20,11 @@ ENV_OVERRIDES = {
     "device": "FRAMEPACK_DEVICE",
     "dtype": "FRAMEPACK_DTYPE",
     "max_queued_jobs": "FRAMEPACK_MAX_QUEUED_JOBS",
+    "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
 }
+# Set by the launcher only when started for fault-injection tests (see faults.py); not a
+# config parameter, so a model repository cannot switch it on.
+FAULT_INJECTION_ENV = "FRAMEPACK_FAULT_INJECTION"
 
 
 class InstanceConfigError(ValueError):
@@ -32,8 +37,10 @@ class InstanceConfig:
     device: str  # "cpu" or "cuda:N"
     dtype: str | None  # None: the engine's default for the device
     max_queued_jobs: int
+    max_job_seconds: float | None = None  # None: no limit
     # Created by the launcher when it stops the server (FRAMEPACK_SHUTDOWN_FILE; see jobs.py).
     shutdown_file: Path | None = None
+    fault_injection: bool = False
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -64,6 +71,16 @@ class InstanceConfig:
         if not queued.isdigit() or int(queued) < 1:
             raise InstanceConfigError(f"max_queued_jobs={queued!r} is not allowed: expected an integer >= 1")
 
+        job_seconds = value("max_job_seconds", "0")
+        try:
+            max_job_seconds = float(job_seconds)
+        except ValueError:
+            max_job_seconds = -1.0
+        if not (0 <= max_job_seconds < float("inf")):
+            raise InstanceConfigError(
+                f"max_job_seconds={job_seconds!r} is not allowed: expected seconds >= 0 (0: no limit)"
+            )
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -76,5 +93,7 @@ class InstanceConfig:
             device,
             None if dtype == "auto" else dtype,
             int(queued),
+            max_job_seconds or None,
             Path(shutdown_file) if shutdown_file else None,
+            environ.get(FAULT_INJECTION_ENV, "") == "1",
         )

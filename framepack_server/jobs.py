@@ -11,12 +11,18 @@ job kept the server alive until it ended). So the queue also polls `shutdown_req
 (the launcher's shutdown file): running jobs stop at their next step and answer
 UNAVAILABLE, and new ones are refused.
 
+A job that runs longer than the instance's time limit stops the same way and answers
+DEADLINE_EXCEEDED, so one oversized request cannot hold the instance indefinitely.
+After every job the worker gives back the memory the job used and logs what is left
+(job_memory.py), so a leak shows as a growing number in the log.
+
 Nothing here imports Triton: the response sender is anything with the `ResponseSink`
 methods, so the job logic is testable without a server.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -30,6 +36,8 @@ import numpy as np
 from framepack_backend.errors import GenerationCancelled
 from framepack_backend.settings import SettingsError
 
+from .faults import Fault
+from .job_memory import release_memory
 from .protocol import JobRequest, Status, WireResponse, to_wire
 
 
@@ -59,12 +67,14 @@ class Job:
     image: np.ndarray
     request: JobRequest
     sink: ResponseSink
+    fault: Fault | None = None  # only with fault injection enabled (faults.py)
 
 
 class Outcome(str, Enum):
     DONE = "done"
     CANCELLED = "cancelled"
     STOPPED = "stopped"  # by the server's shutdown
+    TIMED_OUT = "timed out"  # ran past the time limit
     INVALID = "invalid"
     FAILED = "failed"
 
@@ -73,19 +83,33 @@ def _never() -> bool:
     return False
 
 
-def run_job(pipeline, job: Job, log: Log, shutting_down: Callable[[], bool] = _never) -> Outcome:
-    """Run one job to its end and stream every event; never raises."""
+def run_job(
+    pipeline,
+    job: Job,
+    log: Log,
+    shutting_down: Callable[[], bool] = _never,
+    time_limit_s: float | None = None,
+) -> Outcome:
+    """Run one job to its end and stream every event; never raises.
+
+    The engine polls `stop` before every model evaluation, so a cancelled, shut down or
+    overdue job stops within one evaluation.
+    """
     sink = job.sink
     steps_done = 0
     start = time.perf_counter()
 
-    def cancelled() -> bool:
-        return sink.is_cancelled() or shutting_down()
+    def overdue() -> bool:
+        return time_limit_s is not None and time.perf_counter() - start > time_limit_s
 
+    def stop() -> bool:
+        return sink.is_cancelled() or shutting_down() or overdue()
+
+    poll = job.fault.wrap(stop) if job.fault else stop
     try:
-        if cancelled():
+        if stop():
             raise GenerationCancelled()
-        for event in pipeline.generate(job.image, job.request.prompt, job.request.settings, cancel=cancelled):
+        for event in pipeline.generate(job.image, job.request.prompt, job.request.settings, cancel=poll):
             response = to_wire(event)
             steps_done += response.event["kind"] == "progress"
             sink.send(response)
@@ -100,6 +124,17 @@ def run_job(pipeline, job: Job, log: Log, shutting_down: Callable[[], bool] = _n
             )
             _quietly(sink.close)
             return Outcome.CANCELLED
+        if not shutting_down():
+            log.info(
+                f"request {job.request_id}: stopped after {steps_done} steps ({elapsed:.1f} s): "
+                f"past the time limit of {time_limit_s:g} s"
+            )
+            _quietly(
+                sink.fail, Status.DEADLINE_EXCEEDED,
+                f"the job ran past this server's limit of {time_limit_s:g} s per job (max_job_seconds) and was "
+                f"stopped after {steps_done} steps; ask for a shorter video or fewer steps",
+            )
+            return Outcome.TIMED_OUT
         log.info(
             f"request {job.request_id}: stopped after {steps_done} steps ({elapsed:.1f} s): the server is shutting down"
         )
@@ -129,13 +164,22 @@ _STOP = object()
 class JobQueue:
     """At most `capacity` waiting jobs, run one at a time on a worker thread."""
 
-    def __init__(self, pipeline, log: Log, capacity: int, shutdown_requested: Callable[[], bool] = _never):
+    def __init__(
+        self,
+        pipeline,
+        log: Log,
+        capacity: int,
+        shutdown_requested: Callable[[], bool] = _never,
+        time_limit_s: float | None = None,
+    ):
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
         self.capacity = capacity
+        self.time_limit_s = time_limit_s
         self._pipeline = pipeline
         self._log = log
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self._last_job_s: float | None = None  # how long the last finished job ran, for retry hints
         self._stopping = threading.Event()
         self._shutdown_requested = shutdown_requested
         self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
@@ -150,6 +194,13 @@ class JobQueue:
         except queue.Full:
             return False
         return True
+
+    def refusal(self) -> str:
+        """Why `submit` refused a job, with a retry hint: a queue slot frees when the running job ends."""
+        if self.shutting_down():
+            return "the server is shutting down; retry later"
+        wait = f"in about {math.ceil(self._last_job_s)} s" if self._last_job_s is not None else "later"
+        return f"the server is busy ({self.capacity} jobs already wait for this model instance); retry {wait}"
 
     def shutting_down(self) -> bool:
         return self._stopping.is_set() or self._shutdown_requested()
@@ -172,4 +223,8 @@ class JobQueue:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            run_job(self._pipeline, job, self._log, self.shutting_down)
+            started = time.perf_counter()
+            outcome = run_job(self._pipeline, job, self._log, self.shutting_down, self.time_limit_s)
+            if outcome is Outcome.DONE:
+                self._last_job_s = time.perf_counter() - started
+            self._log.info(f"request {job.request_id}: {outcome.value}; {release_memory().log_text()}")

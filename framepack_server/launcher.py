@@ -3,6 +3,10 @@
     framepack-server                          # embedded Triton, tiny random model, CPU or GPU
     framepack-server --model-dir /models      # real weights (docs/architecture.md layout)
     framepack-server --tritonserver /opt/tritonserver/bin/tritonserver
+    framepack-server --grpc-server-cert server.crt --grpc-server-key server.key   # TLS
+
+If the model's backend stub or the server itself dies, the server is restarted
+(supervisor.py says why a restart and not less).
 
 As a library (tests, the demo):
 
@@ -25,9 +29,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .instance import FAULT_INJECTION_ENV
+from .supervisor import Supervisor, backend_stub_pids
 from .triton_install import (
     TritonInstall,
     TritonNotFound,
@@ -45,6 +52,9 @@ DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 # How long Triton waits for running jobs on shutdown; jobs stop at their next step.
 EXIT_TIMEOUT_S = 10
+# On a restart after a stub died, the dead stub's model never finishes unloading, so
+# Triton would always wait out EXIT_TIMEOUT_S; healthy jobs stop within a step anyway.
+RESTART_GRACE_S = 2.0
 
 
 class ServerStartError(RuntimeError):
@@ -61,6 +71,26 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS for the gRPC endpoint: PEM files; `client_ca` set means clients need certificates too."""
+
+    server_cert: Path
+    server_key: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        for flag, path in (("--grpc-server-cert", self.server_cert), ("--grpc-server-key", self.server_key),
+                           ("--grpc-client-ca", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+    def arguments(self) -> list[str]:
+        mutual = ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.client_ca}"] if self.client_ca else []
+        return ["--grpc-use-ssl=true", f"--grpc-server-cert={self.server_cert}",
+                f"--grpc-server-key={self.server_key}", *mutual]
 
 
 def ensure_tiny_bundle(folder: Path | None = None) -> Path:
@@ -102,7 +132,14 @@ class TritonServer:
         echo_log: bool = False,
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         environment: dict[str, str] | None = None,
+        grpc_tls: GrpcTls | None = None,
+        max_queued_jobs: int | None = None,
+        max_job_seconds: float | None = None,
+        restart_on_failure: bool = True,
+        fault_injection: bool = False,
     ):
+        """`max_queued_jobs` and `max_job_seconds` override the model config's values;
+        `fault_injection` lets requests ask for failures (faults.py; tests only)."""
         if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ValueError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
         self.model_dir = Path(model_dir).expanduser().resolve() if model_dir else None
@@ -116,9 +153,21 @@ class TritonServer:
         self.echo_log = echo_log
         self.startup_timeout_s = startup_timeout_s
         self.environment = dict(environment or {})
+        if max_queued_jobs is not None:
+            self.environment["FRAMEPACK_MAX_QUEUED_JOBS"] = str(max_queued_jobs)
+        if max_job_seconds is not None:
+            self.environment["FRAMEPACK_MAX_JOB_SECONDS"] = str(max_job_seconds)
+        if fault_injection:
+            self.environment[FAULT_INJECTION_ENV] = "1"
+        self.grpc_tls = grpc_tls
+        self.restart_on_failure = restart_on_failure
+        self.supervisor: Supervisor | None = None
         self._process: subprocess.Popen | None = None
         self._pump: threading.Thread | None = None
         self._run_dir: Path | None = None
+        self._stop_requested = threading.Event()
+        # Held while starting or stopping, so a restart and a stop never interleave.
+        self._lifecycle = threading.RLock()
 
     @property
     def pid(self) -> int | None:
@@ -137,6 +186,13 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{_reachable(self.host)}:{self.ports['metrics']}/metrics"
 
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def backend_stub_pids(self) -> set[int]:
+        """The model's Python-backend stub processes (one per model instance)."""
+        return backend_stub_pids(self._process.pid) if self._process else set()
+
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
@@ -147,12 +203,35 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.supervise()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def supervise(self) -> None:
+        """Restart the server from now on when a backend stub or the server dies (if enabled)."""
+        if self.restart_on_failure and self.supervisor is None:
+            self.supervisor = Supervisor(self, self._note)
+            self.supervisor.start()
+
+    def restart(self, reason: str) -> None:
+        with self._lifecycle:
+            if self._stop_requested.is_set():
+                return
+            self._terminate(RESTART_GRACE_S)
+            self.start(restart_reason=reason)
+            self.wait_ready()
+
+    def _note(self, message: str) -> None:
+        """A line from the launcher itself in the server log (and on stderr when echoing)."""
+        line = f"framepack-server: {message}\n"
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(line)
+        if self.echo_log:
+            sys.stderr.write(line)
+
+    def start(self, restart_reason: str | None = None) -> None:
         if self._process is not None:
             raise RuntimeError("server already started")
         if not (self.model_repository / "framepack" / "config.pbtxt").is_file():
@@ -174,10 +253,17 @@ class TritonServer:
             f"--http-address={self.host}", f"--http-port={self.ports['http']}",
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            *(self.grpc_tls.arguments() if self.grpc_tls else []),
         ]
         self._run_dir = Path(tempfile.mkdtemp(prefix="framepack-server-"))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w", encoding="utf-8")
+        if restart_reason is None:
+            self.log_path.write_text("", encoding="utf-8")
+        # Appending (O_APPEND), so the launcher's own notes and a restart's output land
+        # after what is there instead of overwriting it.
+        log = open(self.log_path, "a", encoding="utf-8")
+        if restart_reason is not None:
+            log.write(f"# restarted: {restart_reason}\n")
         log.write(f"# {' '.join(command)}\n# model dir: {model_dir}\n")
         log.flush()
         self._process = subprocess.Popen(
@@ -195,6 +281,8 @@ class TritonServer:
         """Wait for /v2/health/ready; if the server dies or times out, raise with its log's tail."""
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
+            if self._stop_requested.is_set():
+                raise ServerStartError("stopped while starting")
             if self._process.poll() is not None:
                 self._pump.join(5)
                 raise ServerStartError(
@@ -215,6 +303,13 @@ class TritonServer:
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 20) -> int | None:
         """Stop running jobs, ask the server to exit (SIGTERM), kill its process group if it does not."""
+        self._stop_requested.set()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        with self._lifecycle:
+            return self._terminate(timeout_s)
+
+    def _terminate(self, timeout_s: float) -> int | None:
         process = self._process
         if process is None:
             return None
@@ -240,9 +335,11 @@ class TritonServer:
         return process.returncode
 
     def wait(self, stop_requested: threading.Event) -> int | None:
-        """Block until the server exits or `stop_requested` is set; then stop it."""
+        """Block until `stop_requested` is set or the server is down for good; then stop it."""
         while not stop_requested.wait(0.5):
-            if self._process.poll() is not None:
+            if self.supervisor is not None and self.supervisor.gave_up is None:
+                continue  # a dead server is being restarted
+            if not self.running():
                 break
         return self.stop()
 
@@ -318,17 +415,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="server log (default: under the cache folder)")
     parser.add_argument("--quiet", action="store_true", help="write the server log to the file only")
     parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds")
+    parser.add_argument("--max-queued-jobs", type=int, help="jobs that may wait per model instance (default: config)")
+    parser.add_argument("--max-job-seconds", type=float, help="time limit of one job, 0 for none (default: config)")
+    parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
+    tls = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
+    tls.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
+    tls.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
+    tls.add_argument("--grpc-client-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA")
+    # Lets requests ask for failures (framepack_server/faults.py): for reliability tests only.
+    parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
+        parser.error("--grpc-server-cert and --grpc-server-key go together")
+    if args.grpc_client_ca is not None and args.grpc_server_cert is None:
+        parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
 
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
     try:
+        tls = None
+        if args.grpc_server_cert:
+            tls = GrpcTls(args.grpc_server_cert, args.grpc_server_key, args.grpc_client_ca)
         server = TritonServer(
             args.model_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             metrics_port=args.metrics_port, device=args.device, tritonserver=args.tritonserver,
             backend_directory=args.backend_directory, model_repository=args.model_repository,
             log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
+            grpc_tls=tls, max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds,
+            restart_on_failure=not args.no_restart, fault_injection=args.fault_injection,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -341,14 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         print(f"framepack-server: error: {e}", file=sys.stderr)
         return 1
+    server.supervise()
+    scheme = " (TLS)" if tls else ""
     print(
-        f"framepack-server: ready, gRPC at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
+        f"framepack-server: ready, gRPC{scheme} at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
         flush=True,
     )
     code = server.wait(stop_requested)
     if stop_requested.is_set():
         print("framepack-server: stopped", file=sys.stderr)
         return 0
+    if server.supervisor is not None and server.supervisor.gave_up is not None:
+        print(f"framepack-server: error: restart failed: {server.supervisor.gave_up}", file=sys.stderr)
+        return 1
     print(f"framepack-server: tritonserver exited with code {code}", file=sys.stderr)
     return 1 if not code else code
 

@@ -55,6 +55,7 @@ class Status(str, Enum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the job ran past the server's time limit
     INTERNAL = "INTERNAL"
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from client import cli, video
+from client.connection import Endpoint
 from client.video import FrameAssembler, write_mp4
 from framepack_backend.settings import GenerationSettings
 
@@ -141,7 +142,7 @@ def test_only_given_settings_are_sent(tmp_path, monkeypatch):
     args = ["generate", "--image", str(SAMPLE), "--prompt", "p", "--output", str(tmp_path / "o.mp4"),
             "--steps", "7", "--teacache", "off", "--negative-prompt", "blur", "--server", "h:1"]
     assert cli.main(args) == cli.EXIT_SERVER_ERROR
-    assert sent == {"server": "h:1", "prompt": "p", "settings": {"steps": "7", "teacache": "off",
+    assert sent == {"server": Endpoint("h:1"), "prompt": "p", "settings": {"steps": "7", "teacache": "off",
                                                                  "negative_prompt": "blur"}, "shape": (192, 256, 3)}
     assert list(tmp_path.iterdir()) == []
 

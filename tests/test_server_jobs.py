@@ -228,6 +228,9 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),
                                                ("max_queued_jobs", "0", "max_queued_jobs"),
+                                               ("max_job_seconds", "-1", "max_job_seconds"),
+                                               ("max_job_seconds", "nan", "max_job_seconds"),
+                                               ("max_job_seconds", "soon", "max_job_seconds"),
                                                ("model_dir", "/no/such/dir", "model_dir")])
 def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
     args = triton_args(**{"model_dir": str(tmp_path), key: value})
@@ -246,7 +249,7 @@ def test_model_config_matches_the_protocol():
     uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
     assert all(t.data_type == uint8 for t in [*config.input, *config.output])  # no BYTES tensors
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
-    assert set(config.parameters) == {"model_dir", "device", "dtype", "max_queued_jobs"}
+    assert set(config.parameters) == {"model_dir", "device", "dtype", "max_queued_jobs", "max_job_seconds"}
 
 
 # ------------------------------------------------------------------ launcher

@@ -37,6 +37,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from framepack_backend.pipeline import Pipeline  # noqa: E402
 from framepack_backend.settings import SettingsError, validate_image  # noqa: E402
+from framepack_server.faults import take_fault  # noqa: E402
 from framepack_server.instance import InstanceConfig  # noqa: E402
 from framepack_server.jobs import Job, JobQueue  # noqa: E402
 from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
@@ -49,6 +50,9 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ERROR_CODES = {
     Status.INVALID_ARGUMENT: "INVALID_ARG",
     Status.UNAVAILABLE: "UNAVAILABLE",
+    # The stream carries only the message (which starts with the status word); the code
+    # matters to Triton's statistics, and it has no deadline code.
+    Status.DEADLINE_EXCEEDED: "UNAVAILABLE",
     Status.INTERNAL: "INTERNAL",
 }
 
@@ -107,8 +111,13 @@ class TritonPythonModel:
             f"instance {args['model_instance_name']} loaded {config.model_dir} on {config.device} "
             f"in {time.perf_counter() - start:.1f} s"
         )
+        if config.fault_injection:
+            log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
-        self._jobs = JobQueue(pipeline, log, config.max_queued_jobs, config.shutdown_requested)
+        self._fault_injection = config.fault_injection
+        self._jobs = JobQueue(
+            pipeline, log, config.max_queued_jobs, config.shutdown_requested, config.max_job_seconds
+        )
         self._numbers = itertools.count(1)
 
     def execute(self, requests):
@@ -130,12 +139,10 @@ class TritonPythonModel:
             return
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
-        job = Job(job_id, _input_image(request), parse_parameters(parameters), sender)
+        fault = take_fault(parameters, self._fault_injection)
+        job = Job(job_id, _input_image(request), parse_parameters(parameters), sender, fault)
         if not self._jobs.submit(job):
-            sender.fail(
-                Status.UNAVAILABLE,
-                f"the server is busy ({self._jobs.capacity} jobs already wait for this model instance); retry later",
-            )
+            sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
     def finalize(self):
         self._jobs.close()
