@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--no-kernels", action="store_true", help="eager blocks instead of the fused kernels")
     parser.add_argument("--weight-scale", type=float, default=0.05)
+    parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear layers in the blocks (Hopper)")
+    parser.add_argument("--blend-latents", type=int, help="latents re-decoded for the cross-fade (default: engine's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -87,6 +89,8 @@ def main() -> None:
     device = torch.device("cuda")
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
+    if args.fp8:
+        components.transformer.quantize_fp8()
     components.transformer.set_fused_kernels(not args.no_kernels)
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -96,6 +100,8 @@ def main() -> None:
     for teacache in (False, True):
         settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache, "teacache_threshold": 0.15,
                     "memory_mode": "resident", "preview": True}
+        if args.blend_latents is not None:
+            settings["blend_latents"] = args.blend_latents
         torch.cuda.synchronize()
         start = time.perf_counter()
         first_section_s = None
@@ -116,11 +122,12 @@ def main() -> None:
         print(json.dumps(run, default=str), flush=True)
 
     gpu = torch.cuda.get_device_name()
-    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}")
+    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}, fp8 {args.fp8}")
     for run in runs:
         print(f"TeaCache {'0.15' if run['teacache'] else 'off ':4s}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
-    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv),
+    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fp8=args.fp8,
+                  fused_kernels=not args.no_kernels, blend_latents=args.blend_latents,
                   versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
