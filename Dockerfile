@@ -10,7 +10,7 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 # A CUDA build of torch (the PyPI wheel for Linux is one). numpy < 2: the Python backend
 # is tested with 1.26; the model's tensors also cross by DLPack, which works with numpy 2.
-ARG TORCH_VERSION=2.5.1
+ARG TORCH_VERSION=2.9.1
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "numpy<2"
 
 WORKDIR /opt/framepack
