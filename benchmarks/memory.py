@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from transformer_forward import FULL_CONFIG, make_inputs  # noqa: E402
+from transformer_forward import FULL_CONFIG, make_inputs, time_forward  # noqa: E402
 
 from framepack_backend import planner  # noqa: E402
 from framepack_backend.memory import (  # noqa: E402
@@ -99,18 +99,8 @@ def measured(device: torch.device = torch.device("cuda")):
 
 def time_steps(model, inputs: dict, repeats: int, warmup: int = 1) -> tuple[dict, torch.Tensor]:
     """s/step (median, min, max) of `repeats` forwards after `warmup`."""
-    out = None
-    for _ in range(warmup):
-        out = model(**inputs, return_dict=False)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model(**inputs, return_dict=False)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return dict(s_per_step=statistics.median(times), min_s=min(times), max_s=max(times)), out
+    median, low, high, _, out = time_forward(model, inputs, repeats, warmup)
+    return dict(s_per_step=median, min_s=low, max_s=high), out
 
 
 def difference(out: torch.Tensor, reference: torch.Tensor) -> dict:
