@@ -6,7 +6,7 @@ The weights are random (no downloads here), built directly on the GPU in the pub
 models' full configurations; the tokenizers are the tiny bundle's (token ids only
 select rows of the embedding table, so their vocabulary size does not change the cost).
 
-    python benchmarks/generation.py [--seconds 5] [--steps 25] [--kernels/--no-kernels]
+    python benchmarks/generation.py [--seconds 5] [--steps 25] [--runs exact-off,fp8-on] [--no-kernels]
 """
 
 from __future__ import annotations
@@ -74,60 +74,73 @@ def build_components(device: torch.device, weight_scale: float) -> Components:
     )
 
 
+RUNS = ("exact-off", "exact-on", "fp8-off", "fp8-on")  # precision - TeaCache 0.15 off/on
+
+
+def generate_once(pipeline: Pipeline, image: np.ndarray, settings: dict) -> dict:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    first_section_s = result = None
+    for event in pipeline.generate(image, "a character dances in the rain", settings):
+        name = type(event).__name__
+        if name == "SectionFinished" and first_section_s is None:
+            first_section_s = time.perf_counter() - start
+        if name == "GenerationResult":
+            result = event
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    frames = result.frames.shape[0]
+    return dict(frames=frames, width=result.width, height=result.height, total_s=total,
+                s_per_frame=total / frames, first_section_s=first_section_s, timings=result.timings,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--no-kernels", action="store_true", help="eager blocks instead of the fused kernels")
     parser.add_argument("--weight-scale", type=float, default=0.05)
-    parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear layers in the blocks (Hopper)")
+    parser.add_argument("--runs", default="exact-off,exact-on",
+                        help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "
+                             "quantizing is irreversible)")
     parser.add_argument("--blend-latents", type=int, help="latents re-decoded for the cross-fade (default: engine's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    wanted = args.runs.split(",")
+    if not set(wanted) <= set(RUNS):
+        sys.exit(f"--runs {args.runs!r}: expected names from {', '.join(RUNS)}")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generation.py needs a CUDA GPU")
     device = torch.device("cuda")
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
-    if args.fp8:
-        components.transformer.quantize_fp8()
     components.transformer.set_fused_kernels(not args.no_kernels)
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "client/assets/sample.png")
                        .convert("RGB"))
     runs = []
-    for teacache in (False, True):
-        settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache, "teacache_threshold": 0.15,
-                    "memory_mode": "resident", "preview": True}
+    for name in (r for r in RUNS if r in wanted):
+        precision, teacache = name.split("-")
+        if precision == "fp8" and not any(r["precision"] == "fp8" for r in runs):
+            components.transformer.quantize_fp8()
+        settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache == "on",
+                    "teacache_threshold": 0.15, "memory_mode": "resident", "preview": True}
         if args.blend_latents is not None:
             settings["blend_latents"] = args.blend_latents
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        first_section_s = None
-        result = None
-        for event in pipeline.generate(image, "a character dances in the rain", settings):
-            name = type(event).__name__
-            if name == "SectionFinished" and first_section_s is None:
-                first_section_s = time.perf_counter() - start
-            if name == "GenerationResult":
-                result = event
-        torch.cuda.synchronize()
-        total = time.perf_counter() - start
-        frames = result.frames.shape[0]
-        run = dict(teacache=teacache, frames=frames, width=result.width, height=result.height,
-                   total_s=total, s_per_frame=total / frames, first_section_s=first_section_s,
-                   timings=result.timings, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        run = dict(precision=precision, teacache=teacache == "on", **generate_once(pipeline, image, settings))
         runs.append(run)
         print(json.dumps(run, default=str), flush=True)
 
     gpu = torch.cuda.get_device_name()
-    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}, fp8 {args.fp8}")
+    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}, "
+          f"blend latents {args.blend_latents or 'default'}")
     for run in runs:
-        print(f"TeaCache {'0.15' if run['teacache'] else 'off ':4s}: {run['frames']} frames "
+        print(f"{run['precision']:5s} TeaCache {'0.15' if run['teacache'] else 'off ':4s}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
-    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fp8=args.fp8,
-                  fused_kernels=not args.no_kernels, blend_latents=args.blend_latents,
+    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fused_kernels=not args.no_kernels,
+                  blend_latents=args.blend_latents,
                   versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
