@@ -163,6 +163,10 @@ class Pipeline:
         )
         guidance = torch.full((1,), settings.gs * 1000.0, device=self.device, dtype=self.dtype)
         sampling_s = decode_s = 0.0
+        # Re-decoding fewer previous-section latents than the reference's whole window cuts
+        # decode work; the cross-fade shrinks to 4(k−1)+1 frames.
+        blend = planner.blend_latent_count(window, settings.blend_latents)
+        decoded_latents = 0
 
         for plan in plans:
             t_section = time.perf_counter()
@@ -219,14 +223,15 @@ class Pipeline:
 
             t_decode = time.perf_counter()
             history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, settings.sampling)
-            first, count = planner.decode_range(plan, history, window, settings.sampling)
+            first, count = planner.decode_range(plan, history, window, settings.sampling, blend)
+            decoded_latents += count
             with self.memory.phase("decode"):
                 decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
                 decoded = decoded.float().cpu()
             if video is None:
                 video = decoded
             else:
-                video = planner.soft_append(video, decoded, 4 * window - 3, settings.sampling)
+                video = planner.soft_append(video, decoded, planner.blend_frames(blend), settings.sampling)
             new = decoded.shape[2]
             start_frame = total_frames - video.shape[2] if settings.sampling == "inverted" else video.shape[2] - new
             section_pixels = video[:, :, :new] if settings.sampling == "inverted" else video[:, :, -new:]
@@ -243,6 +248,7 @@ class Pipeline:
         timings.update(sampling_s=sampling_s, decode_s=decode_s, total_s=time.perf_counter() - t_start)
         timings["computed_steps"] = teacache.computed_steps
         timings["skipped_steps"] = teacache.skipped_steps
+        timings["decoded_latents"] = decoded_latents
         timings["memory"] = {"mode": mode, **peak_memory(self.device)}
         yield GenerationResult(
             frames=frames,

@@ -64,9 +64,36 @@ def video_frame_count(sections: int, window: int) -> int:
     return VAE_TIME_STRIDE * (latent_frame_count(sections, window) - 1) + 1
 
 
-def overlap_frames(window: int) -> int:
-    """Video frames two consecutive decodes share, cross-faded by soft_append (33 at window 9)."""
-    return VAE_TIME_STRIDE * window - 3
+def blend_latent_count(window: int, blend_latents: int | None = None) -> int:
+    """Previous-section latents re-decoded with each new section: `blend_latents`, at most `window`.
+
+    None means the reference's choice, the whole previous section (k = window).
+    """
+    _check_positive_int("window", window)
+    if blend_latents is None:
+        return window
+    _check_positive_int("blend_latents", blend_latents)
+    return min(blend_latents, window)
+
+
+def blend_frames(blend_latents: int) -> int:
+    """Video frames cross-faded by soft_append when k previous latents are re-decoded: 4(k−1)+1.
+
+    In a decode of [new section | k previous latents] (inverted; f1 mirrors it) the previous
+    section's latent i lands on frames 4(window+i)−3..4(window+i), so the existing front
+    frame f is decode frame f + 4·window: the decodes share latent 0's last frame and
+    4 frames for each further latent. Whatever k, a middle section adds 4·window frames.
+    """
+    _check_positive_int("blend_latents", blend_latents)
+    return VAE_TIME_STRIDE * (blend_latents - 1) + 1
+
+
+def overlap_frames(window: int, blend_latents: int | None = None) -> int:
+    """Video frames two consecutive decodes share, cross-faded by soft_append.
+
+    The reference's 4·window−3 (33 at window 9) unless fewer `blend_latents` are re-decoded.
+    """
+    return blend_frames(blend_latent_count(window, blend_latents))
 
 
 def padding_schedule(sections: int) -> list[int]:
@@ -190,19 +217,26 @@ def generated_latent_count(plan: SectionPlan, window: int, variant: Variant = "i
 
 
 def decode_range(
-    plan: SectionPlan, history: torch.Tensor, window: int, variant: Variant = "inverted"
+    plan: SectionPlan,
+    history: torch.Tensor,
+    window: int,
+    variant: Variant = "inverted",
+    blend_latents: int | None = None,
 ) -> tuple[int, int]:
-    """(first, count): the history frames to VAE-decode after `plan`'s section (reference behaviour).
+    """(first, count): the history frames to VAE-decode after `plan`'s section.
 
-    After the first section all real latents; after a later one the newest 2·window —
-    the new section and the previous one, so the seam is decoded with context on both
-    sides — plus the start latent for the last inverted section.
+    After the first section all real latents; after a later one the new section plus
+    the k = blend_latent_count(window, blend_latents) latents of the previous section
+    next to it, so the seam is decoded with context on both sides — plus the start
+    latent for the last inverted section. The default k = window is the reference's
+    2·window; a smaller k re-decodes less and cross-fades over overlap_frames(window, k).
     """
     _check_variant(variant)
     if plan.is_first:
         count = generated_latent_count(plan, window, variant)
     else:
-        count = 2 * window + (1 if variant == "inverted" and plan.is_last else 0)
+        count = window + blend_latent_count(window, blend_latents)
+        count += 1 if variant == "inverted" and plan.is_last else 0
     first = 0 if variant == "inverted" else history.shape[_TIME] - count
     return first, count
 
@@ -213,8 +247,8 @@ def soft_append(
     """Join a new decode onto the video with a linear cross-fade over `overlap` frames.
 
     Inverted puts the new frames in front, f1 at the end. Across the overlap the
-    earlier piece's weight falls linearly from 1 (first overlapped frame) to 0 (last).
-    The result has the history's dtype.
+    earlier piece's weight falls linearly from 1 (first overlapped frame) to 0 (last);
+    a single overlapped frame is the earlier piece's. The result has the history's dtype.
     """
     _check_variant(variant)
     front, back = (new_pixels, history_pixels) if variant == "inverted" else (history_pixels, new_pixels)

@@ -59,6 +59,11 @@ class GenerationSettings:
     cfg: float = _spec(1.0, float, low=1.0, high=32.0, doc="real classifier-free guidance (1 = off)")
     rs: float = _spec(0.0, float, low=0.0, high=1.0, doc="CFG rescale")
     window: int = _spec(9, int, low=1, high=33, doc="latent window size (latent frames per section)")
+    blend_latents: int = _spec(
+        3, int, low=1, high=33,
+        doc="previous-section latent frames re-decoded for the cross-fade (window = the reference's full overlap; "
+        "larger values count as the window); 3 cross-fades 9 frames",
+    )
     teacache: bool = _spec(True, bool, doc="reuse transformer residuals on slowly changing steps")
     teacache_threshold: float = _spec(0.15, float, low=0.01, high=1.0, doc="TeaCache accumulated-change threshold")
     teacache_mode: str = _spec("default", str, choices=TEACACHE_MODES, doc="'detail' computes more steps")

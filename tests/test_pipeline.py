@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
 
+from framepack_backend import conditioning
 from framepack_backend.buckets import bucket_for
 from framepack_backend.errors import GenerationCancelled
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
 from framepack_backend.pipeline import Pipeline
-from framepack_backend.planner import section_count, video_frame_count
+from framepack_backend.planner import section_count, soft_append, video_frame_count
 from framepack_backend.settings import SettingsError
 from framepack_backend.tiny_bundle import write_tiny_bundle
 
@@ -76,6 +78,54 @@ def test_same_seed_gives_identical_frames_and_another_seed_differs(pipeline, ima
     assert not np.array_equal(other[-1].frames, same_len[-1].frames)
 
 
+@pytest.fixture(scope="module")
+def full_blend_run(pipeline, image):
+    """The two-second run re-decoding the whole previous section (blend_latents = window),
+    with every VAE decode's latents and pixels recorded."""
+    calls = []
+    decode = conditioning.decode_latents
+
+    def recording_decode(vae, latents):
+        calls.append((latents.clone(), decode(vae, latents)))
+        return calls[-1][1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conditioning, "decode_latents", recording_decode)
+        events = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
+                                                                 "blend_latents": 9}))
+    return events, calls
+
+
+def test_full_window_blend_reproduces_the_reference_decode(full_blend_run):
+    """blend_latents = window: after the first section decode the newest 2·window latents
+    (+ the start latent for the last) and cross-fade 4·window−3 frames, as the reference does."""
+    events, calls = full_blend_run
+    result = events[-1]
+    (first_in, first_out), (last_in, last_out) = calls
+    assert first_in.shape[2] == 9 and last_in.shape[2] == 1 + 2 * 9  # start | new section | previous section
+    assert torch.equal(last_in[:, :, 10:], first_in)
+    reference = soft_append(first_out, last_out, 4 * 9 - 3, "inverted")
+    assert np.array_equal(result.frames, conditioning.frames_to_uint8(reference))
+    assert np.array_equal(assemble(events), result.frames)
+    assert result.timings["decoded_latents"] == 9 + 19
+
+
+def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(two_second_run, full_blend_run):
+    """The default re-decodes 3 previous latents and cross-fades 9 frames instead of 33."""
+    reduced, full = two_second_run[-1], full_blend_run[0][-1]
+    assert reduced.settings["blend_latents"] == 3
+    assert reduced.timings["decoded_latents"] == 9 + 13  # start | new section | 3 previous latents
+    assert reduced.frames.shape == full.frames.shape == (73, 112, 144, 3)
+    # The first section's decode is frames 40..72; the reference cross-fades all 33 of them.
+    # The VAE decodes in short overlapping temporal tiles, so a frame depends on nearby
+    # latents only: frames a latent (4 frames) or more before that seam come out the same.
+    differs = np.abs(reduced.frames.astype(int) - full.frames.astype(int)).reshape(73, -1).max(axis=1) > 0
+    changed = np.flatnonzero(differs)
+    assert changed.min() >= 40 - 4 and changed.max() < 73
+    assert differs[40:72].all()  # blended with other weights, or not at all
+    assert np.array_equal(reduced.frames[:36], full.frames[:36])
+
+
 def computed_steps(pipeline, image, **settings):
     result = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "steps": 25, **settings}))[-1]
     return result.timings["computed_steps"]
@@ -131,6 +181,7 @@ def test_forward_f1_sampling_grows_the_video_from_its_start(tmp_path_factory, im
     starts = [e.start_frame for e in events if isinstance(e, SectionFinished)]
     assert starts == sorted(starts) and starts[0] == 0  # appended at the end
     assert np.array_equal(assemble(events), result.frames)
+    assert result.timings["decoded_latents"] == 10 + 9 + 3  # start + section, then section + 3 blend latents
 
 
 def test_sampling_must_match_the_loaded_transformer(pipeline, image):

@@ -3,6 +3,8 @@ import torch
 
 from framepack_backend.planner import (
     append_section,
+    blend_frames,
+    blend_latent_count,
     context_from_history,
     decode_range,
     initial_history,
@@ -45,6 +47,10 @@ def test_frame_counts_by_hand():
     assert video_frame_count(4, 9) == 145  # SPEC: 5 s -> 4 sections -> 37 latents -> 145 frames
     assert video_frame_count(1, 9) == 37
     assert overlap_frames(9) == 33
+    assert overlap_frames(9, 3) == blend_frames(3) == 9
+    assert overlap_frames(9, 40) == 33  # more than the window counts as the window
+    assert [blend_frames(k) for k in (1, 2, 3, 9)] == [1, 5, 9, 33]
+    assert blend_latent_count(9) == 9 and blend_latent_count(9, 3) == 3 and blend_latent_count(4, 9) == 4
 
 
 @pytest.mark.parametrize(
@@ -81,14 +87,16 @@ def test_f1_index_layout_by_hand():
         assert plan.indices_latents.tolist() == list(range(20, 29))
 
 
+@pytest.mark.parametrize("blend", [1, 2, 3, WINDOW])
 @pytest.mark.parametrize("variant", ["inverted", "f1"])
 @pytest.mark.parametrize("sections", range(1, 9))
-def test_whole_video_loop(variant, sections):
+def test_whole_video_loop(variant, sections, blend):
     """Run the section loop with fake latents and a fake VAE.
 
     Every real latent holds (its position in the finished video) + 1, the start latent
     position 0, so the finished video must show ceil(frame / 4) + 1 at every frame if
-    history order, decode ranges and soft-append alignment are all right.
+    history order, decode ranges and soft-append alignment are all right, whatever the
+    number of previous latents re-decoded for the cross-fade.
     """
     plans = plan_sections(seconds_for(sections), WINDOW, variant)
     assert len(plans) == sections
@@ -97,6 +105,7 @@ def test_whole_video_loop(variant, sections):
     assert history.shape == (1, 2, 19 if variant == "inverted" else 20, 3, 4)
     video = None
     total_latents = latent_frame_count(sections, WINDOW)
+    decoded_latents = 0
     for plan in plans:
         # positions in the finished video of this section's latents
         first_position = 1 + (sections - 1 - plan.index) * WINDOW if variant == "inverted" else 1 + plan.index * WINDOW
@@ -114,11 +123,19 @@ def test_whole_video_loop(variant, sections):
             assert clean[0, 0, 1, 0, 0].item() == neighbour + 1
 
         history = append_section(history, new, start, plan.is_last, variant)
-        first, count = decode_range(plan, history, WINDOW, variant)
+        first, count = decode_range(plan, history, WINDOW, variant, blend)
+        decoded_latents += count
         decoded = fake_decode(history[:, :, first : first + count])
-        video = decoded if video is None else soft_append(video, decoded, overlap_frames(WINDOW), variant)
+        if video is None:
+            video = decoded
+        else:
+            before = video.shape[2]
+            video = soft_append(video, decoded, overlap_frames(WINDOW, blend), variant)
+            assert video.shape[2] - before == 4 * WINDOW + (4 if plan.is_last and variant == "inverted" else 0)
 
     assert history.shape[2] == total_latents + 19  # the zero context frames stay in history
+    # every latent once, plus k previous ones again for each section after the first
+    assert decoded_latents == total_latents + (sections - 1) * blend
     assert video.shape[2] == video_frame_count(sections, WINDOW) == 36 * sections + 1
     frames = torch.arange(video.shape[2], dtype=torch.float32)
     expected = torch.ceil(frames / 4) + 1
@@ -138,6 +155,52 @@ def test_decode_ranges_by_hand(variant):
         assert ranges == [(0, 9), (0, 18), (0, 19)]
     else:  # history: 19 zeros + start + 9·k
         assert ranges == [(19, 10), (20, 18), (29, 18)]
+
+
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_decode_ranges_with_three_blend_latents_by_hand(variant):
+    plans = plan_sections(seconds_for(3), WINDOW, variant)
+    start = torch.zeros(1, 1, 1, 1, 1)
+    history = initial_history(start, variant)
+    ranges = []
+    for plan in plans:
+        history = append_section(history, torch.ones(1, 1, WINDOW, 1, 1), start, plan.is_last, variant)
+        ranges.append(decode_range(plan, history, WINDOW, variant, blend_latents=3))
+    if variant == "inverted":
+        assert ranges == [(0, 9), (0, 12), (0, 13)]
+    else:  # history: 19 zeros + start + 9·k; the 3 newest of the previous section lead
+        assert ranges == [(19, 10), (26, 12), (35, 12)]
+
+
+def decoded_latents_for(sections: int, blend: int | None, variant: str) -> int:
+    start = torch.zeros(1, 1, 1, 1, 1)
+    history = initial_history(start, variant)
+    total = 0
+    for plan in plan_sections(seconds_for(sections), WINDOW, variant):
+        history = append_section(history, torch.ones(1, 1, WINDOW, 1, 1), start, plan.is_last, variant)
+        total += decode_range(plan, history, WINDOW, variant, blend)[1]
+    return total
+
+
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_five_seconds_decode_far_fewer_latents_with_three_blend_latents(variant):
+    assert section_count(5, WINDOW) == 4 and latent_frame_count(4, WINDOW) == 37
+    reference = decoded_latents_for(4, None, variant)
+    assert reference == decoded_latents_for(4, WINDOW, variant) == 64  # 1.73x the 37 the video needs
+    assert decoded_latents_for(4, 3, variant) == 46  # 1.24x
+    assert decoded_latents_for(4, 1, variant) == 40
+    assert decoded_latents_for(4, 33, variant) == reference  # clamped to the window
+
+
+@pytest.mark.parametrize("variant", ["inverted", "f1"])
+def test_soft_append_with_one_shared_frame_takes_the_earlier_clip(variant):
+    history = torch.full((1, 1, 5, 1, 1), 10.0)
+    new = torch.full((1, 1, 4, 1, 1), 20.0)
+    joined = soft_append(history, new, 1, variant)[0, 0, :, 0, 0]
+    if variant == "inverted":  # new frames in front: the shared frame is the new clip's last
+        assert joined.tolist() == [20.0] * 4 + [10.0] * 4
+    else:  # history first: the shared frame is its last
+        assert joined.tolist() == [10.0] * 5 + [20.0] * 3
 
 
 def test_inverted_contexts_come_from_the_front_of_history():
@@ -207,6 +270,8 @@ def test_soft_append_keeps_history_dtype_and_rejects_too_long_overlap():
         (lambda: section_count(5, 0), "window"),
         (lambda: plan_sections(5, 9, "forward"), "variant"),
         (lambda: padding_schedule(0), "sections"),
+        (lambda: overlap_frames(9, 0), "blend_latents"),
+        (lambda: blend_frames(0), "blend_latents"),
     ],
 )
 def test_bad_input_names_the_field(call, match):

@@ -11,6 +11,7 @@ def test_defaults_follow_the_spec():
     s = GenerationSettings()
     assert (s.steps, s.gs, s.cfg, s.rs, s.seed, s.window) == (25, 10.0, 1.0, 0.0, 31337, 9)
     assert s.teacache and s.teacache_threshold == 0.15 and s.sampling == "auto"
+    assert s.blend_latents == 3
 
 
 def test_preset_applies_then_explicit_values_win():
@@ -50,6 +51,8 @@ def test_loose_values_are_coerced_strictly():
         ({"resolution": 200}, "resolution"),
         ({"attention": "magic"}, "attention"),
         ({"crf": 52}, "crf"),
+        ({"blend_latents": 0}, "blend_latents"),
+        ({"blend_latents": 34}, "blend_latents"),
         ({"unknown_knob": 1}, "unknown_knob"),
         ({"negative_prompt": 5}, "negative_prompt"),
     ],
