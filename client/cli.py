@@ -38,6 +38,7 @@ SETTINGS: dict[str, str] = {
     "cfg": "real classifier-free guidance scale (1 = off)",
     "rs": "CFG rescale",
     "window": "latent window size (latent frames per section)",
+    "blend_latents": "previous-section latent frames re-decoded for the cross-fade (window = the reference's)",
     "teacache": "on/off: reuse transformer results on slowly changing steps",
     "teacache_threshold": "TeaCache accumulated-change threshold",
     "teacache_mode": "default or detail (computes more steps)",
