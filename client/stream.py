@@ -25,10 +25,12 @@ from tritonclient.utils import InferenceServerException
 from .connection import MODEL_NAME, Endpoint, Unreachable, as_endpoint, ready_client
 
 STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
-# Requests that break the model config (dtype, shape or name of an input) are refused by
-# Triton itself, before our model sees them, with messages such as "unexpected shape
-# for input 'image' for model 'framepack'. Expected [-1,-1,3], got [64,64]".
-TRITON_INPUT_ERROR = re.compile(r"input '[^']*'.*model '|model '[^']*' expects")
+# Requests that break the model config (dtype, shape, name or number of inputs) are
+# refused by Triton itself, before our model sees them, with messages such as
+# "unexpected shape for input 'image' for model 'framepack'. Expected [-1,-1,3], got
+# [64,64]" or "inference input 'image' data-type is 'FP32', but model 'framepack'
+# expects 'UINT8'".
+TRITON_INPUT_ERROR = re.compile(r"input.*for model '|model '[^']*' expects")
 # Triton's answer while the model's backend process is dead (the launcher restarts it).
 TRITON_STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
 # How often the waiting loop wakes up, so Ctrl-C and `cancel` are handled promptly.

@@ -164,6 +164,8 @@ def test_instance_config_reads_the_time_limit_and_fault_injection(tmp_path):
     ("[request id: <id_unknown>] inference input 'image' data-type is 'FP32', but model 'framepack' expects 'UINT8'",
      "INVALID_ARGUMENT", False),
     ("unexpected inference input 'picture' for model 'framepack'", "INVALID_ARGUMENT", False),
+    ("[request id: <id_unknown>] expected number of inputs between 0 and 1 but got 2 inputs for model "
+     "'framepack'. Got input(s) ['mask','image'], but missing required input(s) ]. ", "INVALID_ARGUMENT", False),
     ("Stub process 'framepack_0_0' is not healthy.", "UNAVAILABLE", True),
     ("something else", "UNKNOWN", False),
 ])
