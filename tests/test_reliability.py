@@ -340,6 +340,21 @@ def test_ten_cancellations_stop_promptly_and_memory_returns_to_baseline(server, 
     )
 
 
+def test_a_killed_client_stops_its_job(server, tmp_path, figures):
+    cancelled_before = server.log_text().count("cancelled by the client")
+    cli = run_cli(server, tmp_path / "gone.mp4", "--seconds", "5", "--steps", "12")
+    assert watch_progress(cli).wait(60), "no progress from the client"
+    cli.kill()  # no goodbye: the connection just closes
+    cli.wait()
+    killed_at = time.monotonic()
+    while server.log_text().count("cancelled by the client") == cancelled_before:
+        assert time.monotonic() - killed_at < 15, "the server kept running the job of a dead client"
+        time.sleep(0.05)
+    stopped_after = time.monotonic() - killed_at
+    assert list(tmp_path.iterdir()) == []
+    figures.append(f"a client killed mid-job (SIGKILL): its job stopped {stopped_after:.1f} s later")
+
+
 # ------------------------------------------------------------------ 4. faults and the time limit
 
 
@@ -360,6 +375,21 @@ def run_cli(server, output: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "client.cli", "generate", "--image", str(SAMPLE), "--prompt", "a wave",
                "--output", str(output), "--server", server.grpc_address, "--resolution", "128", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def watch_progress(cli: subprocess.Popen, stderr: list[str] | None = None) -> threading.Event:
+    """Set once the client's progress bar shows the job running; collects its stderr."""
+    progress = threading.Event()
+    stderr = [] if stderr is None else stderr
+
+    def watch() -> None:
+        for chunk in iter(lambda: cli.stderr.read(1), ""):
+            stderr.append(chunk)
+            if "section 1/" in "".join(stderr[-64:]):
+                progress.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return progress
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -386,17 +416,8 @@ def test_killing_the_backend_stub_mid_job_fails_that_job_and_the_next_succeeds(s
     [stub] = server.backend_stub_pids()
     output = tmp_path / "lost.mp4"
     cli = run_cli(server, output, "--seconds", "5", "--steps", "12")
-    progress = threading.Event()
     stderr: list[str] = []
-
-    def watch() -> None:
-        for chunk in iter(lambda: cli.stderr.read(1), ""):
-            stderr.append(chunk)
-            if "section 1/" in "".join(stderr[-64:]):
-                progress.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    assert progress.wait(60), "no progress from the client"
+    assert watch_progress(cli, stderr).wait(60), "no progress from the client"
     killed_at = time.monotonic()
     os.kill(stub, signal.SIGKILL)
     assert cli.wait(60) == 1
