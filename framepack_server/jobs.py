@@ -93,7 +93,7 @@ def run_job(
     """Run one job to its end and stream every event; never raises.
 
     The engine polls `stop` before every model evaluation, so a cancelled, shut down or
-    overdue job stops within one evaluation.
+    overdue job stops before its next one (a section's VAE decode runs to its end).
     """
     sink = job.sink
     steps_done = 0

@@ -418,10 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queued-jobs", type=int, help="jobs that may wait per model instance (default: config)")
     parser.add_argument("--max-job-seconds", type=float, help="time limit of one job, 0 for none (default: config)")
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
-    tls = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
-    tls.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
-    tls.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
-    tls.add_argument("--grpc-client-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA")
+    tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
+    tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
+    tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
+    tls_options.add_argument("--grpc-client-ca", type=Path, metavar="PEM",
+                             help="require client certificates signed by this CA")
     # Lets requests ask for failures (framepack_server/faults.py): for reliability tests only.
     parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
