@@ -159,8 +159,10 @@ def set_fields(page, values: dict[str, object]) -> None:
 
 
 def wait_for_status(page, prefix: str) -> str:
+    # Generous: on a loaded 2-core machine the tiny model's first section can take a while.
     page.wait_for_function(
         "prefix => document.querySelector('#status textarea').value.startsWith(prefix)", arg=prefix,
+        timeout=120_000,
     )
     return field(page, "Status").input_value()
 
