@@ -171,7 +171,9 @@ class JobQueue:
         capacity: int,
         shutdown_requested: Callable[[], bool] = _never,
         time_limit_s: float | None = None,
+        observe: Callable[[Outcome, float], None] | None = None,
     ):
+        """`observe(outcome, seconds)` is called after every job (server metrics)."""
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
         self.capacity = capacity
@@ -182,6 +184,7 @@ class JobQueue:
         self._last_job_s: float | None = None  # how long the last finished job ran, for retry hints
         self._stopping = threading.Event()
         self._shutdown_requested = shutdown_requested
+        self._observe = observe
         self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
         self._worker.start()
 
@@ -225,6 +228,12 @@ class JobQueue:
                 return
             started = time.perf_counter()
             outcome = run_job(self._pipeline, job, self._log, self.shutting_down, self.time_limit_s)
+            seconds = time.perf_counter() - started
             if outcome is Outcome.DONE:
-                self._last_job_s = time.perf_counter() - started
+                self._last_job_s = seconds
+            if self._observe is not None:
+                try:
+                    self._observe(outcome, seconds)
+                except Exception as e:  # metrics must never stop the worker
+                    self._log.error(f"job metrics not updated: {type(e).__name__}: {e}")
             self._log.info(f"request {job.request_id}: {outcome.value}; {release_memory().log_text()}")

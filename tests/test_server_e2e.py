@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import av
@@ -131,8 +132,20 @@ def test_cli_reports_a_server_error_in_one_line_and_writes_no_mp4(triton_server,
     assert list(tmp_path.iterdir()) == []
 
 
+def job_counts(server: TritonServer) -> dict[str, float]:
+    """framepack_jobs_total by outcome, summed over instances, from Triton's metrics endpoint."""
+    counts: dict[str, float] = {}
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("framepack_jobs_total{"):
+            outcome = line.split('outcome="')[1].split('"')[0]
+            counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(triton_server, tmp_path):
     cancellations_before = triton_server.log_text().count(CANCELLED_LINE)
+    jobs_before = job_counts(triton_server)
     output = tmp_path / "cancelled.mp4"
     cli = run_cli(triton_server, output, seconds="5")  # 4 sections: far from done when interrupted
     progress = threading.Event()
@@ -162,6 +175,16 @@ def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(trit
     next_job = {**FAST_SETTINGS, "seconds": 1}
     events = list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "next", next_job))
     assert isinstance(events[-1], stream.Final) and events[-1].frame_count == 37
+
+    # The server's metrics count the cancelled job and the one after it.
+    deadline = time.monotonic() + 30
+    while True:
+        jobs_after = job_counts(triton_server)
+        if jobs_after.get("done", 0) >= jobs_before.get("done", 0) + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert jobs_after["cancelled"] == jobs_before.get("cancelled", 0) + 1
+    assert jobs_after["done"] >= jobs_before.get("done", 0) + 1
 
 
 def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path):

@@ -35,11 +35,12 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from framepack_backend.memory import peak_memory  # noqa: E402
 from framepack_backend.pipeline import Pipeline  # noqa: E402
 from framepack_backend.settings import SettingsError, validate_image  # noqa: E402
 from framepack_server.faults import take_fault  # noqa: E402
 from framepack_server.instance import InstanceConfig  # noqa: E402
-from framepack_server.jobs import Job, JobQueue  # noqa: E402
+from framepack_server.jobs import Job, JobQueue, Outcome  # noqa: E402
 from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
 from framepack_server.protocol import describe_response, is_describe_request, parse_parameters  # noqa: E402
 from framepack_server.protocol import request_parameters  # noqa: E402
@@ -89,6 +90,29 @@ class ResponseSender:
         self._sender.send(flags=FINAL)
 
 
+class JobMetrics:
+    """Prometheus metrics of this instance's jobs, served on Triton's metrics port."""
+
+    def __init__(self, instance: str, device):
+        family = pb_utils.MetricFamily
+        jobs = family("framepack_jobs_total", "Jobs that ended, by outcome", family.COUNTER)
+        seconds = family("framepack_job_seconds_total", "Time spent running jobs", family.COUNTER)
+        peak = family("framepack_last_job_peak_gpu_bytes", "Peak GPU memory of the last job", family.GAUGE)
+        self._families = (jobs, seconds, peak)  # a family must outlive its metrics
+        self._jobs = {o: jobs.Metric(labels={"instance": instance, "outcome": o.name.lower()}) for o in Outcome}
+        self._seconds = seconds.Metric(labels={"instance": instance})
+        self._peak = {kind: peak.Metric(labels={"instance": instance, "kind": kind}) for kind in ("allocated", "reserved")}
+        self._device = device
+
+    def observe(self, outcome: Outcome, seconds: float) -> None:
+        self._jobs[outcome].increment(1)
+        self._seconds.increment(seconds)
+        peak = peak_memory(self._device)
+        for kind, metric in self._peak.items():
+            if peak[f"peak_{kind}_bytes"] is not None:
+                metric.set(peak[f"peak_{kind}_bytes"])
+
+
 def _input_image(request):
     tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
     if tensor is None:  # optional in the config, because describe requests carry no image
@@ -115,8 +139,10 @@ class TritonPythonModel:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
         self._fault_injection = config.fault_injection
+        self._metrics = JobMetrics(args["model_instance_name"], pipeline.device)
         self._jobs = JobQueue(
-            pipeline, log, config.max_queued_jobs, config.shutdown_requested, config.max_job_seconds
+            pipeline, log, config.max_queued_jobs, config.shutdown_requested, config.max_job_seconds,
+            observe=self._metrics.observe,
         )
         self._numbers = itertools.count(1)
 
