@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
+# The transformer an instance loads: inverted anti-drifting (transformer/) or forward F1 (transformer_f1/).
+SAMPLING_VARIANTS = ("inverted", "f1")
 
 ENV_OVERRIDES = {
     "model_dir": "FRAMEPACK_MODEL_DIR",
@@ -21,6 +23,7 @@ ENV_OVERRIDES = {
     "dtype": "FRAMEPACK_DTYPE",
     "max_queued_jobs": "FRAMEPACK_MAX_QUEUED_JOBS",
     "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
+    "sampling": "FRAMEPACK_SAMPLING",
 }
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
 # config parameter, so a model repository cannot switch it on.
@@ -41,6 +44,7 @@ class InstanceConfig:
     # Created by the launcher when it stops the server (FRAMEPACK_SHUTDOWN_FILE; see jobs.py).
     shutdown_file: Path | None = None
     fault_injection: bool = False
+    sampling: str = "inverted"
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -81,6 +85,12 @@ class InstanceConfig:
                 f"max_job_seconds={job_seconds!r} is not allowed: expected seconds >= 0 (0: no limit)"
             )
 
+        sampling = value("sampling", "inverted")
+        if sampling not in SAMPLING_VARIANTS:
+            raise InstanceConfigError(
+                f"sampling={sampling!r} is not allowed: expected one of {', '.join(SAMPLING_VARIANTS)}"
+            )
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -96,4 +106,5 @@ class InstanceConfig:
             max_job_seconds or None,
             Path(shutdown_file) if shutdown_file else None,
             environ.get(FAULT_INJECTION_ENV, "") == "1",
+            sampling,
         )

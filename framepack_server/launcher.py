@@ -137,8 +137,9 @@ class TritonServer:
         max_job_seconds: float | None = None,
         restart_on_failure: bool = True,
         fault_injection: bool = False,
+        sampling: str | None = None,
     ):
-        """`max_queued_jobs` and `max_job_seconds` override the model config's values;
+        """`max_queued_jobs`, `max_job_seconds` and `sampling` override the model config's values;
         `fault_injection` lets requests ask for failures (faults.py; tests only)."""
         if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ValueError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
@@ -157,6 +158,8 @@ class TritonServer:
             self.environment["FRAMEPACK_MAX_QUEUED_JOBS"] = str(max_queued_jobs)
         if max_job_seconds is not None:
             self.environment["FRAMEPACK_MAX_JOB_SECONDS"] = str(max_job_seconds)
+        if sampling is not None:
+            self.environment["FRAMEPACK_SAMPLING"] = sampling
         if fault_injection:
             self.environment[FAULT_INJECTION_ENV] = "1"
         self.grpc_tls = grpc_tls
@@ -418,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queued-jobs", type=int, help="jobs that may wait per model instance (default: config)")
     parser.add_argument("--max-job-seconds", type=float, help="time limit of one job, 0 for none (default: config)")
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
+    parser.add_argument("--sampling", choices=("inverted", "f1"),
+                        help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             backend_directory=args.backend_directory, model_repository=args.model_repository,
             log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
             grpc_tls=tls, max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds,
-            restart_on_failure=not args.no_restart, fault_injection=args.fault_injection,
+            restart_on_failure=not args.no_restart, fault_injection=args.fault_injection, sampling=args.sampling,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -215,3 +215,21 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
     assert "stopped after" in server.log_text()
     with pytest.raises(ProcessLookupError):  # no backend stub left behind
         os.killpg(process_group, 0)
+
+
+def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
+    grpc, http, metrics = free_ports(3)
+    server = TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
+                          log_path=tmp_path / "tritonserver.log", startup_timeout_s=300, sampling="f1")
+    with server:
+        events = list(stream.generate(server.grpc_address, load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2}))
+        refused = None
+        try:
+            list(stream.generate(server.grpc_address, load_image(SAMPLE), "x", {**FAST_SETTINGS, "sampling": "inverted"}))
+        except stream.ServerError as e:
+            refused = str(e)
+    final = events[-1]
+    assert isinstance(final, stream.Final) and final.frame_count == 73 and final.settings["sampling"] == "f1"
+    starts = [e.start_frame for e in events if isinstance(e, stream.Section)]
+    assert starts[0] == 0 and starts == sorted(starts)  # F1 appends sections at the end
+    assert refused is not None and "INVALID_ARGUMENT" in refused and "sampling=" in refused

@@ -224,6 +224,9 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
     assert not config.shutdown_requested()
     (tmp_path / "shutdown").touch()
     assert config.shutdown_requested()
+    assert config.sampling == "inverted"
+    f1 = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path)), {"FRAMEPACK_SAMPLING": "f1"})
+    assert f1.sampling == "f1"
 
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),
@@ -231,6 +234,7 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
                                                ("max_job_seconds", "-1", "max_job_seconds"),
                                                ("max_job_seconds", "nan", "max_job_seconds"),
                                                ("max_job_seconds", "soon", "max_job_seconds"),
+                                               ("sampling", "sideways", "sampling"),
                                                ("model_dir", "/no/such/dir", "model_dir")])
 def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
     args = triton_args(**{"model_dir": str(tmp_path), key: value})

@@ -130,9 +130,9 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype)
+        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, sampling=config.sampling)
         log.info(
-            f"instance {args['model_instance_name']} loaded {config.model_dir} on {config.device} "
+            f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}) on {config.device} "
             f"in {time.perf_counter() - start:.1f} s"
         )
         if config.fault_injection:
