@@ -253,7 +253,7 @@ def test_model_config_matches_the_protocol():
     uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
     assert all(t.data_type == uint8 for t in [*config.input, *config.output])  # no BYTES tensors
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
-    assert set(config.parameters) == {"model_dir", "device", "dtype", "max_queued_jobs", "max_job_seconds"}
+    assert set(config.parameters) == {"model_dir", "device", "dtype", "sampling", "max_queued_jobs", "max_job_seconds"}
 
 
 # ------------------------------------------------------------------ launcher
