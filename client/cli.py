@@ -67,13 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
     generate.add_argument("--save-sections", type=Path, metavar="DIR", help="save each section as an MP4 clip")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
-    connection = generate.add_argument_group("connection", "TLS (the server runs with --grpc-server-cert) and patience")
-    connection.add_argument("--ssl", action="store_true", help="connect with TLS")
-    connection.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA of the server's certificate")
-    connection.add_argument("--private-key", type=Path, metavar="PEM", help="client key, if the server asks for one")
-    connection.add_argument("--certificate-chain", type=Path, metavar="PEM", help="client certificate chain")
-    connection.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
-                            help="wait this long for a (re)starting server (default %(default)s)")
+    add_connection_options(generate)
     settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
     for name, text in SETTINGS.items():
         settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
@@ -82,7 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
     ui.add_argument("--port", type=int, default=7860, help="port of the web UI (default %(default)s)")
     ui.add_argument("--output-dir", type=Path, metavar="DIR", help="where MP4s go (default: a temporary folder)")
+    add_connection_options(ui)
     return parser
+
+
+def add_connection_options(command: argparse.ArgumentParser) -> None:
+    connection = command.add_argument_group("connection", "TLS (the server runs with --grpc-server-cert) and patience")
+    connection.add_argument("--ssl", action="store_true", help="connect with TLS")
+    connection.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA of the server's certificate")
+    connection.add_argument("--private-key", type=Path, metavar="PEM", help="client key, if the server asks for one")
+    connection.add_argument("--certificate-chain", type=Path, metavar="PEM", help="client certificate chain")
+    connection.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+                            help="wait this long for a (re)starting server (default %(default)s)")
+
+
+def endpoint(args: argparse.Namespace) -> Endpoint:
+    """The server to talk to, from --server and the connection options (ValueError when they conflict)."""
+    return Endpoint(
+        args.server, ssl=args.ssl, root_certificates=args.root_certificates, private_key=args.private_key,
+        certificate_chain=args.certificate_chain, connect_timeout_s=args.connect_timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         image = load_image(args.image)
-        args.endpoint = Endpoint(
-            args.server, ssl=args.ssl, root_certificates=args.root_certificates, private_key=args.private_key,
-            certificate_chain=args.certificate_chain, connect_timeout_s=args.connect_timeout,
-        )
+        args.endpoint = endpoint(args)
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -126,7 +136,12 @@ def run_ui(args: argparse.Namespace) -> int:
         print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
               file=sys.stderr)
         return EXIT_USAGE
-    return serve(args.server, args.host, args.port, args.output_dir)
+    try:
+        server = endpoint(args)
+    except ValueError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(server, args.host, args.port, args.output_dir)
 
 
 def load_image(path: Path) -> np.ndarray:

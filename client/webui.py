@@ -20,6 +20,7 @@ import gradio as gr
 import numpy as np
 
 from . import stream
+from .connection import Endpoint, as_endpoint
 from .webui_job import JobUpdate, StopSignals, run_job
 
 # The seed app's example prompts: subject, then motion, then qualifiers.
@@ -67,11 +68,11 @@ LABELS = {
 }
 
 
-def build_app(server: str, description: stream.Description, output_dir: Path) -> gr.Blocks:
+def build_app(server: str | Endpoint, description: stream.Description, output_dir: Path) -> gr.Blocks:
     """The page for one server; jobs write their MP4s into fresh folders under `output_dir`."""
     stops = StopSignals()
     with gr.Blocks(title="FramePack", analytics_enabled=False) as app:
-        gr.Markdown(f"## FramePack image to video\nServer: `{server}`")
+        gr.Markdown(f"## FramePack image to video\nServer: `{as_endpoint(server).address}`")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Start image", type="numpy", image_mode="RGB", sources=["upload", "clipboard"],
@@ -178,7 +179,7 @@ def _page_update(update: JobUpdate, status, preview, video, download) -> dict:
     return changes
 
 
-def serve(server: str, host: str, port: int, output_dir: Path | None = None) -> int:
+def serve(server: str | Endpoint, host: str, port: int, output_dir: Path | None = None) -> int:
     """Ask the server what it accepts, then serve the page until Ctrl-C."""
     try:
         description = stream.describe(server)
@@ -187,6 +188,7 @@ def serve(server: str, host: str, port: int, output_dir: Path | None = None) -> 
         return 1
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="framepack-ui-"))
     app = build_app(server, description, output_dir)
-    print(f"framepack: web UI for {server} at http://{host}:{port}, videos under {output_dir}", file=sys.stderr)
+    print(f"framepack: web UI for {as_endpoint(server).address} at http://{host}:{port}, videos under {output_dir}",
+          file=sys.stderr)
     app.queue().launch(server_name=host, server_port=port, allowed_paths=[str(output_dir)], quiet=True)
     return 0

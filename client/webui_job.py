@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from . import stream
+from .connection import Endpoint, as_endpoint
 from .video import FrameAssembler, write_mp4
 
 
@@ -55,7 +56,7 @@ class StopSignals:
 
 
 def run_job(
-    server: str,
+    server: str | Endpoint,
     image: np.ndarray,
     prompt: str,
     settings: Mapping[str, str | int | float | bool],
@@ -63,7 +64,7 @@ def run_job(
     stop_requested: Callable[[], bool],
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`; the last update says how it ended (never raises ServerError)."""
-    yield JobUpdate(f"Sent to {server}; waiting for the first step…")
+    yield JobUpdate(f"Sent to {as_endpoint(server).address}; waiting for the first step…")
     assembler = FrameAssembler()
     final = None
     try:

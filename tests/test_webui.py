@@ -238,3 +238,15 @@ def test_a_rejected_setting_shows_the_server_s_message(page):
     assert message == (
         "Error: INVALID_ARGUMENT: resolution=200 is not allowed: expected a multiple of 16 between 128 and 1280"
     )
+
+
+def test_ui_takes_the_same_tls_options_and_refuses_inconsistent_ones(tmp_path, capsys):
+    from client import cli
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked before connecting")
+    assert cli.main(["ui", "--server", "localhost:1", "--root-certificates", str(ca)]) == cli.EXIT_USAGE
+    assert "need ssl=True (--ssl)" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["ui", "--ssl", "--root-certificates", str(ca), "--connect-timeout", "5"])
+    endpoint = cli.endpoint(args)
+    assert (endpoint.ssl, endpoint.root_certificates, endpoint.connect_timeout_s) == (True, ca, 5.0)
