@@ -6,8 +6,8 @@ Per kernel it times:
 - eager_reference: its float32 torch reference, eager;
 - compiled_reference: `torch.compile` of that reference (inductor fuses it too);
 - eager_bf16: the op chain the diffusers blocks run today (bf16 intermediates).
-`peer` is the fastest of the three torch variants; ratio = ours / peer (< 1: ours
-faster). Every time is the median over repeats of CUDA-event timings of 10
+`peer` is the fastest of the three torch variants; ratio = peer / ours (> 1: ours
+faster, as in every benchmark here). Every time is the median over repeats of CUDA-event timings of 10
 back-to-back calls, after warm-up. Prints a table
 and writes JSON under benchmarks/results/.
 
@@ -210,7 +210,7 @@ def run_case(case: dict, repeats: int) -> dict:
         "ours_spread_s": [ours["min_s"], ours["max_s"]],
         "peer": peer_name,
         "peer_s": peer_s,
-        "ratio": ours["median_s"] / peer_s,
+        "ratio": peer_s / ours["median_s"],
         "ours_GBps": case["bytes"] / ours["median_s"] / 1e9,
         "max_abs_error_vs_reference": max_abs_error(ours_out, reference_out),
         **{f"{name}_s": t["median_s"] for name, t in timings.items()},
