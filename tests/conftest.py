@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from framepack_backend.tiny_bundle import write_tiny_bundle
@@ -18,6 +19,13 @@ FAST_SETTINGS = {"resolution": 128, "steps": 4}
 def tiny_bundle(tmp_path_factory) -> Path:
     """The tiny random-weight model directory (public layout), written once per session."""
     return write_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"))
+
+
+@pytest.fixture(scope="session")
+def image() -> np.ndarray:
+    """A 128×96 RGB gradient: 4:3, so it lands in the 144×112 bucket at resolution 128."""
+    y, x = np.mgrid[0:96, 0:128]
+    return np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,15 @@ import torch
 from framepack_backend import conditioning as cond
 from framepack_backend.components import load_components
 from framepack_backend.settings import SettingsError
-from framepack_backend.tiny_bundle import TINY_CLIP, TINY_LLAMA, TINY_SIGLIP, write_tiny_bundle
+from framepack_backend.tiny_bundle import TINY_CLIP, TINY_LLAMA, TINY_SIGLIP
 
 LLAMA_DIM = TINY_LLAMA["hidden_size"]
 CLIP_DIM = TINY_CLIP["hidden_size"]
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    return load_components(write_tiny_bundle(tmp_path_factory.mktemp("tiny")), dtype=torch.float32)
+def components(tiny_bundle):
+    return load_components(tiny_bundle, dtype=torch.float32)
 
 
 def _encode(c, prompt):

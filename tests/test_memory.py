@@ -34,7 +34,6 @@ from framepack_backend.models.transformer import FramePackTransformer, Transform
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import SettingsError
 from framepack_backend.teacache import TeaCache
-from framepack_backend.tiny_bundle import write_tiny_bundle
 
 # ----------------------------------------------------------------- mode choice
 
@@ -351,14 +350,8 @@ def test_placing_swaps_in_device_copies_and_evicting_restores_the_host_values():
 
 
 @pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    return Pipeline.from_pretrained(write_tiny_bundle(tmp_path_factory.mktemp("tiny")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def image():
-    y, x = np.mgrid[0:96, 0:128]
-    return np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
+def tiny_pipeline(tiny_bundle):
+    return Pipeline.from_pretrained(tiny_bundle, device="cpu")
 
 
 FAST = {"resolution": 128, "steps": 2, "seconds": 2, "teacache": False, "preview": False}  # two sections

@@ -11,20 +11,13 @@ from framepack_backend.events import GenerationResult, SectionFinished, StepProg
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.planner import section_count, soft_append, video_frame_count
 from framepack_backend.settings import SettingsError
-from framepack_backend.tiny_bundle import write_tiny_bundle
 
 FAST = {"resolution": 128, "steps": 4}
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return Pipeline.from_pretrained(write_tiny_bundle(tmp_path_factory.mktemp("tiny")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def image():
-    y, x = np.mgrid[0:96, 0:128]
-    return np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
+def pipeline(tiny_bundle):
+    return Pipeline.from_pretrained(tiny_bundle, device="cpu")
 
 
 def assemble(events):
@@ -172,9 +165,8 @@ def test_cancel_stops_within_one_step(pipeline, image):
     assert len([e for e in events if isinstance(e, StepProgress)]) == 2
 
 
-def test_forward_f1_sampling_grows_the_video_from_its_start(tmp_path_factory, image):
-    bundle = write_tiny_bundle(tmp_path_factory.mktemp("tiny_f1"))
-    f1 = Pipeline.from_pretrained(bundle, device="cpu", sampling="f1")
+def test_forward_f1_sampling_grows_the_video_from_its_start(tiny_bundle, image):
+    f1 = Pipeline.from_pretrained(tiny_bundle, device="cpu", sampling="f1")
     events = list(f1.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
     result = events[-1]
     assert result.frames.shape == (73, 112, 144, 3) and result.settings["sampling"] == "f1"
