@@ -159,7 +159,12 @@ class Pipeline:
         sigmas = schedule_for(settings.steps, window, lh, lw, mu_offset=flow.mu_offset, sigma=flow.sigma)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         history = planner.initial_history(start_latent, settings.sampling)
-        video: torch.Tensor | None = None
+        # Finished frames go straight into the uint8 video; only the frames the next
+        # section's cross-fade still rewrites stay as float pixels (`seam`), so the cost
+        # per section does not grow with the video's length.
+        video: np.ndarray | None = None
+        seam: torch.Tensor | None = None
+        video_frames = 0  # frames decoded so far
         teacache = TeaCache(
             settings.teacache_threshold, settings.steps,
             detail=settings.teacache_mode == "detail", enabled=settings.teacache,
@@ -231,23 +236,30 @@ class Pipeline:
             with self.memory.phase("decode"):
                 decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
                 decoded = decoded.float().cpu()
-            if video is None:
-                video = decoded
+            overlap = planner.blend_frames(blend)
+            if seam is None:
+                pixels = decoded
+                video_frames = decoded.shape[2]
             else:
-                video = planner.soft_append(video, decoded, planner.blend_frames(blend), settings.sampling)
-            new = decoded.shape[2]
-            start_frame = total_frames - video.shape[2] if settings.sampling == "inverted" else video.shape[2] - new
-            section_pixels = video[:, :, :new] if settings.sampling == "inverted" else video[:, :, -new:]
+                pixels = planner.soft_append(seam, decoded, overlap, settings.sampling)
+                video_frames += decoded.shape[2] - overlap
+            inverted = settings.sampling == "inverted"
+            start_frame = total_frames - video_frames if inverted else video_frames - pixels.shape[2]
+            seam = pixels[:, :, :overlap] if inverted else pixels[:, :, pixels.shape[2] - overlap :]
+            section_frames = conditioning.frames_to_uint8(pixels)
+            if video is None:
+                video = np.empty((total_frames, *section_frames.shape[1:]), dtype=np.uint8)
+            video[start_frame : start_frame + len(section_frames)] = section_frames
             decode_s += time.perf_counter() - t_decode
             yield SectionFinished(
                 section=plan.index + 1,
                 sections=sections,
                 start_frame=start_frame,
-                frames=conditioning.frames_to_uint8(section_pixels),
+                frames=section_frames,
                 total_frames=total_frames,
             )
 
-        frames = conditioning.frames_to_uint8(video)
+        frames = video
         timings.update(sampling_s=sampling_s, decode_s=decode_s, total_s=time.perf_counter() - t_start)
         timings["computed_steps"] = teacache.computed_steps
         timings["skipped_steps"] = teacache.skipped_steps
