@@ -109,3 +109,44 @@ def test_fp8_forward_stays_close_to_bf16():
         quantized = ours(**inputs).float()
     rel = float((quantized - reference).norm() / reference.norm())
     assert rel < 0.1, rel
+
+
+def epilogue_case(device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 37, 96, generator=g)
+    mlp = torch.randn(2, 37, 160, generator=g)
+    up = torch.nn.Linear(96, 160)
+    out = torch.nn.Linear(96 + 160, 96)
+    return [t.to(device, dtype) for t in (x, mlp)] + [m.to(device, dtype) for m in (up, out)]
+
+
+def test_gemm_epilogue_helpers_fall_back_to_the_plain_formula_on_the_cpu():
+    from framepack_backend.models.fused import linear_gelu, linear_of_concat
+
+    x, mlp, up, out = epilogue_case("cpu", torch.float32)
+    with torch.no_grad():
+        assert torch.equal(linear_gelu(up, x), torch.nn.functional.gelu(up(x), approximate="tanh"))
+        assert torch.equal(linear_of_concat(out, x, mlp), out(torch.cat([x, mlp], dim=-1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_epilogue_helpers_match_fp32_like_the_plain_bf16_path(dtype):
+    """GELU in cuBLASLt's epilogue and the split output projection (one extra rounding of
+    the partial sum) stay within the dtype's noise of the fp32 formula."""
+    from framepack_backend.models.fused import linear_gelu, linear_of_concat
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, mlp, up, out = epilogue_case("cuda", torch.float32, seed=1)
+    lx, lmlp, lup, lout = epilogue_case("cuda", dtype, seed=1)
+    with torch.no_grad():
+        gelu_exact = torch.nn.functional.gelu(up(x), approximate="tanh")
+        gelu_plain = torch.nn.functional.gelu(lup(lx), approximate="tanh").float()
+        gelu_fused = linear_gelu(lup, lx).float()
+        cat_exact = out(torch.cat([x, mlp], dim=-1))
+        cat_plain = lout(torch.cat([lx, lmlp], dim=-1)).float()
+        cat_fused = linear_of_concat(lout, lx, lmlp).float()
+    assert gelu_fused.shape == gelu_exact.shape and cat_fused.shape == cat_exact.shape
+    assert (gelu_fused - gelu_exact).abs().mean() <= 1.25 * (gelu_plain - gelu_exact).abs().mean()
+    assert (cat_fused - cat_exact).abs().mean() <= 1.5 * (cat_plain - cat_exact).abs().mean()

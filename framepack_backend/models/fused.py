@@ -5,7 +5,8 @@ with the elementwise chains each done in one pass: AdaLN norm + modulation, q/k
 RMSNorm + RoPE written straight into the joint [latents, context] q/k buffers (no
 concatenation), and gated residual adds fused with the next modulated norm. Every
 kernel computes in fp32 and rounds once, so results differ from the eager path only
-by bf16 rounding. The blocks call these when `block.fused_kernels` is set.
+by bf16 rounding. On CUDA the MLP's GELU runs in the GEMM epilogue and the single-stream
+output projection reads attention and MLP outputs without concatenating them. The blocks call these when `block.fused_kernels` is set.
 """
 
 from __future__ import annotations
@@ -27,6 +28,43 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))
 
 
+def _is_plain_linear(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """An nn.Linear with a bias on a CUDA tensor: the GEMM-epilogue paths below apply.
+    FP8 layers (models/fp8.py) and CPU runs take the plain path."""
+    return type(layer) is torch.nn.Linear and layer.bias is not None and x.is_cuda
+
+
+def linear_gelu(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU(layer(x)) with the activation applied in cuBLASLt's GEMM epilogue, so the
+    (tokens × 4·dim) MLP activation is written once instead of written, read and
+    written again by a separate GELU pass. cuBLASLt's GELU epilogue is the tanh form."""
+    if not _is_plain_linear(layer, x):
+        return F.gelu(layer(x), approximate="tanh")
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(layer.bias, rows, layer.weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], layer.out_features)
+
+
+def linear_of_concat(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """layer(cat([a, b], -1)) as two GEMMs accumulating into one output.
+
+    The single-stream block's output projection reads [attention | MLP] (tokens × 5·dim);
+    splitting the weight by columns (strided views, no copy) and accumulating the second
+    product onto the first (beta = 1) never materialises that concatenation.
+    """
+    if not _is_plain_linear(layer, a):
+        return layer(torch.cat([a, b], dim=-1))
+    split = a.shape[-1]
+    out = torch.addmm(layer.bias, a.reshape(-1, split), layer.weight[:, :split].t())
+    out.addmm_(b.reshape(-1, b.shape[-1]), layer.weight[:, split:].t())
+    return out.view(*a.shape[:-1], layer.out_features)
+
+
+def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The blocks' FeedForward (Linear -> tanh-GELU -> Linear) with the GELU in the first GEMM."""
+    return ff.net[2](linear_gelu(ff.net[0]["proj"], x))
+
+
 def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
     shift, scale, gate_attn, shift_ff, scale_ff, gate_ff = modulation(block.norm1, temb)
     c_shift, c_scale, c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff = modulation(block.norm1_context, temb)
@@ -46,21 +84,21 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
     out = attention(q, k, v, backend, key_mask).flatten(2)
 
     x, ff_in = gated_residual_layernorm_modulate(x, attn.to_out[0](out[:, :n]), gate_attn, shift_ff, scale_ff)
-    x = gated_residual(x, block.ff(ff_in), gate_ff, out=x)
+    x = gated_residual(x, feed_forward(block.ff, ff_in), gate_ff, out=x)
     context, c_ff_in = gated_residual_layernorm_modulate(
         context, attn.to_add_out(out[:, n:]), c_gate_attn, c_shift_ff, c_scale_ff
     )
-    context = gated_residual(context, block.ff_context(c_ff_in), c_gate_ff, out=context)
+    context = gated_residual(context, feed_forward(block.ff_context, c_ff_in), c_gate_ff, out=context)
     return x, context
 
 
 def single_stream_forward(block, x, temb, n_latent, rope, key_mask, backend):
     shift, scale, gate = modulation(block.norm, temb)
     x_in = adaln_layernorm_modulate(x, shift, scale)
-    mlp = F.gelu(block.proj_mlp(x_in), approximate="tanh")
+    mlp = linear_gelu(block.proj_mlp, x_in)
 
     attn, heads = block.attn, block.attn.heads
     q = qk_rmsnorm_rope(_heads(attn.to_q(x_in), heads), attn.norm_q.weight, rope.cos, rope.sin, rope_tokens=n_latent)
     k = qk_rmsnorm_rope(_heads(attn.to_k(x_in), heads), attn.norm_k.weight, rope.cos, rope.sin, rope_tokens=n_latent)
     out = attention(q, k, _heads(attn.to_v(x_in), heads), backend, key_mask).flatten(2)
-    return gated_residual(x, block.proj_out(torch.cat([out, mlp], dim=-1)), gate)
+    return gated_residual(x, linear_of_concat(block.proj_out, out, mlp), gate)
