@@ -144,6 +144,7 @@ def main() -> None:
             fp8.load_state_dict(peer.state_dict(), strict=True, assign=True)
             fp8.eval().requires_grad_(False).quantize_fp8()
             fp8.set_fused_kernels(True)
+            ours_runs["fp8-fused-kernels"] = measure("ours fp8 + fused kernels", fp8, peer_out=peer_out)[0]
             if not args.no_compile:
                 fp8.compile_blocks()
                 ours_runs["fp8-fused-kernels-compiled"] = measure("ours fp8 + fused kernels + compiled", fp8,

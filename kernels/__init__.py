@@ -6,6 +6,7 @@ CPU tensors when TRITON_INTERPRET=1 is set before this package is imported.
 """
 
 from kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
+from kernels.fp8_quantize import quantize_fp8_rows, quantize_fp8_rows_reference
 from kernels.gated_residual import gated_residual, gated_residual_reference
 from kernels.gated_residual_norm import (
     gated_residual_layernorm_modulate,
@@ -26,6 +27,8 @@ __all__ = [
     "gated_residual_reference",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_reference",
+    "quantize_fp8_rows",
+    "quantize_fp8_rows_reference",
     "qk_rmsnorm_rope",
     "qk_rmsnorm_rope_reference",
     "teacache_accumulate",

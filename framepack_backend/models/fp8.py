@@ -5,11 +5,17 @@ quantized per token on the fly, so an outlier token does not flatten the others.
 Both scales go to `torch._scaled_mm` (row-wise scaling, Hopper and newer), which
 accumulates in fp32 and writes bf16 with the bias added.
 
+On CUDA the activation quantization is one Triton kernel (kernels/fp8_quantize.py), and
+an input read by several layers (q, k, v and the MLP all read the same normalized
+hidden state) can be quantized once and passed to each as an `Fp8Activation`.
+
 This is an option (off by default): the error against bf16 is reported by
 benchmarks/transformer_forward.py, not assumed.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,6 +29,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
+@dataclass(frozen=True)
+class Fp8Activation:
+    """An activation already quantized per row: values (rows, k) e4m3, scale (rows, 1) fp32."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    leading_shape: tuple[int, ...]  # the activation's shape without its last dimension
+    dtype: torch.dtype  # what the layers fed by it return
+
+
+def quantize_activation(
+    x: torch.Tensor, extra: torch.Tensor | None = None, gelu_x: bool = False, gelu_extra: bool = False
+) -> Fp8Activation:
+    """Quantize x (or the concatenation [x | extra]) per row, optionally through tanh-GELU."""
+    if x.is_cuda:
+        from kernels import quantize_fp8_rows
+
+        values, scale = quantize_fp8_rows(x, extra, gelu_a=gelu_x, gelu_b=gelu_extra)
+    else:
+        from kernels.fp8_quantize import quantize_fp8_rows_reference
+
+        values, scale = quantize_fp8_rows_reference(x, extra, gelu_a=gelu_x, gelu_b=gelu_extra)
+    return Fp8Activation(values, scale, tuple(x.shape[:-1]), x.dtype)
+
+
 class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -33,14 +64,15 @@ class Fp8Linear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        values, scale = quantize_rows(rows)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        q = x if isinstance(x, Fp8Activation) else quantize_activation(x)
+        if q.values.shape[-1] != self.in_features:
+            raise ValueError(f"Fp8Linear: input has {q.values.shape[-1]} features; this layer takes {self.in_features}")
+        bias = None if self.bias is None else self.bias.to(q.dtype)
         out = torch._scaled_mm(
-            values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias, out_dtype=x.dtype
+            q.values, self.weight.t(), scale_a=q.scale, scale_b=self.weight_scale, bias=bias, out_dtype=q.dtype
         )
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*q.leading_shape, self.out_features)
 
 
 def quantize_block_linears(blocks: list[nn.Module], skip: tuple[str, ...] = ("norm",)) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kernels import adaln_layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, qk_rmsnorm_rope
 
 from ..attention import attention
+from .fp8 import Fp8Linear, quantize_activation
 
 
 def modulation(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -60,18 +61,27 @@ def linear_of_concat(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -
     return out.view(*a.shape[:-1], layer.out_features)
 
 
+def shared_input(x: torch.Tensor, first_reader: torch.nn.Module):
+    """The input of several projections, quantized once when they are FP8 layers."""
+    return quantize_activation(x) if isinstance(first_reader, Fp8Linear) else x
+
+
 def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The blocks' FeedForward (Linear -> tanh-GELU -> Linear) with the GELU in the first GEMM."""
-    return ff.net[2](linear_gelu(ff.net[0]["proj"], x))
+    """The blocks' FeedForward (Linear -> tanh-GELU -> Linear) with the GELU fused: into the
+    first GEMM's epilogue (bf16), or into the quantization of the second GEMM's input (FP8)."""
+    up, down = ff.net[0]["proj"], ff.net[2]
+    if isinstance(down, Fp8Linear):
+        return down(quantize_activation(up(x), gelu_x=True))
+    return down(linear_gelu(up, x))
 
 
 def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
     shift, scale, gate_attn, shift_ff, scale_ff, gate_ff = modulation(block.norm1, temb)
     c_shift, c_scale, c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff = modulation(block.norm1_context, temb)
-    x_in = adaln_layernorm_modulate(x, shift, scale)
-    c_in = adaln_layernorm_modulate(context, c_shift, c_scale)
-
     attn, heads = block.attn, block.attn.heads
+    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), attn.to_q)
+    c_in = shared_input(adaln_layernorm_modulate(context, c_shift, c_scale), attn.add_q_proj)
+
     n, m = x.shape[1], context.shape[1]
     head_dim = x.shape[2] // heads
     q = x.new_empty(x.shape[0], n + m, heads, head_dim)
@@ -94,11 +104,17 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
 
 def single_stream_forward(block, x, temb, n_latent, rope, key_mask, backend):
     shift, scale, gate = modulation(block.norm, temb)
-    x_in = adaln_layernorm_modulate(x, shift, scale)
-    mlp = linear_gelu(block.proj_mlp, x_in)
-
     attn, heads = block.attn, block.attn.heads
+    fp8 = isinstance(block.proj_out, Fp8Linear)
+    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), attn.to_q)
+    # FP8: the GELU is applied while quantizing [attention | MLP] for the output projection.
+    mlp = block.proj_mlp(x_in) if fp8 else linear_gelu(block.proj_mlp, x_in)
+
     q = qk_rmsnorm_rope(_heads(attn.to_q(x_in), heads), attn.norm_q.weight, rope.cos, rope.sin, rope_tokens=n_latent)
     k = qk_rmsnorm_rope(_heads(attn.to_k(x_in), heads), attn.norm_k.weight, rope.cos, rope.sin, rope_tokens=n_latent)
     out = attention(q, k, _heads(attn.to_v(x_in), heads), backend, key_mask).flatten(2)
-    return gated_residual(x, linear_of_concat(block.proj_out, out, mlp), gate)
+    if fp8:
+        projected = block.proj_out(quantize_activation(out, mlp, gelu_extra=True))
+    else:
+        projected = linear_of_concat(block.proj_out, out, mlp)
+    return gated_residual(x, projected, gate)
