@@ -67,10 +67,10 @@ class Pipeline:
         `sampling` picks the transformer: "inverted" (transformer/) or "f1" (transformer_f1/).
         `fused_kernels` (default: on for CUDA when Triton is installed) runs the blocks on the
         Triton kernels of kernels/, the fastest exact path measured (benchmarks/results).
-        `fp8` turns the blocks' linear layers into FP8 e4m3 (Hopper; not exact). It pays off
-        only with compiled blocks (0.856 vs 0.954 s per forward on an H100); in this eager
-        path the per-token activation quantization costs more than the FP8 GEMMs save
-        (measured 0.782 vs 0.731 s per video frame), so it is off by default.
+        `fp8` turns the blocks' linear layers into FP8 e4m3 (Hopper; not exact: relative
+        error ~1e-4 per forward against bf16). With the fused kernels the activations are
+        quantized by one Triton kernel per shared input: 0.834 vs 0.925 s per forward on an
+        H100 (benchmarks/results). Off by default: bf16 is the exact path.
         Weights load into host memory; the memory manager then places them for the default
         settings' memory mode (a job whose settings differ moves them again).
         """

@@ -1,5 +1,5 @@
-"""Where and how one Triton model instance runs: model directory, device, dtype, queue
-size, time limit per job.
+"""Where and how one Triton model instance runs: model directory, device, dtype, FP8,
+queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -24,7 +24,9 @@ ENV_OVERRIDES = {
     "max_queued_jobs": "FRAMEPACK_MAX_QUEUED_JOBS",
     "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
     "sampling": "FRAMEPACK_SAMPLING",
+    "fp8": "FRAMEPACK_FP8",
 }
+FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
 # config parameter, so a model repository cannot switch it on.
 FAULT_INJECTION_ENV = "FRAMEPACK_FAULT_INJECTION"
@@ -45,6 +47,7 @@ class InstanceConfig:
     shutdown_file: Path | None = None
     fault_injection: bool = False
     sampling: str = "inverted"
+    fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -91,6 +94,10 @@ class InstanceConfig:
                 f"sampling={sampling!r} is not allowed: expected one of {', '.join(SAMPLING_VARIANTS)}"
             )
 
+        fp8 = value("fp8", "false").lower()
+        if fp8 not in FP8_VALUES:
+            raise InstanceConfigError(f"fp8={fp8!r} is not allowed: expected 'true' or 'false'")
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -107,4 +114,5 @@ class InstanceConfig:
             Path(shutdown_file) if shutdown_file else None,
             environ.get(FAULT_INJECTION_ENV, "") == "1",
             sampling,
+            FP8_VALUES[fp8],
         )

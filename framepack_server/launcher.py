@@ -138,8 +138,9 @@ class TritonServer:
         restart_on_failure: bool = True,
         fault_injection: bool = False,
         sampling: str | None = None,
+        fp8: bool | None = None,
     ):
-        """`max_queued_jobs`, `max_job_seconds` and `sampling` override the model config's values;
+        """`max_queued_jobs`, `max_job_seconds`, `sampling` and `fp8` override the model config's values;
         `fault_injection` lets requests ask for failures (faults.py; tests only)."""
         if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ValueError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
@@ -160,6 +161,8 @@ class TritonServer:
             self.environment["FRAMEPACK_MAX_JOB_SECONDS"] = str(max_job_seconds)
         if sampling is not None:
             self.environment["FRAMEPACK_SAMPLING"] = sampling
+        if fp8 is not None:
+            self.environment["FRAMEPACK_FP8"] = "true" if fp8 else "false"
         if fault_injection:
             self.environment[FAULT_INJECTION_ENV] = "1"
         self.grpc_tls = grpc_tls
@@ -423,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
     parser.add_argument("--sampling", choices=("inverted", "f1"),
                         help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -450,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
             grpc_tls=tls, max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds,
             restart_on_failure=not args.no_restart, fault_injection=args.fault_injection, sampling=args.sampling,
+            fp8=True if args.fp8 else None,
         )
     except ValueError as e:
         parser.error(str(e))

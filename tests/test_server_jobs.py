@@ -16,7 +16,7 @@ from framepack_backend.errors import GenerationCancelled
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
 from framepack_backend.settings import GenerationSettings, SettingsError
 from framepack_server import protocol
-from framepack_server.instance import InstanceConfig, InstanceConfigError
+from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
 from framepack_server.launcher import ServerStartError, TritonServer, free_ports
 from framepack_server.protocol import JobRequest, Status, parse_parameters, parse_parameters_json, to_wire
@@ -227,6 +227,9 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
     assert config.sampling == "inverted"
     f1 = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path)), {"FRAMEPACK_SAMPLING": "f1"})
     assert f1.sampling == "f1"
+    assert config.fp8 is False
+    assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {}).fp8 is True
+    assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {"FRAMEPACK_FP8": "false"}).fp8 is False
 
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),
@@ -235,6 +238,7 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
                                                ("max_job_seconds", "nan", "max_job_seconds"),
                                                ("max_job_seconds", "soon", "max_job_seconds"),
                                                ("sampling", "sideways", "sampling"),
+                                               ("fp8", "yes", "fp8"),
                                                ("model_dir", "/no/such/dir", "model_dir")])
 def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
     args = triton_args(**{"model_dir": str(tmp_path), key: value})
@@ -253,7 +257,7 @@ def test_model_config_matches_the_protocol():
     uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
     assert all(t.data_type == uint8 for t in [*config.input, *config.output])  # no BYTES tensors
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
-    assert set(config.parameters) == {"model_dir", "device", "dtype", "sampling", "max_queued_jobs", "max_job_seconds"}
+    assert set(config.parameters) == set(ENV_OVERRIDES)  # every parameter can be overridden by the launcher
 
 
 # ------------------------------------------------------------------ launcher

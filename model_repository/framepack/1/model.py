@@ -130,9 +130,12 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, sampling=config.sampling)
+        pipeline = Pipeline.from_pretrained(
+            config.model_dir, device=config.device, dtype=dtype, sampling=config.sampling, fp8=config.fp8
+        )
         log.info(
-            f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}) on {config.device} "
+            f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
+            f"{', FP8' if config.fp8 else ''}) on {config.device} "
             f"in {time.perf_counter() - start:.1f} s"
         )
         if config.fault_injection:
