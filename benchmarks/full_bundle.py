@@ -48,7 +48,16 @@ def write_full_bundle(out: Path, weight_scale: float = 0.05) -> Path:
         shutil.rmtree(out / folder)
         model.save_pretrained(out / folder)
     shutil.rmtree(out / "transformer_f1")  # one transformer is enough to serve
+    set_processor_size(out, components.image_encoder.config.image_size)
     return out
+
+
+def set_processor_size(out: Path, side: int) -> None:
+    """The SigLIP preprocessor resizes to the encoder's input (384 at full size)."""
+    path = out / "feature_extractor" / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    config["size"] = {"height": side, "width": side}
+    path.write_text(json.dumps(config, indent=2))
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client import stream  # noqa: E402
-from client.cli import load_image  # noqa: E402
 from framepack_server.launcher import TritonServer, free_ports  # noqa: E402
 
 
@@ -68,7 +67,9 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=1200)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
-    image = load_image(ROOT / "client" / "assets" / "sample.png")
+    from PIL import Image  # not client.cli's loader: that module needs PyAV, which this may run without
+
+    image = np.asarray(Image.open(ROOT / "client" / "assets" / "sample.png").convert("RGB"))
     grpc_port, http_port, metrics_port = free_ports(3)
     log_path = Path(args.out) / f"server_generation_{time.strftime('%Y%m%d-%H%M%S')}.tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

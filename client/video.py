@@ -12,7 +12,6 @@ import secrets
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 
@@ -69,6 +68,8 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int | None = 
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     if height == 0 or width == 0:
         raise ValueError(f"frames of {frames.shape[2]}×{frames.shape[1]} pixels are too small for H.264")
+    import av  # here, not at the top: receiving and assembling frames works without PyAV
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh hidden name beside the target; "x" mode creates it with the usual
     # permissions (umask), unlike mkstemp's owner-only ones.

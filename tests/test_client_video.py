@@ -78,7 +78,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(video.av.VideoFrame, "from_ndarray", failing_after_three)
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing_after_three)
     with pytest.raises(RuntimeError, match="disk full"):
         write_mp4(path, moving_gradient(10, 16, 16), fps=30)
     assert path.read_bytes() == b"previous video"
