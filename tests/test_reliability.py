@@ -3,7 +3,7 @@ requests, 8 concurrent clients, cancellations and memory, an injected fault, the
 limit, a killed backend stub, TLS, loopback binding. The figures for the issue note are
 printed at the end of the module (`reliability:` lines).
 
-`FRAMEPACK_TEST_DEVICE=cuda` runs the same suite with the server's instance on the GPU;
+`FRAMEPACK_TEST_DEVICE=cuda:0` runs the same suite with the server's instance on the GPU;
 the jobs meant to be interrupted then use a larger bucket so they still last seconds."""
 
 from __future__ import annotations
