@@ -13,15 +13,14 @@ before building it.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.attention
+
+from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,15 +124,7 @@ def main() -> None:
                 print(f"{backend:8s} {layout:11s} seq {seq:6d}: {s * 1e3:7.2f} ms  {flops / s / 1e12:6.1f} TFLOP/s  "
                       f"rel err vs sdpa {err:.1e}", flush=True)
     rows += alignment_rows(args.seq, args.heads, args.head_dim, args.repeats)
-    gpu = torch.cuda.get_device_name()
-    record = dict(benchmark="attention", gpu=gpu, command=" ".join(sys.argv),
-                  versions=dict(torch=torch.__version__, python=platform.python_version(),
-                                cudnn=torch.backends.cudnn.version()), rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"attention_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"saved {path}")
+    save_result(args.out, "attention", "attention", rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ shows whether the host keeps the GPU fed.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,14 +108,7 @@ def main() -> None:
                 print(f"  {kind:22s} {entry['ms']:8.1f} ms  {entry['launches']:5d} launches")
             for row in result["top"][: args.top]:
                 print(f"    {row['ms']:8.1f} ms {row['launches']:5d}x  {row['kernel'][:110]}")
-    gpu = torch.cuda.get_device_name()
-    record = dict(benchmark="profile_forward", gpu=gpu, command=" ".join(sys.argv),
-                  versions=dict(torch=torch.__version__, python=platform.python_version()), paths=results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_forward_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"saved {path}")
+    save_result(args.out, "profile_forward", "profile_forward", paths=results)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ Prints a table and writes JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--backends", nargs="*", help="attention backends to time eagerly (default: all available)")
+    parser.add_argument("--fused-backends", nargs="*", default=["sdpa"],
+                        help="attention backends to time with the fused kernels; the fastest also runs compiled "
+                             "and FP8 (default: sdpa)")
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -131,24 +134,34 @@ def main() -> None:
         for backend in args.backends or available_backends():
             ours.set_attention_backend(backend)
             ours_runs[f"eager-{backend}"] = measure(f"ours eager {backend}", ours, peer_out=peer_out)[0]
-        ours.set_attention_backend("sdpa")
         ours.set_fused_kernels(True)
-        ours_runs["fused-kernels"] = measure("ours fused kernels", ours, peer_out=peer_out)[0]
+        fused_s = {}
+        for backend in args.fused_backends:
+            ours.set_attention_backend(backend)
+            name = "fused-kernels" if backend == "sdpa" else f"fused-kernels-{backend}"
+            label = "" if backend == "sdpa" else f" ({backend})"
+            fused_s[backend] = ours_runs[name] = measure(f"ours fused kernels{label}", ours, peer_out=peer_out)[0]
+        fastest = min(fused_s, key=fused_s.get)
+        suffix, label = ("", "") if fastest == "sdpa" else (f"-{fastest}", f" ({fastest})")
+        ours.set_attention_backend(fastest)
         if not args.no_compile:
             # Inductor keeps the Triton kernels and fuses what is left around them.
             ours.compile_blocks()
-            ours_runs["fused-kernels-compiled"] = measure("ours fused kernels + compiled", ours, peer_out=peer_out)[0]
+            ours_runs[f"fused-kernels-compiled{suffix}"] = measure(f"ours fused kernels + compiled{label}", ours,
+                                                                   peer_out=peer_out)[0]
         if torch.cuda.get_device_capability() >= (9, 0):
             with torch.device("meta"):
                 fp8 = FramePackTransformer(**config)
             fp8.load_state_dict(peer.state_dict(), strict=True, assign=True)
             fp8.eval().requires_grad_(False).quantize_fp8()
+            fp8.set_attention_backend(fastest)
             fp8.set_fused_kernels(True)
-            ours_runs["fp8-fused-kernels"] = measure("ours fp8 + fused kernels", fp8, peer_out=peer_out)[0]
+            ours_runs[f"fp8-fused-kernels{suffix}"] = measure(f"ours fp8 + fused kernels{label}", fp8,
+                                                              peer_out=peer_out)[0]
             if not args.no_compile:
                 fp8.compile_blocks()
-                ours_runs["fp8-fused-kernels-compiled"] = measure("ours fp8 + fused kernels + compiled", fp8,
-                                                                  peer_out=peer_out)[0]
+                ours_runs[f"fp8-fused-kernels-compiled{suffix}"] = measure(
+                    f"ours fp8 + fused kernels + compiled{label}", fp8, peer_out=peer_out)[0]
             del fp8
         peers = {"diffusers": peer_s}
         if not args.no_compile:
@@ -164,19 +177,13 @@ def main() -> None:
     print(f"{'model':32s} {'median s':>9s} {'min':>7s} {'max':>7s} {'warm-up s':>9s} {'rel err':>9s}")
     for name, s, mn, mx, warm, err in rows:
         print(f"{name:32s} {s:9.4f} {mn:7.4f} {mx:7.4f} {warm:9.2f} {'' if err is None else f'{err:9.2e}'}")
-    record = dict(
-        benchmark="transformer_forward", gpu=gpu, config=args.config,
-        versions=dict(torch=torch.__version__, python=platform.python_version(),
-                      diffusers=__import__("diffusers").__version__),
-        command=" ".join(sys.argv), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    save_result(
+        args.out, f"transformer_forward_{args.config}", "transformer_forward", config=args.config,
+        versions=dict(diffusers=__import__("diffusers").__version__),
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
         rows=[dict(model=r[0], median_s=r[1], min_s=r[2], max_s=r[3], warmup_s=r[4], rel_error=r[5]) for r in rows],
         pairs=results,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"transformer_forward_{args.config}_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"saved {path}")
 
 
 if __name__ == "__main__":

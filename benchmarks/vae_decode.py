@@ -11,13 +11,13 @@ pay back. This measures both settings on the same latents and the output differe
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,15 +59,8 @@ def main() -> None:
     diff = float((outputs[True].float() - outputs[False].float()).abs().max())
     frames = outputs[True].shape[2]
     print(f"{frames} frames; max |difference| between the two settings: {diff:.2e}")
-    record = dict(benchmark="vae_decode", gpu=torch.cuda.get_device_name(), command=" ".join(sys.argv),
-                  versions=dict(torch=torch.__version__, python=platform.python_version(),
-                                diffusers=__import__("diffusers").__version__, cudnn=torch.backends.cudnn.version()),
-                  frames=frames, max_abs_difference=diff, **results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"vae_decode_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"saved {path}")
+    save_result(args.out, "vae_decode", "vae_decode", versions=dict(diffusers=__import__("diffusers").__version__),
+                frames=frames, max_abs_difference=diff, **results)
 
 
 if __name__ == "__main__":
