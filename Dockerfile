@@ -12,6 +12,9 @@ FROM nvcr.io/nvidia/tritonserver:24.10-py3
 # is tested with 1.26; the model's tensors also cross by DLPack, which works with numpy 2.
 ARG TORCH_VERSION=2.9.1
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "numpy<2"
+# FlashAttention-4 (CuTe DSL kernels, built on first use): attention "auto" picks it on
+# Hopper, the fastest exact attention measured (README, "Speed and memory").
+RUN pip install --no-cache-dir "flash-attn-4==4.0.0b36"
 
 WORKDIR /opt/framepack
 COPY pyproject.toml README.md ./

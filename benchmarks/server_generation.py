@@ -11,6 +11,7 @@ PyAV is installed. Prints a table and writes JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -28,11 +29,10 @@ from framepack_server.launcher import TritonServer, free_ports  # noqa: E402
 
 
 def run_job(address: str, image: np.ndarray, settings: dict) -> dict:
-    try:  # the MP4 step needs PyAV; without it the frames are still received and counted
-        from client.video import FrameAssembler, write_mp4
-    except ImportError:
-        FrameAssembler = write_mp4 = None
-    assembler = FrameAssembler() if FrameAssembler else None
+    from client.video import FrameAssembler, write_mp4
+
+    # The MP4 step needs PyAV; without it the frames are still received and counted.
+    assembler = FrameAssembler() if importlib.util.find_spec("av") else None
     start = time.perf_counter()
     first_section_s = final = None
     frames_received = 0

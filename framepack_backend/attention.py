@@ -52,9 +52,10 @@ def require_backend(name: str) -> AttentionBackend:
 
 
 # What "auto" picks on a GPU: the fastest *exact* backend, fastest first. "flash" is
-# first only when flash-attn 3/4 is installed (torch's own flash kernel is slower than
-# cuDNN on Hopper: 360 vs 635 TFLOP/s measured, see GPU.md); "sage" quantizes q/k to
-# int8 (about 1 % error), so "auto" never picks it.
+# first only when flash-attn 3/4 is installed: on an H100 at the 640 bucket FA4 runs at
+# 693 TFLOP/s, cuDNN at 550-670, torch's own flash kernel at 360
+# (benchmarks/results/attention_*.json). "sage" quantizes q/k to int8 (about 1 % error),
+# so "auto" never picks it.
 AUTO_PREFERENCE = ("flash", "sdpa", "xformers")
 
 
