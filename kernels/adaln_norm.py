@@ -18,6 +18,7 @@ from kernels.validation import (
     check_launchable,
     check_shape,
     check_unit_last_stride,
+    output_like,
     row_block,
     warps_for_row,
 )
@@ -35,6 +36,19 @@ def adaln_layernorm_modulate_reference(
     """
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     return (normed * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]).to(x.dtype)
+
+
+@triton.jit
+def modulated_layernorm_row(x, mask, cols, channels, eps, shift_row_ptr, scale_row_ptr):
+    """LayerNorm of one float32 row held in registers, then * (1 + scale) + shift."""
+    mean = tl.sum(x, axis=0) / channels
+    # Two-pass variance from registers: no cancellation for rows with a large mean.
+    centered = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / channels
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(shift_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return centered * rstd * (1.0 + scale) + shift
 
 
 @triton.jit
@@ -61,16 +75,20 @@ def _adaln_layernorm_modulate_kernel(
     mask = cols < channels
 
     x = tl.load(x_ptr + b * x_stride_b + s * x_stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / channels
-    # Two-pass variance from registers: no cancellation for rows with a large mean.
-    centered = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / channels
-    rstd = 1.0 / tl.sqrt(var + eps)
-
-    shift = tl.load(shift_ptr + b * shift_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    out = centered * rstd * (1.0 + scale) + shift
+    out = modulated_layernorm_row(x, mask, cols, channels, eps, shift_ptr + b * shift_stride_b,
+                                  scale_ptr + b * scale_stride_b)
     tl.store(out_ptr + b * out_stride_b + s * out_stride_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def check_modulation_args(op: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """shift and scale: (B, C) for x (B, S, C), with C within what one program holds."""
+    check_float_tensor(op, "shift", shift, 2)
+    check_float_tensor(op, "scale", scale, 2)
+    batch, _, channels = x.shape
+    check_shape(op, "shift", shift, (batch, channels))
+    check_shape(op, "scale", scale, (batch, channels))
+    if not 0 < channels <= MAX_CHANNELS:
+        raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
 
 
 def adaln_layernorm_modulate(
@@ -88,19 +106,9 @@ def adaln_layernorm_modulate(
     """
     op = "adaln_layernorm_modulate"
     check_float_tensor(op, "x", x, 3)
-    check_float_tensor(op, "shift", shift, 2)
-    check_float_tensor(op, "scale", scale, 2)
+    check_modulation_args(op, x, shift, scale)
     batch, seq_len, channels = x.shape
-    check_shape(op, "shift", shift, (batch, channels))
-    check_shape(op, "scale", scale, (batch, channels))
-    if not 0 < channels <= MAX_CHANNELS:
-        raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    check_float_tensor(op, "out", out, 3)
-    check_shape(op, "out", out, tuple(x.shape))
-    if out.dtype != x.dtype:
-        raise TypeError(f"{op}: out has dtype {out.dtype}; it must match x ({x.dtype})")
+    out = output_like(op, "out", out, x)
     for name, tensor in (("x", x), ("shift", shift), ("scale", scale), ("out", out)):
         check_unit_last_stride(op, name, tensor)
     check_launchable(op, _adaln_layernorm_modulate_kernel, x=x, shift=shift, scale=scale, out=out)

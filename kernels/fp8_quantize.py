@@ -118,7 +118,9 @@ def quantize_fp8_rows(
     if b is not None:
         b_rows = _rows(op, "b", b)
         if a.shape[:-1] != b.shape[:-1]:
-            raise ValueError(f"{op}: a {tuple(a.shape)} and b {tuple(b.shape)} must agree in all but the last dimension")
+            raise ValueError(
+                f"{op}: a {tuple(a.shape)} and b {tuple(b.shape)} must agree in all but the last dimension"
+            )
     ka = a_rows.shape[1]
     kb = 0 if b_rows is None else b_rows.shape[1]
     num_rows = a_rows.shape[0]

@@ -17,16 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.adaln_norm import MAX_CHANNELS, adaln_layernorm_modulate_reference
+from kernels.adaln_norm import adaln_layernorm_modulate_reference, check_modulation_args, modulated_layernorm_row
 from kernels.gated_residual import check_gated_residual_args, gated_residual_reference
-from kernels.validation import (
-    check_float_tensor,
-    check_launchable,
-    check_shape,
-    check_unit_last_stride,
-    row_block,
-    warps_for_row,
-)
+from kernels.validation import check_launchable, check_unit_last_stride, output_like, row_block, warps_for_row
 
 
 def gated_residual_layernorm_modulate_reference(
@@ -82,14 +75,8 @@ def _gated_residual_layernorm_modulate_kernel(
     residual = (x + y * gate).to(residual_ptr.dtype.element_ty)
     tl.store(residual_ptr + b * residual_stride_b + s * residual_stride_s + cols, residual, mask=mask)
 
-    r = residual.to(tl.float32)
-    mean = tl.sum(r, axis=0) / channels
-    centered = tl.where(mask, r - mean, 0.0)
-    var = tl.sum(centered * centered, axis=0) / channels
-    rstd = 1.0 / tl.sqrt(var + eps)
-    shift = tl.load(shift_ptr + b * shift_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + b * scale_stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    modulated = centered * rstd * (1.0 + scale) + shift
+    modulated = modulated_layernorm_row(residual.to(tl.float32), mask, cols, channels, eps,
+                                        shift_ptr + b * shift_stride_b, scale_ptr + b * scale_stride_b)
     tl.store(
         modulated_ptr + b * modulated_stride_b + s * modulated_stride_s + cols,
         modulated.to(modulated_ptr.dtype.element_ty),
@@ -114,19 +101,9 @@ def gated_residual_layernorm_modulate(
     """
     op = "gated_residual_layernorm_modulate"
     check_gated_residual_args(op, x, y, gate)
-    check_float_tensor(op, "shift", shift, 2)
-    check_float_tensor(op, "scale", scale, 2)
+    check_modulation_args(op, x, shift, scale)
     batch, seq_len, channels = x.shape
-    check_shape(op, "shift", shift, (batch, channels))
-    check_shape(op, "scale", scale, (batch, channels))
-    if not 0 < channels <= MAX_CHANNELS:
-        raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
-    if residual_out is None:
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    check_float_tensor(op, "residual_out", residual_out, 3)
-    check_shape(op, "residual_out", residual_out, tuple(x.shape))
-    if residual_out.dtype != x.dtype:
-        raise TypeError(f"{op}: residual_out has dtype {residual_out.dtype}; it must match x ({x.dtype})")
+    residual_out = output_like(op, "residual_out", residual_out, x)
     modulated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     tensors = {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale, "residual_out": residual_out}
     for name, tensor in tensors.items():

@@ -26,6 +26,7 @@ from kernels.validation import (
     check_launchable,
     check_shape,
     check_unit_last_stride,
+    output_like,
 )
 
 # One program owns up to HEADS_PER_PROGRAM heads of one token (a power of two; 8
@@ -162,12 +163,7 @@ def qk_rmsnorm_rope(
         check_shape(op, "sin", sin, (rope_tokens, head_dim))
     elif rope_tokens is not None:
         raise ValueError(f"{op}: rope_tokens is {rope_tokens} but cos/sin are None")
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    check_float_tensor(op, "out", out, 4)
-    check_shape(op, "out", out, tuple(x.shape))
-    if out.dtype != x.dtype:
-        raise TypeError(f"{op}: out has dtype {out.dtype}; it must match x ({x.dtype})")
+    out = output_like(op, "out", out, x)
     tensors = {"x": x, "weight": weight, "out": out}
     if has_rope:
         tensors.update(cos=cos, sin=sin)

@@ -56,6 +56,17 @@ def check_launchable(op: str, kernel: object, **tensors: torch.Tensor) -> None:
         )
 
 
+def output_like(op: str, name: str, out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`out` checked to have x's shape and dtype, or a new contiguous tensor like x."""
+    if out is None:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    check_float_tensor(op, name, out, x.dim())
+    check_shape(op, name, out, tuple(x.shape))
+    if out.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} has dtype {out.dtype}; it must match x ({x.dtype})")
+    return out
+
+
 def row_block(columns: int) -> int:
     """Block width covering one whole row of `columns` elements (a power of two)."""
     return triton.next_power_of_2(columns)
