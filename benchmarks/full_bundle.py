@@ -63,7 +63,8 @@ def set_processor_size(out: Path, side: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--weight-scale", type=float, default=0.05, help="transformer weights ×this (finite activations)")
+    parser.add_argument("--weight-scale", type=float, default=0.05,
+                        help="transformer weights ×this (finite activations)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/full_bundle.py builds the weights on a CUDA GPU")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=1200)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
+    teacache_runs = args.teacache.split(",")
+    if not set(teacache_runs) <= {"off", "on"}:
+        sys.exit(f"--teacache {args.teacache!r}: expected off and/or on")
     from PIL import Image  # not client.cli's loader: that module needs PyAV, which this may run without
 
     image = np.asarray(Image.open(ROOT / "client" / "assets" / "sample.png").convert("RGB"))
@@ -80,33 +84,22 @@ def main() -> None:
                       fp8=args.fp8) as server:
         ready_s = time.perf_counter() - t0
         print(f"server ready in {ready_s:.1f} s", flush=True)
-        for teacache in args.teacache.split(","):
-            if teacache not in ("off", "on"):
-                sys.exit(f"--teacache {args.teacache!r}: expected off and/or on")
+        for teacache in teacache_runs:
             settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache == "on",
                         "teacache_threshold": 0.15}
             run = dict(teacache=teacache == "on", **run_job(server.grpc_address, image, settings))
             runs.append(run)
             print(json.dumps(run, default=str), flush=True)
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        versions = dict(torch=torch.__version__, python=platform.python_version())
-    except ImportError:
-        versions = dict(python=platform.python_version())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, {'FP8' if args.fp8 else 'bf16'}, through the server")
     for run in runs:
         mp4 = "not encoded (no PyAV)" if run["mp4_s"] is None else f"MP4 {run['mp4_s']:.1f} s"
-        print(f"TeaCache {'0.15' if run['teacache'] else 'off '}: {run['frames']} frames {run['width']}x{run['height']} "
+        teacache = "0.15" if run["teacache"] else "off "
+        print(f"TeaCache {teacache}: {run['frames']} frames {run['width']}x{run['height']} "
               f"in {run['total_s']:.1f} s ({mp4}) = {run['s_per_frame']:.3f} s/frame; first section after "
               f"{run['first_section_s']:.1f} s")
-    record = dict(benchmark="server_generation", gpu=gpu, command=" ".join(sys.argv), versions=versions,
-                  fp8=args.fp8, server_ready_s=ready_s, runs=runs)
-    path = log_path.with_name(log_path.name.replace(".tritonserver.log", ".json"))
-    path.write_text(json.dumps(record, indent=2, default=str))
-    print(f"saved {path}")
-
+    save_result(args.out, "server_generation", "server_generation", fp8=args.fp8, server_ready_s=ready_s,
+                server_log=log_path.name, runs=runs)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from client import cli, video
+from client import cli
 from client.connection import Endpoint
 from client.video import FrameAssembler, write_mp4
 from framepack_backend.settings import GenerationSettings

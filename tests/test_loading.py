@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from framepack_backend.models.loading import load_safetensors_state_dict, save_sharded_safetensors
 from framepack_backend.models.transformer import FramePackTransformer

@@ -345,7 +345,8 @@ def test_ten_cancellations_stop_promptly_and_memory_returns_to_baseline(server, 
     assert max(latencies) < 1.5 * decode_s + 0.5
     assert video(generate(server, image, FAST)).shape == GOOD_VIDEO_SHAPE
     figures.append(
-        f"cancellation ({DEVICE}): 10 jobs of {job_s:.1f} s cancelled at random points (2–60 %), each stopped at most "
+        f"cancellation ({DEVICE}): 10 jobs of {job_s:.1f} s cancelled at random points (2–60 %), "
+        f"each stopped at most "
         f"{max(latencies):.2f} s after the cancel (one section's VAE decode, not interruptible, takes "
         f"{decode_s:.2f} s); memory after the warm-up job: {mib(baseline)}; after the 10 "
         f"cancels: {mib(after)} (tensor storage identical, RSS {rss_growth:+.1f} MiB); the next job succeeded"

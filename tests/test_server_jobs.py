@@ -229,7 +229,8 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
     assert f1.sampling == "f1"
     assert config.fp8 is False
     assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {}).fp8 is True
-    assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {"FRAMEPACK_FP8": "false"}).fp8 is False
+    fp8_on = triton_args(model_dir=str(tmp_path), fp8="true")
+    assert InstanceConfig.from_triton(fp8_on, {"FRAMEPACK_FP8": "false"}).fp8 is False
 
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),

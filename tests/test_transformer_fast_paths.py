@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_transformer_parity import CASES, TINY, build_pair, section_inputs
+from tests.test_transformer_parity import TINY, build_pair, section_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ RMSNorm + RoPE written straight into the joint [latents, context] q/k buffers (n
 concatenation), and gated residual adds fused with the next modulated norm. Every
 kernel computes in fp32 and rounds once, so results differ from the eager path only
 by bf16 rounding. On CUDA the MLP's GELU runs in the GEMM epilogue and the single-stream
-output projection reads attention and MLP outputs without concatenating them. The blocks call these when `block.fused_kernels` is set.
+output projection reads attention and MLP outputs without concatenating them. The blocks
+call these when `block.fused_kernels` is set.
 """
 
 from __future__ import annotations
