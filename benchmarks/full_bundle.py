@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generation import build_components  # noqa: E402
 
-from framepack_backend.tiny_bundle import write_tiny_bundle  # noqa: E402
+from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

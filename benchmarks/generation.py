@@ -31,7 +31,7 @@ from transformer_forward import FULL_CONFIG  # noqa: E402
 from framepack_backend.components import Components  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.pipeline import Pipeline  # noqa: E402
-from framepack_backend.tiny_bundle import write_tiny_bundle  # noqa: E402
+from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
 
 
 def build_components(device: torch.device, weight_scale: float) -> Components:

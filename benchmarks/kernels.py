@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root goes first so `kernels` is the package, not this file.
+# The repository root goes first so the local packages are the ones imported.
 sys.path.insert(0, str(ROOT))
 
-import kernels  # noqa: E402
+import framepack_kernels as kernels  # noqa: E402
 
 IMAGE_TOKENS, TEXT_TOKENS, CHANNELS, HEADS, HEAD_DIM = 19_200, 100, 3072, 24, 128
 TOKENS = IMAGE_TOKENS + TEXT_TOKENS

@@ -1,7 +1,7 @@
 """Loading every model component from one local model directory.
 
 The directory holds the public repositories' sub-folders side by side (see
-docs/architecture.md); the tiny bundle (`python -m framepack_backend.tiny_bundle`) has the
+docs/architecture.md); the tiny bundle (`python -m framepack_backend.testing.tiny_bundle`) has the
 same layout, so real weights and the tiny model go through this one code path. Nothing
 is downloaded: every loader runs with `local_files_only=True`.
 
@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
+from .variants import SamplingVariant
+
 HUNYUAN_VIDEO_REPO = "hunyuanvideo-community/HunyuanVideo"
 FLUX_REDUX_REPO = "lllyasviel/flux_redux_bfl"
+# transformer sub-folder → public repository, per sampling variant
 TRANSFORMER_REPOS = {
-    "transformer": "lllyasviel/FramePackI2V_HY",
-    "transformer_f1": "lllyasviel/FramePack_F1_I2V_HY_20250503",
+    SamplingVariant.INVERTED.transformer_folder: "lllyasviel/FramePackI2V_HY",
+    SamplingVariant.F1.transformer_folder: "lllyasviel/FramePack_F1_I2V_HY_20250503",
 }
 # sub-folder → public repository it is copied from
 PUBLIC_SOURCES = {
@@ -132,7 +135,7 @@ def _check_layout(model_dir: Path, transformer_subfolder: str) -> dict[str, Path
         raise FileNotFoundError(
             f"model_dir {model_dir} is not a directory; it must hold the sub-folders "
             f"{', '.join([*PUBLIC_SOURCES, transformer_subfolder])} "
-            "(or write a tiny test model with `python -m framepack_backend.tiny_bundle DIR`)"
+            "(or write a tiny test model with `python -m framepack_backend.testing.tiny_bundle DIR`)"
         )
     sources = {**PUBLIC_SOURCES, transformer_subfolder: TRANSFORMER_REPOS[transformer_subfolder]}
     folders = {name: model_dir / name for name in sources}

@@ -22,17 +22,12 @@ from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
 from .settings import GenerationSettings, SettingsError, validate_image, validate_prompt
 from .teacache import TeaCache
+from .variants import VARIANT_NAMES, SamplingVariant
 
-FPS = 30
-LATENT_CHANNELS = 16
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# The transformer checkpoint each sampling variant needs (sub-folder of the model directory).
-TRANSFORMER_FOR_SAMPLING = {"inverted": "transformer", "f1": "transformer_f1"}
 
 
 class Pipeline:
@@ -42,7 +37,7 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         model_dir: Path,
-        sampling: str = "inverted",
+        sampling: SamplingVariant = SamplingVariant.INVERTED,
     ):
         self.components = components
         self.device = device
@@ -57,7 +52,7 @@ class Pipeline:
         model_dir: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        sampling: str = "inverted",
+        sampling: SamplingVariant | str = SamplingVariant.INVERTED,
         fused_kernels: bool | None = None,
         fp8: bool = False,
     ) -> "Pipeline":
@@ -66,7 +61,7 @@ class Pipeline:
         The transformer runs in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
         `sampling` picks the transformer: "inverted" (transformer/) or "f1" (transformer_f1/).
         `fused_kernels` (default: on for CUDA when Triton is installed) runs the blocks on the
-        Triton kernels of kernels/, the fastest exact path measured (benchmarks/results).
+        Triton kernels of framepack_kernels/, the fastest exact path measured (benchmarks/results).
         `fp8` turns the blocks' linear layers into FP8 e4m3 (Hopper; not exact: relative
         error ~1e-4 per forward against bf16). With the fused kernels the activations are
         quantized by one Triton kernel per shared input: 0.834 vs 0.925 s per forward on an
@@ -77,12 +72,13 @@ class Pipeline:
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if sampling not in TRANSFORMER_FOR_SAMPLING:
-            raise SettingsError("sampling", sampling, f"one of {', '.join(TRANSFORMER_FOR_SAMPLING)}")
+        if sampling not in VARIANT_NAMES:
+            raise SettingsError("sampling", sampling, f"one of {', '.join(VARIANT_NAMES)}")
+        sampling = SamplingVariant(sampling)
         model_dir = Path(model_dir)
         components = load_components(
             model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
-            transformer_subfolder=TRANSFORMER_FOR_SAMPLING[sampling],
+            transformer_subfolder=sampling.transformer_folder,
         )
         configure_transformer(components.transformer, device, fused_kernels, fp8)
         pipeline = cls(components, device, dtype, model_dir, sampling)
@@ -109,11 +105,11 @@ class Pipeline:
         image = validate_image(image)
         prompt = validate_prompt(prompt)
         if settings.sampling == "auto":
-            settings = settings.replace(sampling=self.sampling)
+            settings = settings.replace(sampling=self.sampling.value)
         if settings.sampling != self.sampling:
             raise SettingsError(
                 "sampling", settings.sampling,
-                f"{self.sampling!r}: this pipeline was loaded with {TRANSFORMER_FOR_SAMPLING[self.sampling]}/",
+                f"'{self.sampling}': this pipeline was loaded with {self.sampling.transformer_folder}/",
             )
         backend = resolve_backend(settings.attention, self.device)
         self.components.transformer.set_attention_backend(backend)
@@ -151,7 +147,7 @@ class Pipeline:
         timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
 
         window = settings.window
-        lh, lw = height // 8, width // 8
+        lh, lw = height // planner.VAE_SPATIAL_STRIDE, width // planner.VAE_SPATIAL_STRIDE
         plans = planner.plan_sections(settings.seconds, window, settings.sampling)
         sections = len(plans)
         total_frames = planner.video_frame_count(sections, window)
@@ -178,7 +174,7 @@ class Pipeline:
 
         for plan in plans:
             t_section = time.perf_counter()
-            noise = torch.randn((1, LATENT_CHANNELS, window, lh, lw), generator=generator, dtype=torch.float32)
+            noise = torch.randn((1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32)
             clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, settings.sampling)
             context = dict(
                 image_embeds=image_embeds,
@@ -267,7 +263,7 @@ class Pipeline:
         timings["memory"] = {"mode": mode, **peak_memory(self.device)}
         yield GenerationResult(
             frames=frames,
-            fps=FPS,
+            fps=planner.FPS,
             width=width,
             height=height,
             seed=settings.seed,

@@ -16,15 +16,17 @@ Latent tensors are (B, C, T, H, W); video tensors (B, C, frames, H, W). Time is 
 """
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Variant = Literal["inverted", "f1"]
-VARIANTS: tuple[Variant, ...] = ("inverted", "f1")
+from .variants import SamplingVariant
 
-FPS = 30
+Variant = SamplingVariant | str  # a SamplingVariant or its name
+VARIANTS: tuple[SamplingVariant, ...] = tuple(SamplingVariant)
+
+FPS = 30  # frames per second of every video the checkpoints were trained on
 VAE_TIME_STRIDE = 4  # one latent frame after the first stands for 4 video frames
+VAE_SPATIAL_STRIDE = 8  # one latent pixel stands for 8×8 video pixels
 
 # Context frames at each compression, fixed by the released checkpoints.
 CONTEXT_1X, CONTEXT_2X, CONTEXT_4X = 1, 2, 16
@@ -35,7 +37,7 @@ _TIME = 2
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
 
 
 def _check_positive_int(field: str, value: int) -> None:

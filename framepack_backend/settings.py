@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .presets import FLOW_PRESETS, PRESETS
+from .variants import VARIANT_NAMES
 
 
 class SettingsError(ValueError):
@@ -37,7 +38,6 @@ def _spec(default: Any, kind: type, *, low=None, high=None, choices=None, doc: s
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage", "xformers")
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
-SAMPLING_VARIANTS = ("auto", "inverted", "f1")
 SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")
 
@@ -60,9 +60,10 @@ class GenerationSettings:
     rs: float = _spec(0.0, float, low=0.0, high=1.0, doc="CFG rescale")
     window: int = _spec(9, int, low=1, high=33, doc="latent window size (latent frames per section)")
     blend_latents: int = _spec(
-        3, int, low=1, high=33,
-        doc="previous-section latent frames re-decoded for the cross-fade (window = the reference's full overlap; "
-        "larger values count as the window); 3 cross-fades 9 frames",
+        33, int, low=1, high=33,
+        doc="previous-section latent frames re-decoded for the cross-fade; at least the window (default) "
+        "re-decodes the whole previous section as the reference does, fewer decode less (3: 9 frames "
+        "cross-faded, faster, not the reference's output)",
     )
     teacache: bool = _spec(True, bool, doc="reuse transformer residuals on slowly changing steps")
     teacache_threshold: float = _spec(0.15, float, low=0.01, high=1.0, doc="TeaCache accumulated-change threshold")
@@ -72,7 +73,7 @@ class GenerationSettings:
     negative_prompt: str = _spec("", str, doc="negative prompt (used when cfg > 1)")
     resolution: int = _spec(640, int, low=128, high=1280, doc="bucket base resolution (multiple of 16)")
     sampling: str = _spec(
-        "auto", str, choices=SAMPLING_VARIANTS, doc="inverted anti-drifting or forward F1 ('auto': the loaded model's)"
+        "auto", str, choices=("auto", *VARIANT_NAMES), doc="inverted anti-drifting or forward F1 ('auto': the loaded model's)"
     )
     solver: str = _spec("bh1", str, choices=SOLVERS, doc="UniPC variant")
     attention: str = _spec("auto", str, choices=ATTENTION_BACKENDS, doc="attention backend")

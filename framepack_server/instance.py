@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from framepack_backend.variants import VARIANT_NAMES, SamplingVariant
+
 DTYPES = ("bfloat16", "float16", "float32")
-# The transformer an instance loads: inverted anti-drifting (transformer/) or forward F1 (transformer_f1/).
-SAMPLING_VARIANTS = ("inverted", "f1")
 
 ENV_OVERRIDES = {
     "model_dir": "FRAMEPACK_MODEL_DIR",
@@ -46,7 +46,7 @@ class InstanceConfig:
     # Created by the launcher when it stops the server (FRAMEPACK_SHUTDOWN_FILE; see jobs.py).
     shutdown_file: Path | None = None
     fault_injection: bool = False
-    sampling: str = "inverted"
+    sampling: SamplingVariant = SamplingVariant.INVERTED
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
 
     def shutdown_requested(self) -> bool:
@@ -89,9 +89,9 @@ class InstanceConfig:
             )
 
         sampling = value("sampling", "inverted")
-        if sampling not in SAMPLING_VARIANTS:
+        if sampling not in VARIANT_NAMES:
             raise InstanceConfigError(
-                f"sampling={sampling!r} is not allowed: expected one of {', '.join(SAMPLING_VARIANTS)}"
+                f"sampling={sampling!r} is not allowed: expected one of {', '.join(VARIANT_NAMES)}"
             )
 
         fp8 = value("fp8", "false").lower()
@@ -113,6 +113,6 @@ class InstanceConfig:
             max_job_seconds or None,
             Path(shutdown_file) if shutdown_file else None,
             environ.get(FAULT_INJECTION_ENV, "") == "1",
-            sampling,
+            SamplingVariant(sampling),
             FP8_VALUES[fp8],
         )

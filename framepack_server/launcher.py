@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from framepack_backend.variants import VARIANT_NAMES
+
 from .instance import FAULT_INJECTION_ENV
 from .supervisor import Supervisor, backend_stub_pids
 from .triton_install import (
@@ -98,7 +100,7 @@ def ensure_tiny_bundle(folder: Path | None = None) -> Path:
     folder = folder or cache_dir() / "tiny"
     if folder.is_dir():
         return folder
-    from framepack_backend.tiny_bundle import write_tiny_bundle
+    from framepack_backend.testing.tiny_bundle import write_tiny_bundle
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queued-jobs", type=int, help="jobs that may wait per model instance (default: config)")
     parser.add_argument("--max-job-seconds", type=float, help="time limit of one job, 0 for none (default: config)")
     parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
-    parser.add_argument("--sampling", choices=("inverted", "f1"),
+    parser.add_argument("--sampling", choices=VARIANT_NAMES,
                         help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from framepack_backend.tiny_bundle import write_tiny_bundle
+from framepack_backend.testing.tiny_bundle import write_tiny_bundle
 from framepack_server.launcher import TritonServer, free_ports
 
 # Small enough for the CPU: a 2-second video at the 128 bucket with 4 steps per section

@@ -5,7 +5,7 @@ import torch
 from framepack_backend import conditioning as cond
 from framepack_backend.components import load_components
 from framepack_backend.settings import SettingsError
-from framepack_backend.tiny_bundle import TINY_CLIP, TINY_LLAMA, TINY_SIGLIP
+from framepack_backend.testing.tiny_bundle import TINY_CLIP, TINY_LLAMA, TINY_SIGLIP
 
 LLAMA_DIM = TINY_LLAMA["hidden_size"]
 CLIP_DIM = TINY_CLIP["hidden_size"]

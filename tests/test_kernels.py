@@ -31,17 +31,17 @@ TRITON_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
 
 
 def _import_kernels():
-    """Import `kernels`, interpreted when there is no GPU."""
+    """Import `framepack_kernels`, interpreted when there is no GPU."""
     if HAS_CUDA:
-        return importlib.import_module("kernels")
+        return importlib.import_module("framepack_kernels")
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        package = importlib.import_module("kernels")
+        package = importlib.import_module("framepack_kernels")
         import triton
 
         if isinstance(package.adaln_norm._adaln_layernorm_modulate_kernel, triton.runtime.JITFunction):
-            for name in sorted(n for n in sys.modules if n.startswith("kernels.")):
+            for name in sorted(n for n in sys.modules if n.startswith("framepack_kernels.")):
                 importlib.reload(sys.modules[name])
         # Triton imports parts of itself on the first launch and checks the variable
         # then too, so launch once while it is still set.
@@ -56,7 +56,7 @@ def _import_kernels():
 
 
 kernels = _import_kernels()
-from kernels import adaln_norm, qk_norm_rope, teacache_distance  # noqa: E402  (after the interpreter choice)
+from framepack_kernels import adaln_norm, qk_norm_rope, teacache_distance  # noqa: E402  (after the interpreter choice)
 
 INTERPRETED = not HAS_CUDA
 

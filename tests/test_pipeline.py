@@ -103,9 +103,21 @@ def test_full_window_blend_reproduces_the_reference_decode(full_blend_run):
     assert result.timings["decoded_latents"] == 9 + 19
 
 
-def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(two_second_run, full_blend_run):
-    """The default re-decodes 3 previous latents and cross-fades 9 frames instead of 33."""
-    reduced, full = two_second_run[-1], full_blend_run[0][-1]
+def test_by_default_the_whole_previous_section_is_re_decoded_as_the_reference_does(two_second_run, full_blend_run):
+    default, full = two_second_run[-1], full_blend_run[0][-1]
+    assert default.timings["decoded_latents"] == 9 + 19
+    assert np.array_equal(default.frames, full.frames)
+
+
+@pytest.fixture(scope="module")
+def three_blend_run(pipeline, image):
+    return list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
+                                                           "blend_latents": 3}))
+
+
+def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(three_blend_run, full_blend_run):
+    """blend_latents 3 re-decodes 3 previous latents and cross-fades 9 frames instead of 33."""
+    reduced, full = three_blend_run[-1], full_blend_run[0][-1]
     assert reduced.settings["blend_latents"] == 3
     assert reduced.timings["decoded_latents"] == 9 + 13  # start | new section | 3 previous latents
     assert reduced.frames.shape == full.frames.shape == (73, 112, 144, 3)
@@ -167,7 +179,8 @@ def test_cancel_stops_within_one_step(pipeline, image):
 
 def test_forward_f1_sampling_grows_the_video_from_its_start(tiny_bundle, image):
     f1 = Pipeline.from_pretrained(tiny_bundle, device="cpu", sampling="f1")
-    events = list(f1.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+    events = list(f1.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
+                                                       "blend_latents": 3}))
     result = events[-1]
     assert result.frames.shape == (73, 112, 144, 3) and result.settings["sampling"] == "f1"
     starts = [e.start_frame for e in events if isinstance(e, SectionFinished)]

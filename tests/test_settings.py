@@ -11,7 +11,7 @@ def test_defaults_follow_the_spec():
     s = GenerationSettings()
     assert (s.steps, s.gs, s.cfg, s.rs, s.seed, s.window) == (25, 10.0, 1.0, 0.0, 31337, 9)
     assert s.teacache and s.teacache_threshold == 0.15 and s.sampling == "auto"
-    assert s.blend_latents == 3
+    assert s.blend_latents == 33  # at least the window: the reference's whole-section overlap
 
 
 def test_preset_applies_then_explicit_values_win():

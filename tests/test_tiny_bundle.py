@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from framepack_backend.components import PUBLIC_SOURCES, Components, load_components
-from framepack_backend.tiny_bundle import TINY_TRANSFORMER, main, write_tiny_bundle
+from framepack_backend.testing.tiny_bundle import TINY_TRANSFORMER, main, write_tiny_bundle
 
 EXPECTED_FILES = {
     "text_encoder/config.json",

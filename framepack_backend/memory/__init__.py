@@ -5,7 +5,7 @@ from .footprint import MemoryFootprint, job_footprint, streamable_blocks
 from .host import HostArena, PackedBlock
 from .manager import PHASES, MemoryManager, available_gpu_bytes
 from .modes import StreamPlan, choose_memory_mode, memory_needed, plan_stream
-from .schedule import Acquire, Prefetch, Release, Restart, RingSchedule
+from .ring import Acquire, Prefetch, Release, Restart, RingSchedule
 from .streaming import BlockStreamer
 from .weights import ComponentWeights
 

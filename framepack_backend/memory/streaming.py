@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from .host import PackedBlock
-from .schedule import Acquire, Action, Prefetch, Release, Restart, RingSchedule
+from .ring import Acquire, Action, Prefetch, Release, Restart, RingSchedule
 
 
 class SlotCopies(Protocol):

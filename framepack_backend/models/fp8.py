@@ -5,7 +5,7 @@ quantized per token on the fly, so an outlier token does not flatten the others.
 Both scales go to `torch._scaled_mm` (row-wise scaling, Hopper and newer), which
 accumulates in fp32 and writes bf16 with the bias added.
 
-On CUDA the activation quantization is one Triton kernel (kernels/fp8_quantize.py), and
+On CUDA the activation quantization is one Triton kernel (framepack_kernels/fp8_quantize.py), and
 an input read by several layers (q, k, v and the MLP all read the same normalized
 hidden state) can be quantized once and passed to each as an `Fp8Activation`.
 
@@ -44,11 +44,11 @@ def quantize_activation(
 ) -> Fp8Activation:
     """Quantize x (or the concatenation [x | extra]) per row, optionally through tanh-GELU."""
     if x.is_cuda:
-        from kernels import quantize_fp8_rows
+        from framepack_kernels import quantize_fp8_rows
 
         values, scale = quantize_fp8_rows(x, extra, gelu_a=gelu_x, gelu_b=gelu_extra)
     else:
-        from kernels.fp8_quantize import quantize_fp8_rows_reference
+        from framepack_kernels.fp8_quantize import quantize_fp8_rows_reference
 
         values, scale = quantize_fp8_rows_reference(x, extra, gelu_a=gelu_x, gelu_b=gelu_extra)
     return Fp8Activation(values, scale, tuple(x.shape[:-1]), x.dtype)

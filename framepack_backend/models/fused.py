@@ -1,4 +1,4 @@
-"""The transformer blocks' forward on the fused Triton kernels (`kernels/`).
+"""The transformer blocks' forward on the fused Triton kernels (`framepack_kernels/`).
 
 Same weights and the same mathematics as the blocks' own `forward` in transformer.py,
 with the elementwise chains each done in one pass: AdaLN norm + modulation, q/k
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import adaln_layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, qk_rmsnorm_rope
+from framepack_kernels import adaln_layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, qk_rmsnorm_rope
 
 from ..attention import attention
 from .fp8 import Fp8Linear, quantize_activation

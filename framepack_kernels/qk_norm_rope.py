@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.validation import (
+from framepack_kernels.validation import (
     check_float_tensor,
     check_launchable,
     check_shape,

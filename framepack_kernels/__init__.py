@@ -5,15 +5,15 @@ arithmetic, one rounding to the input dtype). The kernels run on CUDA tensors, o
 CPU tensors when TRITON_INTERPRET=1 is set before this package is imported.
 """
 
-from kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
-from kernels.fp8_quantize import quantize_fp8_rows, quantize_fp8_rows_reference
-from kernels.gated_residual import gated_residual, gated_residual_reference
-from kernels.gated_residual_norm import (
+from framepack_kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
+from framepack_kernels.fp8_quantize import quantize_fp8_rows, quantize_fp8_rows_reference
+from framepack_kernels.gated_residual import gated_residual, gated_residual_reference
+from framepack_kernels.gated_residual_norm import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_reference,
 )
-from kernels.qk_norm_rope import qk_rmsnorm_rope, qk_rmsnorm_rope_reference
-from kernels.teacache_distance import (
+from framepack_kernels.qk_norm_rope import qk_rmsnorm_rope, qk_rmsnorm_rope_reference
+from framepack_kernels.teacache_distance import (
     teacache_accumulate,
     teacache_accumulate_reference,
     teacache_relative_l1,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.validation import FLOAT_DTYPES, check_launchable
+from framepack_kernels.validation import FLOAT_DTYPES, check_launchable
 
 # Elements (and warps) per first-stage program; partials per second-stage iteration.
 PARTIAL_BLOCK = 4096

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.validation import check_float_tensor, check_launchable, check_unit_last_stride
+from framepack_kernels.validation import check_float_tensor, check_launchable, check_unit_last_stride
 
 E4M3_MAX = 448.0
 # Smallest scale: an all-zero row quantizes to zeros instead of dividing by zero.

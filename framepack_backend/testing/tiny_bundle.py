@@ -1,6 +1,6 @@
 """A tiny random-weight model directory in exactly the public layout.
 
-`python -m framepack_backend.tiny_bundle OUT_DIR` writes every component with the same
+`python -m framepack_backend.testing.tiny_bundle OUT_DIR` writes every component with the same
 classes and file formats as the public repositories (config.json + safetensors,
 tokenizer files, preprocessor_config.json) but small dimensions, so demos and CI run the
 real loading and inference code on a CPU in seconds. Weights are random, deterministic
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from .conditioning import CLIP_MAX_TOKENS, PROMPT_TEMPLATE
+from ..conditioning import CLIP_MAX_TOKENS, PROMPT_TEMPLATE
 
 LLAMA_SPECIAL_TOKENS = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -310,7 +310,7 @@ def _write_image_encoder(model_folder: Path, processor_folder: Path) -> None:
 
 
 def _write_transformer(folder: Path) -> None:
-    from .models.transformer import FramePackTransformer
+    from ..models.transformer import FramePackTransformer
 
     # save_pretrained writes config.json (diffusers keys) and the shards + index json.
     model = FramePackTransformer(**TINY_TRANSFORMER).to(TRANSFORMER_DTYPE)
