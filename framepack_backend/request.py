@@ -41,6 +41,9 @@ class GenerationRequest:
 
     `image` is the start frame, uint8 H×W×3. Its type allows None for text-to-video,
     which is not built yet: `parse_request` refuses a request without an image.
+    `settings` are the job's own; `engine` its overrides of the instance's options.
+    The coming inputs (end image, keyframes, input video, timed prompts, LoRA choices;
+    see the module docstring) become fields here, checked by `parse_request`.
     """
 
     image: np.ndarray | None
