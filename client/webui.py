@@ -175,8 +175,8 @@ def _spec(description: stream.Description, name: str) -> dict:
 
 
 def _groups(description: stream.Description) -> dict[str, list[str]]:
-    names = dict.fromkeys([*description.settings, *CLIENT_SETTINGS])  # an older server also describes crf
-    described = [name for name in names if name not in PROMPT_SETTINGS]
+    offered = dict.fromkeys([*description.settings, *CLIENT_SETTINGS])  # an older server also describes crf
+    described = [name for name in offered if name not in PROMPT_SETTINGS]
     groups = {group: [name for name in names if name in described] for group, names in SETTING_GROUPS.items()}
     placed = {name for names in groups.values() for name in names}
     groups["More"] = [name for name in described if name not in placed]
