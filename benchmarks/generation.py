@@ -31,6 +31,7 @@ from transformer_forward import FULL_CONFIG  # noqa: E402
 from framepack_backend.components import Components  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.pipeline import Pipeline  # noqa: E402
+from framepack_backend.request import GenerationRequest  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def generate_once(pipeline: Pipeline, image: np.ndarray, settings: dict) -> dict
     torch.cuda.synchronize()
     start = time.perf_counter()
     first_section_s = result = None
-    for event in pipeline.generate(image, "a character dances in the rain", settings):
+    for event in pipeline.generate(GenerationRequest.parse(image, "a character dances in the rain", **settings)):
         name = type(event).__name__
         if name == "SectionFinished" and first_section_s is None:
             first_section_s = time.perf_counter() - start

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from client import stream  # noqa: E402
 from framepack_server.launcher import TritonServer, free_ports  # noqa: E402
+from framepack_wire import WireRequest  # noqa: E402
 
 
 def run_job(address: str, image: np.ndarray, settings: dict) -> dict:
@@ -37,7 +38,7 @@ def run_job(address: str, image: np.ndarray, settings: dict) -> dict:
     start = time.perf_counter()
     first_section_s = final = None
     frames_received = 0
-    for event in stream.generate(address, image, "a character dances in the rain", settings):
+    for event in stream.generate(address, WireRequest(image, "a character dances in the rain", settings)):
         if isinstance(event, stream.Section):
             first_section_s = first_section_s or time.perf_counter() - start
             frames_received += len(event.frames)

@@ -5,7 +5,8 @@
 
 Only the settings given on the command line are sent; the server applies its defaults,
 validates everything and reports the values it used. A bad value comes back as one line
-naming the setting and what is allowed.
+naming the setting and what is allowed. `--crf` (the MP4's quality) is the client's own
+option: it is checked and used here, never sent.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from framepack_wire import WireRequest
+
 from . import stream
 from .connection import Endpoint
-from .video import FrameAssembler, write_mp4
+from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 
 DEFAULT_SERVER = "localhost:8001"
 EXIT_SERVER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# The engine's settings, by their request-parameter names. Types, defaults and ranges
-# live in the engine (framepack_backend/settings.py); the server checks the values.
+# The engine's settings, by their request-parameter names. Types, defaults, ranges and
+# choices live in the engine (framepack_backend/settings.py): the server checks the
+# values, and its describe answer (`framepack ui` builds its page from it) lists them.
 SETTINGS: dict[str, str] = {
     "seconds": "video length in seconds (30 fps)",
     "seed": "random seed; the same seed gives the same video",
@@ -48,10 +52,9 @@ SETTINGS: dict[str, str] = {
     "resolution": "bucket base resolution (multiple of 16)",
     "sampling": "inverted (anti-drifting) or f1",
     "solver": "UniPC variant: bh1 or bh2",
-    "attention": "attention backend: auto, sdpa, flash, sage, xformers",
+    "attention": "attention backend for this job (the choices are in the server's describe answer)",
     "memory_mode": "auto, resident, offload or stream",
     "gpu_memory_preservation": "GB of GPU memory to keep free",
-    "crf": "H.264 constant rate factor of the MP4 (lower is better quality)",
     "preview": "on/off: stream a small preview image every step",
 }
 
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
     for name, text in SETTINGS.items():
         settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
+    settings.add_argument("--crf", metavar="VALUE",
+                          help=f"{CRF_SPEC['doc']}, {CRF_SPEC['low']}..{CRF_SPEC['high']} (default {CRF_DEFAULT}; "
+                          "applied by this client)")
     ui = commands.add_parser("ui", help="serve the web UI (needs the 'ui' extra: gradio)")
     ui.add_argument("--server", default=DEFAULT_SERVER, help="gRPC address HOST:PORT (default %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
@@ -107,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = load_image(args.image)
         args.endpoint = endpoint(args)
+        crf = CRF_DEFAULT if args.crf is None else parse_crf(args.crf)
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
-    settings = {name: value for name, value in settings.items() if value is not None}
+    request = WireRequest(image, args.prompt, {name: value for name, value in settings.items() if value is not None})
     try:
-        path, final = run_generate(args, image, settings)
+        path, final = run_generate(args, request, crf)
     except stream.ServerError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_SERVER_ERROR
@@ -154,12 +161,12 @@ def load_image(path: Path) -> np.ndarray:
         raise ValueError(f"--image {path}: not a readable image ({e})") from None
 
 
-def run_generate(args: argparse.Namespace, image: np.ndarray, settings: dict[str, str]) -> tuple[Path, stream.Final]:
+def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[Path, stream.Final]:
     assembler = FrameAssembler()
     final = None
     bar = None
     try:
-        for event in stream.generate(args.endpoint, image, args.prompt, settings):
+        for event in stream.generate(args.endpoint, request):
             if isinstance(event, stream.Progress):
                 if bar is None:
                     bar = tqdm(total=event.sections * event.steps, unit="step", disable=args.quiet, file=sys.stderr)
@@ -171,7 +178,7 @@ def run_generate(args: argparse.Namespace, image: np.ndarray, settings: dict[str
                 assembler.add(event.start_frame, event.frames, event.total_frames)
                 if args.save_sections is not None:
                     clip = args.save_sections / f"section_{event.section:02d}.mp4"
-                    write_mp4(clip, event.frames, event.fps, _crf(settings))
+                    write_mp4(clip, event.frames, event.fps, crf)
             elif isinstance(event, stream.Final):
                 final = event
     finally:
@@ -182,18 +189,13 @@ def run_generate(args: argparse.Namespace, image: np.ndarray, settings: dict[str
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    return write_mp4(args.output, video, final.fps, final.settings.get("crf")), final
+    return write_mp4(args.output, video, final.fps, crf), final
 
 
 def save_preview(folder: Path, event: stream.Progress) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"preview_s{event.section:02d}_{event.step:03d}.png"
     Image.fromarray(event.preview).save(path)
-
-
-def _crf(settings: dict[str, str]) -> int | None:
-    """The CRF asked for (validated by the server by the time a section arrives)."""
-    return int(settings["crf"]) if "crf" in settings else None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from typing import Callable
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-MODEL_NAME = "framepack"
+from framepack_wire import MODEL_NAME
+
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 4.0
 # One readiness question; a server that accepts the connection but never answers counts

@@ -1,9 +1,10 @@
 """One generation request over Triton's gRPC stream, as an iterator of typed events.
 
-The wire protocol (see framepack_server/protocol.py on the server side): input `image`
-UINT8 H×W×3; `prompt` and settings as request parameters; every response carries
-`event` (JSON bytes) and, for progress and section events, `preview` or `frames`.
-Errors arrive as one message `STATUS: text` (the stream carries no status code).
+The wire protocol (names and event metadata in framepack_wire, which the server imports
+too; described in framepack_server/protocol.py): input `image` UINT8 H×W×3; `prompt` and
+settings as request parameters (a `WireRequest`); every response carries `event` (JSON
+bytes) and, for progress and section events, `preview` or `frames`. Errors arrive as one
+message `STATUS: text` (the stream carries no status code).
 `server` is an address `HOST:PORT` or a `connection.Endpoint` (TLS, connect timeout);
 connecting waits for a (re)starting server with backoff (connection.py).
 A request with the parameter `describe` (and no image) is answered by one `describe`
@@ -22,9 +23,25 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .connection import MODEL_NAME, Endpoint, Unreachable, as_endpoint, ready_client
+from framepack_wire import (
+    DESCRIBE_PARAMETER,
+    EVENT_OUTPUT,
+    FRAMES_OUTPUT,
+    IMAGE_INPUT,
+    MODEL_NAME,
+    PREVIEW_OUTPUT,
+    DescribeMeta,
+    FinalMeta,
+    ProgressMeta,
+    SectionMeta,
+    Status,
+    WireRequest,
+    event_from_json,
+    parse_error_message,
+)
 
-STATUSES = ("INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
+from .connection import Endpoint, Unreachable, as_endpoint, ready_client
+
 # Requests that break the model config (dtype, shape, name or number of inputs) are
 # refused by Triton itself, before our model sees them, with messages such as
 # "unexpected shape for input 'image' for model 'framepack'. Expected [-1,-1,3], got
@@ -69,15 +86,9 @@ class Final:
 
 
 Event = Progress | Section | Final
-
-
-@dataclass(frozen=True)
-class Description:
-    """What the server accepts, so front ends show the engine's values without importing it."""
-
-    settings: dict[str, dict]  # name -> type, default, low, high, choices, doc
-    presets: dict[str, dict]  # preset name -> the settings it sets
-    flow_presets: list[str]
+# What the server accepts: settings (name -> type, default, low, high, choices, doc),
+# presets (name -> the settings it sets) and flow_presets.
+Description = DescribeMeta
 
 
 class ServerError(Exception):
@@ -103,11 +114,12 @@ def _server_error(error: InferenceServerException, address: str) -> ServerError:
     and a broken connection comes as a gRPC status instead of a message from the server.
     """
     text = error.message() or ""
-    status, _, rest = text.partition(": ")
-    if status in STATUSES:
-        return ServerError(status, rest)
+    parsed = parse_error_message(text)
+    if parsed is not None:
+        status, rest = parsed
+        return ServerError(status.value, rest)
     if TRITON_INPUT_ERROR.search(text):
-        return ServerError("INVALID_ARGUMENT", text)
+        return ServerError(Status.INVALID_ARGUMENT.value, text)
     if TRITON_STUB_DIED.search(text):
         return ServerLost(f"the server's model process died ({text}); retry once it has restarted")
     if error.status() is not None:  # from gRPC itself: the server went away mid-request
@@ -123,44 +135,27 @@ def _parse(result) -> Event:
 
 
 def _event_meta(result) -> dict:
-    return json.loads(bytes(result.as_numpy("event")).decode("utf-8"))
-
-
-def _int(meta: dict, key: str) -> int:
-    """An integer field of an event; anything else is refused, because numbers from the
-    server end up in file names (section clips, previews) and must not carry a path."""
-    value = meta[key]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} is not an integer")
-    return value
+    return json.loads(bytes(result.as_numpy(EVENT_OUTPUT)).decode("utf-8"))
 
 
 def _parse_event(result) -> Event:
-    meta = _event_meta(result)
-    kind = meta["kind"]
-    if kind == "progress":
-        return Progress(
-            _int(meta, "section"), _int(meta, "sections"), _int(meta, "step"), _int(meta, "steps"),
-            float(meta["elapsed_s"]), result.as_numpy("preview"),
-        )
-    if kind == "section":
-        return Section(
-            _int(meta, "section"), _int(meta, "sections"), _int(meta, "start_frame"), _int(meta, "total_frames"),
-            _int(meta, "fps"), result.as_numpy("frames"),
-        )
-    if kind == "final":
-        return Final(
-            _int(meta, "frame_count"), _int(meta, "fps"), _int(meta, "width"), _int(meta, "height"),
-            _int(meta, "seed"), meta["settings"], meta["timings"],
-        )
-    raise ServerError("UNKNOWN", f"unexpected event kind {kind!r} from the server")
+    """The event of one response; the metadata's numbers are checked by framepack_wire
+    (integers only: they end up in file names, so they must not carry a path)."""
+    meta = event_from_json(_event_meta(result))
+    if isinstance(meta, ProgressMeta):
+        return Progress(meta.section, meta.sections, meta.step, meta.steps, meta.elapsed_s,
+                        result.as_numpy(PREVIEW_OUTPUT))
+    if isinstance(meta, SectionMeta):
+        return Section(meta.section, meta.sections, meta.start_frame, meta.total_frames, meta.fps,
+                       result.as_numpy(FRAMES_OUTPUT))
+    if isinstance(meta, FinalMeta):
+        return Final(meta.frame_count, meta.fps, meta.width, meta.height, meta.seed, meta.settings, meta.timings)
+    raise ServerError("UNKNOWN", f"unexpected event kind {meta.kind.value!r} from the server")
 
 
 def generate(
     server: str | Endpoint,
-    image: np.ndarray,
-    prompt: str,
-    settings: Mapping[str, str | int | float | bool],
+    request: WireRequest,
     *,
     request_id: str = "",
     cancel: Callable[[], bool] | None = None,
@@ -171,10 +166,10 @@ def generate(
     server. So does `cancel` returning True (it is polled at least every POLL_S, also
     while no response arrives): the iteration then ends without `Final`.
     """
-    image_input = grpcclient.InferInput("image", list(image.shape), "UINT8")
-    image_input.set_data_from_numpy(np.ascontiguousarray(image, dtype=np.uint8))
-    parameters = {"prompt": prompt, **settings}
-    for result in _responses(server, [image_input], parameters, request_id, cancel):
+    image = request.image_array()
+    image_input = grpcclient.InferInput(IMAGE_INPUT, list(image.shape), "UINT8")
+    image_input.set_data_from_numpy(image)
+    for result in _responses(server, [image_input], request.request_parameters(), request_id, cancel):
         yield _parse(result)
 
 
@@ -190,12 +185,12 @@ def describe(server: str | Endpoint) -> Description:
 
 
 def _describe(server: str | Endpoint) -> Description:
-    for result in _responses(server, [], {"describe": True}):
+    for result in _responses(server, [], {DESCRIBE_PARAMETER: True}):
         try:
-            meta = _event_meta(result)
-            if meta["kind"] != "describe":
-                raise ValueError(f"event kind {meta['kind']!r}")
-            return Description(meta["settings"], meta["presets"], meta["flow_presets"])
+            meta = event_from_json(_event_meta(result))
+            if not isinstance(meta, DescribeMeta):
+                raise ValueError(f"event kind {meta.kind.value!r}")
+            return meta
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError("UNKNOWN", f"unexpected answer to a describe request ({type(e).__name__}: {e})") from None
     raise ServerError("UNKNOWN", "the server answered a describe request with nothing")

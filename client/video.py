@@ -1,5 +1,9 @@
 """Frames to an H.264 MP4, written atomically, and the assembly of streamed sections.
 
+The MP4's quality (`crf`) is the client's option: the client encodes the video, so the
+CLI and the web UI read it here, not from the server. (The server still range-checks a
+`crf` request parameter from older clients, then ignores it.)
+
 An MP4 either appears complete at its path or not at all: it is written to a hidden
 temporary file in the same folder and renamed over the target (`os.replace` is atomic
 within a file system), and the temporary file is removed on any failure.
@@ -13,6 +17,27 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+CRF_DEFAULT = 16
+CRF_LOW, CRF_HIGH = 0, 51  # libx264's range: 0 lossless, 51 worst
+# The option in the shape of the server's describe answer, so the web UI builds its field the same way.
+CRF_SPEC = {
+    "type": "int", "default": CRF_DEFAULT, "low": CRF_LOW, "high": CRF_HIGH, "choices": None,
+    "doc": "H.264 constant rate factor of the MP4 (lower is better quality)",
+}
+
+
+def parse_crf(value: object) -> int:
+    """A crf from the command line or the page (a string or a number); ValueError naming it."""
+    try:
+        crf = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        crf = value
+    if isinstance(crf, float) and crf.is_integer():
+        crf = int(crf)
+    if not isinstance(crf, int) or isinstance(crf, bool) or not CRF_LOW <= crf <= CRF_HIGH:
+        raise ValueError(f"crf={value!r} is not allowed: expected int in [{CRF_LOW}, {CRF_HIGH}]")
+    return crf
 
 
 class FrameAssembler:

@@ -6,6 +6,8 @@ The page holds no model: it asks the server what it accepts (a `describe` reques
 setting's default, choices and help, and the preset table) and builds its fields from
 that, so the UI shows the engine's values without importing the engine. Values go to the
 server as they are; the server validates them, and a refusal is shown with its message.
+The MP4's quality (crf) is the client's own option (client/video.py): it has a field
+too, but stays in this process.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
+from framepack_wire import WireRequest
+
 from . import stream
 from .connection import Endpoint, as_endpoint
+from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
 
 # The seed app's example prompts: subject, then motion, then qualifiers.
@@ -33,13 +38,16 @@ EXAMPLE_PROMPTS = (
 )
 
 # Where each setting sits on the page. A setting the server describes that is missing
-# here still gets a field, under "More"; one the server does not describe gets none.
+# here still gets a field, under "More"; one the server does not describe gets none,
+# except the client's own options (CLIENT_SETTINGS).
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "Video": ("seconds", "seed", "resolution", "crf"),
     "Sampling": ("steps", "gs", "cfg", "rs", "window", "flow_preset", "sampling", "solver"),
     "TeaCache": ("teacache", "teacache_threshold", "teacache_mode"),
     "Performance": ("attention", "memory_mode", "gpu_memory_preservation", "preview"),
 }
+# Options this client applies itself, in the describe answer's shape; never sent.
+CLIENT_SETTINGS = {"crf": CRF_SPEC}
 FIELDS_PER_ROW = 4
 # Fields placed by hand above the groups.
 PROMPT_SETTINGS = ("negative_prompt", "preset")
@@ -99,7 +107,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 for row in range(0, len(group_names), FIELDS_PER_ROW):
                     with gr.Row():
                         for name in group_names[row : row + FIELDS_PER_ROW]:
-                            fields[name] = setting_field(name, description.settings[name])
+                            fields[name] = setting_field(name, _spec(description, name))
 
         names = list(fields)
         preset_fields = [name for name in names if any(name in values for values in description.presets.values())]
@@ -117,12 +125,18 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             settings = {name: value for name, value in zip(names, values) if value is not None}
             if preset_value:
                 settings["preset"] = preset_value  # recorded by the server; the fields' values win
+            try:
+                crf = parse_crf(settings.pop("crf", CRF_DEFAULT))
+            except ValueError as e:
+                yield {status: f"Error: {e}"}
+                return
+            job = WireRequest(image_value, prompt_value, settings)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
                    preview: None, video: None, download: None}
             try:
-                for update in run_job(server, image_value, prompt_value, settings, folder, flag.is_set):
+                for update in run_job(server, job, folder, flag.is_set, crf):
                     yield _page_update(update, status, preview, video, download)
             finally:
                 stops.finish(request.session_hash, flag)
@@ -156,8 +170,13 @@ def setting_field(name: str, spec: dict) -> gr.components.Component:
     return gr.Textbox(value=spec["default"], label=label, info=info)
 
 
+def _spec(description: stream.Description, name: str) -> dict:
+    return CLIENT_SETTINGS[name] if name in CLIENT_SETTINGS else description.settings[name]
+
+
 def _groups(description: stream.Description) -> dict[str, list[str]]:
-    described = [name for name in description.settings if name not in PROMPT_SETTINGS]
+    offered = dict.fromkeys([*description.settings, *CLIENT_SETTINGS])  # an older server also describes crf
+    described = [name for name in offered if name not in PROMPT_SETTINGS]
     groups = {group: [name for name in names if name in described] for group, names in SETTING_GROUPS.items()}
     placed = {name for names in groups.values() for name in names}
     groups["More"] = [name for name in described if name not in placed]

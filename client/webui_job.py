@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import numpy as np
 
+from framepack_wire import WireRequest
+
 from . import stream
 from .connection import Endpoint, as_endpoint
-from .video import FrameAssembler, write_mp4
+from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
 @dataclass(frozen=True)
@@ -57,25 +59,25 @@ class StopSignals:
 
 def run_job(
     server: str | Endpoint,
-    image: np.ndarray,
-    prompt: str,
-    settings: Mapping[str, str | int | float | bool],
+    request: WireRequest,
     folder: Path,
     stop_requested: Callable[[], bool],
+    crf: int = CRF_DEFAULT,
 ) -> Iterator[JobUpdate]:
-    """Stream one job into `folder`; the last update says how it ended (never raises ServerError)."""
+    """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
+    ended (never raises ServerError)."""
     yield JobUpdate(f"Sent to {as_endpoint(server).address}; waiting for the first step…")
     assembler = FrameAssembler()
     final = None
     try:
-        for event in stream.generate(server, image, prompt, settings, cancel=stop_requested):
+        for event in stream.generate(server, request, cancel=stop_requested):
             if isinstance(event, stream.Progress):
                 yield JobUpdate(progress_text(event), preview=event.preview)
             elif isinstance(event, stream.Section):
                 assembler.add(event.start_frame, event.frames, event.total_frames)
                 # A new name each time: the browser and Gradio's cache treat it as a new video.
                 partial = write_mp4(
-                    folder / f"partial_{event.section:02d}.mp4", assembler.received(), event.fps, settings.get("crf")
+                    folder / f"partial_{event.section:02d}.mp4", assembler.received(), event.fps, crf
                 )
                 yield JobUpdate(section_text(event, len(assembler.received())), video=partial)
             elif isinstance(event, stream.Final):
@@ -95,7 +97,7 @@ def run_job(
     except ValueError as e:  # frames that do not fit together
         yield JobUpdate(f"Error: {e}")
         return
-    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, final.settings.get("crf"))
+    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf)
     yield JobUpdate(done_text(final), video=path, final=path)
 
 

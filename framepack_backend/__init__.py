@@ -8,7 +8,11 @@ from importlib import import_module
 
 _EXPORTS = {
     "Pipeline": "pipeline",
-    "GenerationSettings": "settings",
+    "GenerationRequest": "request",
+    "parse_request": "request",
+    "SamplingSettings": "settings",
+    "EngineOptions": "settings",
+    "EngineOverrides": "settings",
     "SettingsError": "settings",
     "GenerationCancelled": "errors",
     "StepProgress": "events",

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .settings import SettingsError
-
 # The HunyuanVideo prompt template; the text encoder was trained to read prompts in it.
 # The user prompt replaces "{}". Its tokens before the prompt (the "prefix") are dropped
 # from the embedding.
@@ -81,10 +79,11 @@ def encode_prompt(
 
     Returns the Llama tokens of the prompt only: the template prefix is dropped and the
     sequence is cut to its attention-masked length (at most 256 tokens; the template's
-    closing <|eot_id|> counts), so `mask` is all True.
+    closing <|eot_id|> counts), so `mask` is all True. The prompt was checked with the
+    request (request.parse_request); a non-string here is a bug (ValueError).
     """
     if not isinstance(prompt, str):
-        raise SettingsError("prompt", prompt, "a string")
+        raise ValueError(f"prompt={prompt!r} is not allowed: expected a string")
     prefix_length = prompt_prefix_length(tokenizer)
     llama_inputs = tokenizer(
         PROMPT_TEMPLATE.format(prompt),
@@ -142,7 +141,9 @@ def encode_image_latent(
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode latents (1, 16, T, h, w) → pixels (1, 3, 4(T−1)+1, 8h, 8w) in about [−1, 1] (float32)."""
     if latents.ndim != 5:
-        raise SettingsError("latents", tuple(latents.shape), "a 5-d tensor (batch, channels, frames, height, width)")
+        raise ValueError(
+            f"latents of shape {tuple(latents.shape)}: expected a 5-d tensor (batch, channels, frames, height, width)"
+        )
     scaled = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     with torch.no_grad():
         return vae.decode(scaled).sample.float()
@@ -152,10 +153,10 @@ def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """Pixels (1, 3, T, H, W) or (3, T, H, W) in [−1, 1] → uint8 frames T×H×W×3 (clamped, rounded)."""
     if pixels.ndim == 5:
         if pixels.shape[0] != 1:
-            raise SettingsError("pixels", tuple(pixels.shape), "batch size 1")
+            raise ValueError(f"pixels of shape {tuple(pixels.shape)}: expected batch size 1")
         pixels = pixels[0]
     if pixels.ndim != 4 or pixels.shape[0] != 3:
-        raise SettingsError("pixels", tuple(pixels.shape), "shape (1, 3, T, H, W) or (3, T, H, W)")
+        raise ValueError(f"pixels of shape {tuple(pixels.shape)}: expected shape (1, 3, T, H, W) or (3, T, H, W)")
     scaled = ((pixels.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
     return scaled.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
@@ -183,8 +184,9 @@ def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
 
 
 def _check_rgb(pixels: np.ndarray, multiple_of: int) -> None:
+    """The engine's own resized image (the request's was checked when parsed): a bug if wrong."""
     ok = isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
     if not ok or pixels.shape[0] % multiple_of or pixels.shape[1] % multiple_of:
         shown = f"array {pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
         sides = f" with height and width multiples of {multiple_of}" if multiple_of > 1 else ""
-        raise SettingsError("image", shown, f"a uint8 numpy array of shape H×W×3 (RGB){sides}")
+        raise ValueError(f"image={shown} is not allowed: expected a uint8 numpy array of shape H×W×3 (RGB){sides}")

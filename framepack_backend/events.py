@@ -31,6 +31,7 @@ class SectionFinished:
     start_frame: int
     frames: np.ndarray  # uint8 T×H×W×3
     total_frames: int
+    fps: int  # of the video these frames belong to
 
 
 @dataclass(frozen=True)

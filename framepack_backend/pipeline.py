@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,14 +17,14 @@ from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
 from .events import GenerationResult, SectionFinished, StepProgress
 from .memory import MemoryManager, peak_memory, reset_peak_memory
-from .preview import latent_preview
 from .presets import FLOW_PRESETS
+from .preview import latent_preview
+from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
-from .settings import GenerationSettings, SettingsError, validate_image, validate_prompt
+from .settings import EngineOptions, SamplingSettings
 from .teacache import TeaCache
-from .variants import VARIANT_NAMES, SamplingVariant
-
+from .variants import SamplingVariant
 
 
 def default_device() -> torch.device:
@@ -37,14 +38,21 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         model_dir: Path,
-        sampling: SamplingVariant = SamplingVariant.INVERTED,
+        options: EngineOptions | None = None,
     ):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.model_dir = model_dir
-        self.sampling = sampling
+        self.options = options if options is not None else EngineOptions()
         self.memory = MemoryManager(components, device)
+        # One job at a time: a job places the weights and picks the attention backend.
+        self._job_lock = threading.Lock()
+
+    @property
+    def sampling(self) -> SamplingVariant:
+        """The loaded transformer's sampling variant."""
+        return self.options.sampling
 
     @classmethod
     def from_pretrained(
@@ -52,71 +60,73 @@ class Pipeline:
         model_dir: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        sampling: SamplingVariant | str = SamplingVariant.INVERTED,
+        options: EngineOptions | None = None,
+        *,
+        sampling: SamplingVariant | str | None = None,
         fused_kernels: bool | None = None,
-        fp8: bool = False,
+        fp8: bool | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
         The transformer runs in bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise.
-        `sampling` picks the transformer: "inverted" (transformer/) or "f1" (transformer_f1/).
+        `options` are the instance's (settings.EngineOptions); `sampling`, `fused_kernels` and
+        `fp8` are shortcuts that replace the option of that name.
+        `options.sampling` picks the transformer: "inverted" (transformer/) or "f1" (transformer_f1/).
         `fused_kernels` (default: on for CUDA when Triton is installed) runs the blocks on the
         Triton kernels of framepack_kernels/, the fastest exact path measured (benchmarks/results).
         `fp8` turns the blocks' linear layers into FP8 e4m3 (Hopper; not exact: relative
         error ~1e-4 per forward against bf16). With the fused kernels the activations are
         quantized by one Triton kernel per shared input: 0.834 vs 0.925 s per forward on an
         H100 (benchmarks/results). Off by default: bf16 is the exact path.
-        Weights load into host memory; the memory manager then places them for the default
-        settings' memory mode (a job whose settings differ moves them again).
+        Weights load into host memory; the memory manager then places them for the
+        instance's memory mode (a job that overrides it moves them again).
         """
+        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8}
+        options = (options or EngineOptions()).replace(**{k: v for k, v in shortcuts.items() if v is not None})
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if sampling not in VARIANT_NAMES:
-            raise SettingsError("sampling", sampling, f"one of {', '.join(VARIANT_NAMES)}")
-        sampling = SamplingVariant(sampling)
         model_dir = Path(model_dir)
         components = load_components(
             model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
-            transformer_subfolder=sampling.transformer_folder,
+            transformer_subfolder=options.sampling.transformer_folder,
         )
-        configure_transformer(components.transformer, device, fused_kernels, fp8)
-        pipeline = cls(components, device, dtype, model_dir, sampling)
-        defaults = GenerationSettings()
+        fused = configure_transformer(components.transformer, device, options.fused_kernels, options.fp8)
+        options = options.replace(fused_kernels=fused)
+        pipeline = cls(components, device, dtype, model_dir, options)
+        defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
-        pipeline.memory.prepare(defaults.memory_mode, defaults.gpu_memory_preservation, height, width, defaults.window)
+        pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
         return pipeline
 
     def generate(
         self,
-        image: np.ndarray,
-        prompt: str,
-        settings: GenerationSettings | Mapping[str, object] | None = None,
+        request: GenerationRequest,
         cancel: Callable[[], bool] | None = None,
     ) -> Iterator[StepProgress | SectionFinished | GenerationResult]:
         """Yield a StepProgress per step, a SectionFinished per section, then the GenerationResult.
 
-        All input is validated before any model runs; bad input raises SettingsError.
+        The request was checked when it was parsed (`request.parse_request`); its overrides
+        of this instance's options are checked here, before any model runs (SettingsError).
+        Jobs run one at a time: the iteration holds the pipeline's job lock.
         """
-        if settings is None:
-            settings = GenerationSettings()
-        elif not isinstance(settings, GenerationSettings):
-            settings = GenerationSettings.from_mapping(settings)
-        image = validate_image(image)
-        prompt = validate_prompt(prompt)
-        if settings.sampling == "auto":
-            settings = settings.replace(sampling=self.sampling.value)
-        if settings.sampling != self.sampling:
-            raise SettingsError(
-                "sampling", settings.sampling,
-                f"'{self.sampling}': this pipeline was loaded with {self.sampling.transformer_folder}/",
-            )
-        backend = resolve_backend(settings.attention, self.device)
-        self.components.transformer.set_attention_backend(backend)
-        return self._run(image, prompt, settings.replace(attention=backend), cancel)
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        if request.image is None:
+            raise ValueError("text-to-video is not built yet: the request has no start image")
+        options = self.options.for_job(request.engine)
+        return self._locked_run(request, options, cancel)
+
+    def _locked_run(self, request: GenerationRequest, options: EngineOptions, cancel) -> Iterator:
+        with self._job_lock:
+            backend = resolve_backend(options.attention, self.device)
+            self.components.transformer.set_attention_backend(backend)
+            yield from self._run(request.image, request.prompt, request.settings, options.replace(attention=backend),
+                                 cancel)
 
     @torch.inference_mode()
-    def _run(self, image, prompt, settings: GenerationSettings, cancel) -> Iterator:
+    def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
+             cancel) -> Iterator:
         c = self.components
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -124,9 +134,10 @@ class Pipeline:
         height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
         reset_peak_memory(self.device)
         mode = self.memory.prepare(
-            settings.memory_mode, settings.gpu_memory_preservation, height, width, settings.window
+            options.memory_mode, options.gpu_memory_preservation, height, width, settings.window
         )
-        settings = settings.replace(memory_mode=mode)
+        options = options.replace(memory_mode=mode)
+        sampling = options.sampling
         timings["placement_s"] = time.perf_counter() - t_start
         pixels = resize_and_center_crop(image, width, height)
         with self.memory.phase("text"):
@@ -148,13 +159,13 @@ class Pipeline:
 
         window = settings.window
         lh, lw = height // planner.VAE_SPATIAL_STRIDE, width // planner.VAE_SPATIAL_STRIDE
-        plans = planner.plan_sections(settings.seconds, window, settings.sampling)
+        plans = planner.plan_sections(settings.seconds, window, sampling)
         sections = len(plans)
         total_frames = planner.video_frame_count(sections, window)
         flow = FLOW_PRESETS[settings.flow_preset]
         sigmas = schedule_for(settings.steps, window, lh, lw, mu_offset=flow.mu_offset, sigma=flow.sigma)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
-        history = planner.initial_history(start_latent, settings.sampling)
+        history = planner.initial_history(start_latent, sampling)
         # Finished frames go straight into the uint8 video; only the frames the next
         # section's cross-fade still rewrites stay as float pixels (`seam`), so the cost
         # per section does not grow with the video's length.
@@ -175,7 +186,7 @@ class Pipeline:
         for plan in plans:
             t_section = time.perf_counter()
             noise = torch.randn((1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32)
-            clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, settings.sampling)
+            clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, sampling)
             context = dict(
                 image_embeds=image_embeds,
                 indices_latents=plan.indices_latents.to(self.device),
@@ -226,8 +237,8 @@ class Pipeline:
             sampling_s += time.perf_counter() - t_section
 
             t_decode = time.perf_counter()
-            history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, settings.sampling)
-            first, count = planner.decode_range(plan, history, window, settings.sampling, blend)
+            history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, sampling)
+            first, count = planner.decode_range(plan, history, window, sampling, blend)
             decoded_latents += count
             with self.memory.phase("decode"):
                 decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
@@ -237,9 +248,9 @@ class Pipeline:
                 pixels = decoded
                 video_frames = decoded.shape[2]
             else:
-                pixels = planner.soft_append(seam, decoded, overlap, settings.sampling)
+                pixels = planner.soft_append(seam, decoded, overlap, sampling)
                 video_frames += decoded.shape[2] - overlap
-            inverted = settings.sampling == "inverted"
+            inverted = sampling == "inverted"
             start_frame = total_frames - video_frames if inverted else video_frames - pixels.shape[2]
             seam = pixels[:, :, :overlap] if inverted else pixels[:, :, pixels.shape[2] - overlap :]
             section_frames = conditioning.frames_to_uint8(pixels)
@@ -253,6 +264,7 @@ class Pipeline:
                 start_frame=start_frame,
                 frames=section_frames,
                 total_frames=total_frames,
+                fps=planner.FPS,
             )
 
         frames = video
@@ -267,18 +279,24 @@ class Pipeline:
             width=width,
             height=height,
             seed=settings.seed,
-            settings=settings.to_dict(),
+            settings={**settings.to_dict(), **options.to_dict(), "sampling": sampling.value},
             timings=timings,
         )
 
 
-def configure_transformer(transformer, device: torch.device, fused_kernels: bool | None, fp8: bool) -> None:
-    """Apply the speed options; asking for one this machine cannot run is an error, not a fallback."""
+def configure_transformer(transformer, device: torch.device, fused_kernels: bool | None, fp8: bool) -> bool:
+    """Apply the speed options; asking for one this machine cannot run is an error, not a fallback.
+
+    They are the instance's options, not a request's: a machine that cannot run one raises
+    ValueError when the instance loads. Returns whether the fused kernels run.
+    """
     if fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-            raise SettingsError("fp8", True, "a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+            raise ValueError("fp8=True is not allowed: expected a GPU with FP8 tensor cores "
+                             f"(compute capability 8.9 or newer), not {device}")
         transformer.quantize_fp8()
     if fused_kernels is None:
         fused_kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     if fused_kernels:
         transformer.set_fused_kernels(True)
+    return fused_kernels

@@ -1,9 +1,20 @@
-"""Every user-facing setting of a generation job: default, type, allowed values.
+"""The settings of a generation, by scope: default, type, allowed values, help text.
 
-This is the one place input is validated. The Triton model, the CLI and the UI all
-pass what the user gave to `GenerationSettings.from_mapping` (and the image and prompt
-to `validate_image` / `validate_prompt`) and report `SettingsError` as it is: it names
-the field, the value and what is allowed.
+Each field is declared once, with `_spec` (default, type, range or choices, doc), and
+three dataclasses group them by who may set them:
+
+- `SamplingSettings`: per job (a request's parameters);
+- `EngineOptions`: per model instance, fixed when the pipeline loads (sampling variant,
+  attention, memory mode, GPU memory preservation, FP8, fused kernels);
+- `EngineOverrides`: the one explicit path through which a job may override some
+  instance options (`attention`, `memory_mode`, `gpu_memory_preservation`, `sampling`),
+  kept because the wire accepted them per request. The pipeline combines them with its
+  options for the job (`EngineOptions.for_job`); it never changes its own.
+
+`split_settings` turns a request's loosely typed settings into the first and the last,
+applying a preset first. It is called from one place, the request boundary
+(`framepack_backend/request.py: parse_request`), which also checks the image and the
+prompt. `SettingsError` names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,10 +24,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-import numpy as np
-
 from .presets import FLOW_PRESETS, PRESETS
-from .variants import VARIANT_NAMES
+from .variants import VARIANT_NAMES, SamplingVariant
 
 
 class SettingsError(ValueError):
@@ -42,16 +51,39 @@ SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")
 
 MAX_PROMPT_CHARS = 4000
-MAX_IMAGE_PIXELS = 4096 * 4096
-MIN_IMAGE_SIDE = 16
-# The image is scaled to cover its bucket (aspect ratios up to about 2.4), so a thin
-# strip is upscaled along its long side too: 16×1048576 pixels would become a
-# 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
-MAX_IMAGE_ASPECT = 16
+
+
+class _FieldSpecs:
+    """Checks, conversion and the machine-readable spec shared by the settings dataclasses."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            _check(f, getattr(self, f.name))
+
+    @classmethod
+    def _from_values(cls, values: Mapping[str, object]):
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        for name in values:
+            if name not in known:
+                raise SettingsError(name, values[name], f"one of the settings {sorted(known)}")
+        return cls(**{name: _coerce(known[name], value) for name, value in values.items()})
+
+    def replace(self, **changes: object):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def describe(cls) -> dict[str, dict[str, object]]:
+        """Machine-readable spec of every field (for help texts and UIs)."""
+        return {f.name: _describe(f) for f in fields(cls)}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class SamplingSettings(_FieldSpecs):
+    """Per-job settings: what a request may choose for its own video."""
+
     seconds: float = _spec(5.0, float, low=0.5, high=120.0, doc="video length in seconds (30 fps)")
     seed: int = _spec(31337, int, low=0, high=2**63 - 1, doc="random seed; a job is reproducible from it")
     steps: int = _spec(25, int, low=1, high=100, doc="sampling steps per section")
@@ -72,63 +104,143 @@ class GenerationSettings:
     flow_preset: str = _spec("standard", str, choices=tuple(FLOW_PRESETS), doc="schedule shape for a kind of motion")
     negative_prompt: str = _spec("", str, doc="negative prompt (used when cfg > 1)")
     resolution: int = _spec(640, int, low=128, high=1280, doc="bucket base resolution (multiple of 16)")
-    sampling: str = _spec(
-        "auto", str, choices=("auto", *VARIANT_NAMES), doc="inverted anti-drifting or forward F1 ('auto': the loaded model's)"
-    )
     solver: str = _spec("bh1", str, choices=SOLVERS, doc="UniPC variant")
-    attention: str = _spec("auto", str, choices=ATTENTION_BACKENDS, doc="attention backend")
-    memory_mode: str = _spec("auto", str, choices=MEMORY_MODES, doc="where weights live during a job")
-    gpu_memory_preservation: float = _spec(6.0, float, low=0.0, high=256.0, doc="GB of GPU memory to keep free")
-    crf: int = _spec(16, int, low=0, high=51, doc="H.264 constant rate factor of the MP4")
     preview: bool = _spec(True, bool, doc="send a small preview image every step")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _check(f, getattr(self, f.name))
+        super().__post_init__()
         if self.resolution % 16:
             raise SettingsError("resolution", self.resolution, "a multiple of 16 between 128 and 1280")
         validate_prompt(self.negative_prompt, "negative_prompt")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, object]) -> "GenerationSettings":
+    def from_mapping(cls, values: Mapping[str, object]) -> SamplingSettings:
         """Settings from loosely typed values (request parameters, CLI, UI).
 
         A preset, when named, sets its values first; values given explicitly win.
         """
-        known = {f.name: f for f in fields(cls)}
-        for name in values:
-            if name not in known:
-                raise SettingsError(name, values[name], f"one of the settings {sorted(known)}")
-        merged: dict[str, object] = {}
-        preset = values.get("preset", "")
-        if preset not in ("", None):
-            preset = _coerce(known["preset"], preset)
-            _check(known["preset"], preset)
-            merged.update(PRESETS[preset].as_settings())
-        merged.update({name: _coerce(known[name], value) for name, value in values.items()})
-        return cls(**merged)
+        preset = _preset_values(values.get("preset", ""))
+        return cls._from_values({**{k: v for k, v in preset.items() if k in _names(cls)}, **values})
 
-    def replace(self, **changes: object) -> "GenerationSettings":
-        return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+@dataclass(frozen=True)
+class EngineOptions(_FieldSpecs):
+    """Per-instance options, fixed when the pipeline loads; a job sees them through `for_job`."""
+
+    sampling: SamplingVariant = _spec(
+        SamplingVariant.INVERTED, str, choices=VARIANT_NAMES,
+        doc="inverted anti-drifting or forward F1: picks the transformer the instance loads",
+    )
+    attention: str = _spec("auto", str, choices=ATTENTION_BACKENDS, doc="attention backend")
+    memory_mode: str = _spec("auto", str, choices=MEMORY_MODES, doc="where weights live during a job")
+    gpu_memory_preservation: float = _spec(6.0, float, low=0.0, high=256.0, doc="GB of GPU memory to keep free")
+    fp8: bool = _spec(False, bool, doc="FP8 e4m3 linear layers in the transformer blocks (compute capability 8.9+)")
+    fused_kernels: bool | None = _spec(
+        None, bool, doc="run the blocks on the Triton kernels (default: on for CUDA when Triton is installed)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "sampling", SamplingVariant(self.sampling))
+
+    def for_job(self, overrides: EngineOverrides) -> EngineOptions:
+        """These options with a job's overrides applied (a new value; this one is unchanged).
+
+        The sampling variant picks the loaded transformer, so a job may only name it
+        ("auto" or the loaded one), never change it.
+        """
+        if overrides.sampling not in ("auto", self.sampling):
+            raise SettingsError(
+                "sampling", overrides.sampling,
+                f"'{self.sampling}': this pipeline was loaded with {self.sampling.transformer_folder}/",
+            )
+        given = {name: value for name, value in overrides.to_dict().items() if name != "sampling" and value is not None}
+        return self.replace(**given)
+
+
+def _override(name: str, doc: str):
+    """A field of EngineOverrides: the EngineOptions field's type and range; None keeps the instance's."""
+    spec = EngineOptions.__dataclass_fields__[name].metadata
+    return _spec(None, spec["kind"], low=spec["low"], high=spec["high"], choices=spec["choices"],
+                 doc=f"{spec['doc']} ({doc})")
+
+
+@dataclass(frozen=True)
+class EngineOverrides(_FieldSpecs):
+    """A job's overrides of instance options, accepted per request for wire compatibility."""
+
+    sampling: str = _spec(
+        "auto", str, choices=("auto", *VARIANT_NAMES),
+        doc="inverted anti-drifting or forward F1 ('auto': the loaded model's; another is refused)",
+    )
+    attention: str | None = _override("attention", "default: the server's")
+    memory_mode: str | None = _override("memory_mode", "default: the server's")
+    gpu_memory_preservation: float | None = _override("gpu_memory_preservation", "default: the server's")
 
     @classmethod
-    def describe(cls) -> dict[str, dict[str, object]]:
-        """Machine-readable spec of every setting (for help texts and UIs)."""
-        out = {}
-        for f in fields(cls):
-            m = f.metadata
-            out[f.name] = {
-                "type": m["kind"].__name__,
-                "default": f.default,
-                "low": m["low"],
-                "high": m["high"],
-                "choices": list(m["choices"]) if m["choices"] else None,
-                "doc": m["doc"],
-            }
-        return out
+    def from_mapping(cls, values: Mapping[str, object]) -> EngineOverrides:
+        return cls._from_values(values)
+
+
+@dataclass(frozen=True)
+class ClientOnlySettings(_FieldSpecs):
+    """Settings the client applies itself. The MP4's quality is the client's choice (it
+    encodes the video); older clients send it as a request parameter, so the server
+    still checks its range, then ignores it (client/video.py holds the client's copy)."""
+
+    crf: int = _spec(16, int, low=0, high=51, doc="H.264 constant rate factor of the MP4 (client side)")
+
+
+def split_settings(values: Mapping[str, object]) -> tuple[SamplingSettings, EngineOverrides]:
+    """A request's settings (loosely typed, by parameter name) → per-job settings and overrides.
+
+    A named preset sets its values first (in both groups: presets also name a GPU memory
+    preservation); values given explicitly win. Client-only settings are checked, then
+    dropped. Raises SettingsError naming the first bad field.
+    """
+    sampling_names, override_names = _names(SamplingSettings), _names(EngineOverrides)
+    client_names = _names(ClientOnlySettings)
+    known = sampling_names | override_names | client_names
+    for name in values:
+        if name not in known:
+            raise SettingsError(name, values[name], f"one of the settings {sorted(known)}")
+    ClientOnlySettings._from_values({k: v for k, v in values.items() if k in client_names})  # checked, not used
+    sampling = SamplingSettings.from_mapping({k: v for k, v in values.items() if k in sampling_names})
+    preset = _preset_values(sampling.preset)
+    overrides = {k: v for k, v in preset.items() if k in override_names}
+    overrides.update({k: v for k, v in values.items() if k in override_names})
+    return sampling, EngineOverrides.from_mapping(overrides)
+
+
+def describe_settings() -> dict[str, dict[str, object]]:
+    """Every setting a request may carry (per job, then overrides), for the `describe` answer."""
+    return {**SamplingSettings.describe(), **EngineOverrides.describe()}
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _preset_values(name: object) -> dict[str, object]:
+    if name in ("", None):
+        return {}
+    spec = SamplingSettings.__dataclass_fields__["preset"]
+    name = _coerce(spec, name)
+    _check(spec, name)
+    return PRESETS[name].as_settings()
+
+
+def _describe(f: dataclasses.Field) -> dict[str, object]:
+    m = f.metadata
+    default = f.default.value if isinstance(f.default, SamplingVariant) else f.default
+    return {
+        "type": m["kind"].__name__,
+        "default": default,
+        "low": m["low"],
+        "high": m["high"],
+        "choices": list(m["choices"]) if m["choices"] else None,
+        "doc": m["doc"],
+    }
 
 
 def _allowed(f: dataclasses.Field) -> str:
@@ -141,6 +253,8 @@ def _allowed(f: dataclasses.Field) -> str:
 
 
 def _check(f: dataclasses.Field, value: object) -> None:
+    if value is None and f.default is None:  # an optional field left unset
+        return
     m = f.metadata
     kind = m["kind"]
     type_ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
@@ -188,6 +302,7 @@ def _coerce(f: dataclasses.Field, value: object) -> object:
 
 
 def validate_prompt(prompt: object, field_name: str = "prompt") -> str:
+    """A prompt (or the negative prompt): UTF-8 text, at most MAX_PROMPT_CHARS, no NUL."""
     if isinstance(prompt, bytes):
         try:
             prompt = prompt.decode("utf-8")
@@ -200,21 +315,3 @@ def validate_prompt(prompt: object, field_name: str = "prompt") -> str:
     if "\x00" in prompt:
         raise SettingsError(field_name, prompt, "text without NUL characters")
     return prompt
-
-
-def validate_image(image: object, field_name: str = "image") -> np.ndarray:
-    """Check an H×W×3 uint8 RGB image (the serving contract's `image` input)."""
-    if not isinstance(image, np.ndarray):
-        raise SettingsError(field_name, type(image).__name__, "a uint8 array of shape H×W×3")
-    if image.dtype != np.uint8:
-        raise SettingsError(field_name, f"dtype {image.dtype}", "dtype uint8")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise SettingsError(field_name, f"shape {tuple(image.shape)}", "shape H×W×3 (RGB)")
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_IMAGE_SIDE:
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"both sides at least {MIN_IMAGE_SIDE} pixels")
-    if h * w > MAX_IMAGE_PIXELS:
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {MAX_IMAGE_PIXELS} pixels")
-    if max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"the long side at most {MAX_IMAGE_ASPECT}× the short one")
-    return image

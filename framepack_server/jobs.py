@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Protocol
 
-import numpy as np
-
 from framepack_backend.errors import GenerationCancelled
+from framepack_backend.request import GenerationRequest
 from framepack_backend.settings import SettingsError
 
 from .faults import Fault
 from .job_memory import release_memory
-from .protocol import JobRequest, Status, WireResponse, to_wire
+from .protocol import Status, WireResponse, to_wire
 
 
 class ResponseSink(Protocol):
@@ -64,8 +63,7 @@ class Log(Protocol):
 @dataclass(frozen=True)
 class Job:
     request_id: str
-    image: np.ndarray
-    request: JobRequest
+    request: GenerationRequest  # parsed and checked when the request arrived
     sink: ResponseSink
     fault: Fault | None = None  # only with fault injection enabled (faults.py)
 
@@ -109,7 +107,7 @@ def run_job(
     try:
         if stop():
             raise GenerationCancelled()
-        for event in pipeline.generate(job.image, job.request.prompt, job.request.settings, cancel=poll):
+        for event in pipeline.generate(job.request, cancel=poll):
             response = to_wire(event)
             steps_done += response.event["kind"] == "progress"
             sink.send(response)

@@ -1,12 +1,20 @@
 """The wire protocol of the `framepack` Triton model, on the server side.
 
+The names and the event metadata both sides share live in `framepack_wire` (torch-free,
+imported by the client too); this module turns requests into a `GenerationRequest` and
+the engine's events into responses.
+
 Request: tensor input `image` (UINT8 H×W×3). Request parameters: `prompt` (str, required)
-and any field of `GenerationSettings` by name (str, int, float or bool; strings are
-parsed by the engine). Text travels as parameters, not BYTES tensors, because BYTES
-tensors crash the Python-backend stub under numpy 2.
+and settings by name (str, int, float or bool; strings are parsed by the engine): every
+per-job setting (`SamplingSettings`) and the instance-option overrides (`EngineOverrides`:
+`attention`, `memory_mode`, `gpu_memory_preservation`, and `sampling`, which must be
+`auto` or the loaded variant). Older clients also send `crf`, the MP4's quality, which
+is now the client's own option: it is still accepted and range-checked (0..51), then
+ignored. Text travels as parameters, not BYTES tensors, because BYTES tensors crash the
+Python-backend stub under numpy 2.
 
 Responses (decoupled, one request → many responses), each with output `event`: UTF-8
-JSON bytes as a UINT8 vector, `{"kind": ...}`:
+JSON bytes as a UINT8 vector, `{"kind": ...}` (framepack_wire.events):
 
 - `progress`: section, sections, step, steps, elapsed_s, computed — plus output
   `preview` (UINT8 h×w×3) when the engine made one;
@@ -14,13 +22,14 @@ JSON bytes as a UINT8 vector, `{"kind": ...}`:
   `frames` (UINT8 T×H×W×3), video frames [start_frame, start_frame + T) that supersede
   earlier ones at those indices;
 - `final` (the last response, Triton's FINAL flag): frame_count, fps, width, height,
-  seed, settings (all values actually used), timings. The frames are not repeated: the
-  sections already carried them.
+  seed, settings (all values actually used, the instance options a job ran with
+  included), timings. The frames are not repeated: the sections already carried them.
 
 A request with the parameter `describe` true (and no image: the input is optional) is
-answered at once by one final `describe` response: `settings` (every setting's type,
-default, range or choices and help text), `presets` (name → the settings it sets) and
-`flow_presets`, so front ends show the engine's values without importing it.
+answered at once by one final `describe` response: `settings` (every setting a request
+may carry: type, default, range or choices and help text), `presets` (name → the
+settings it sets) and `flow_presets`, so front ends show the engine's values without
+importing it.
 
 Errors travel as Triton errors whose message starts with a status word, e.g.
 `INVALID_ARGUMENT: steps='x' is not allowed: expected int in [1, 100]`, because the gRPC
@@ -31,55 +40,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
 from typing import Mapping
 
 import numpy as np
 
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
-from framepack_backend.planner import FPS
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
-from framepack_backend.settings import GenerationSettings, SettingsError, validate_prompt
+from framepack_backend.request import GenerationRequest, parse_request
+from framepack_backend.settings import SettingsError, describe_settings
+from framepack_wire import (
+    DESCRIBE_PARAMETER,
+    EVENT_OUTPUT,
+    FRAMES_OUTPUT,
+    IMAGE_INPUT,
+    MODEL_NAME,
+    PREVIEW_OUTPUT,
+    PROMPT_PARAMETER,
+    DescribeMeta,
+    FinalMeta,
+    ProgressMeta,
+    SectionMeta,
+    Status,
+    error_message,
+)
 
-MODEL_NAME = "framepack"
-IMAGE_INPUT = "image"
-EVENT_OUTPUT = "event"
-FRAMES_OUTPUT = "frames"
-PREVIEW_OUTPUT = "preview"
-PROMPT_PARAMETER = "prompt"
-DESCRIBE_PARAMETER = "describe"
-
-
-class Status(str, Enum):
-    """gRPC status names used as the first word of an error message."""
-
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    UNAVAILABLE = "UNAVAILABLE"
-    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the job ran past the server's time limit
-    INTERNAL = "INTERNAL"
-
-
-def error_message(status: Status, text: str) -> str:
-    return f"{status.value}: {text}"
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    prompt: str
-    settings: GenerationSettings
-
-
-def parse_parameters(parameters: Mapping[str, object]) -> JobRequest:
-    """Prompt and settings from a request's parameters; raises SettingsError naming the field."""
-    values = dict(parameters)
-    if PROMPT_PARAMETER not in values:
-        raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
-    prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
-    return JobRequest(prompt=prompt, settings=GenerationSettings.from_mapping(values))
-
-
-def parse_parameters_json(text: str) -> JobRequest:
-    return parse_parameters(request_parameters(text))
+__all__ = [
+    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "PROMPT_PARAMETER", "Status", "error_message", "GenerationRequest", "parse_request", "request_parameters",
+    "is_describe_request", "describe_response", "WireResponse", "to_wire",
+]
 
 
 def request_parameters(text: str) -> dict[str, object]:
@@ -104,13 +93,12 @@ def is_describe_request(parameters: Mapping[str, object]) -> bool:
 
 
 def describe_response() -> WireResponse:
-    event = dict(
-        kind="describe",
-        settings=GenerationSettings.describe(),
+    meta = DescribeMeta(
+        settings=describe_settings(),
         presets={name: preset.as_settings() for name, preset in PRESETS.items()},
         flow_presets=list(FLOW_PRESETS),
     )
-    return WireResponse(_jsonable(event), {}, final=True)
+    return WireResponse(_jsonable(meta.to_json()), {}, final=True)
 
 
 @dataclass(frozen=True)
@@ -128,24 +116,24 @@ class WireResponse:
 
 def to_wire(event: StepProgress | SectionFinished | GenerationResult) -> WireResponse:
     if isinstance(event, StepProgress):
-        meta = dict(
-            kind="progress", section=event.section, sections=event.sections, step=event.step,
-            steps=event.steps, elapsed_s=round(event.elapsed_s, 4), computed=event.computed,
+        meta = ProgressMeta(
+            section=event.section, sections=event.sections, step=event.step, steps=event.steps,
+            elapsed_s=round(event.elapsed_s, 4), computed=event.computed,
         )
         tensors = {} if event.preview is None else {PREVIEW_OUTPUT: _rgb(event.preview, 3)}
-        return WireResponse(meta, tensors)
+        return WireResponse(meta.to_json(), tensors)
     if isinstance(event, SectionFinished):
-        meta = dict(
-            kind="section", section=event.section, sections=event.sections, start_frame=event.start_frame,
-            frame_count=len(event.frames), total_frames=event.total_frames, fps=FPS,
+        meta = SectionMeta(
+            section=event.section, sections=event.sections, start_frame=event.start_frame,
+            frame_count=len(event.frames), total_frames=event.total_frames, fps=event.fps,
         )
-        return WireResponse(meta, {FRAMES_OUTPUT: _rgb(event.frames, 4)})
+        return WireResponse(meta.to_json(), {FRAMES_OUTPUT: _rgb(event.frames, 4)})
     if isinstance(event, GenerationResult):
-        meta = dict(
-            kind="final", frame_count=len(event.frames), fps=event.fps, width=event.width, height=event.height,
+        meta = FinalMeta(
+            frame_count=len(event.frames), fps=event.fps, width=event.width, height=event.height,
             seed=event.seed, settings=_jsonable(event.settings), timings=_jsonable(event.timings),
         )
-        return WireResponse(meta, {}, final=True)
+        return WireResponse(meta.to_json(), {}, final=True)
     raise TypeError(f"not a generation event: {type(event).__name__}")
 
 

@@ -15,7 +15,7 @@ import pytest
 from client import cli
 from client.connection import Endpoint
 from client.video import FrameAssembler, write_mp4
-from framepack_backend.settings import GenerationSettings
+from framepack_backend.settings import describe_settings
 
 SAMPLE = Path(cli.__file__).parent / "assets" / "sample.png"
 
@@ -128,14 +128,14 @@ def test_the_client_imports_neither_torch_nor_the_engine():
 
 
 def test_the_cli_offers_every_engine_setting():
-    assert set(cli.SETTINGS) == set(GenerationSettings.describe())
+    assert set(cli.SETTINGS) == set(describe_settings())
 
 
 def test_only_given_settings_are_sent(tmp_path, monkeypatch):
     sent = {}
 
-    def fake_generate(server, image, prompt, settings):
-        sent.update(server=server, prompt=prompt, settings=settings, shape=image.shape)
+    def fake_generate(server, request):
+        sent.update(server=server, prompt=request.prompt, settings=request.parameters, shape=request.image.shape)
         raise cli.stream.ServerError("UNAVAILABLE", "no server in this test")
 
     monkeypatch.setattr(cli.stream, "generate", fake_generate)
@@ -153,3 +153,29 @@ def test_an_unreadable_image_is_a_usage_error(tmp_path, capsys):
     code = cli.main(["generate", "--image", str(bad), "--prompt", "p", "--output", str(tmp_path / "o.mp4")])
     assert code == cli.EXIT_USAGE
     assert capsys.readouterr().err.startswith(f"framepack: error: --image {bad}: not a readable image")
+
+
+def test_crf_is_a_client_option_checked_here():
+    from client.video import CRF_DEFAULT, parse_crf
+
+    assert CRF_DEFAULT == 16 and [parse_crf("20"), parse_crf(0), parse_crf(51.0)] == [20, 0, 51]
+    for bad in ("52", -1, "fine", True, 20.5):
+        with pytest.raises(ValueError, match=r"^crf=.* is not allowed: expected int in \[0, 51\]"):
+            parse_crf(bad)
+
+
+def test_crf_is_used_locally_and_never_sent(tmp_path, monkeypatch, capsys):
+    sent = []
+
+    def fake_generate(server, request):
+        sent.append(request.request_parameters())
+        raise cli.stream.ServerError("UNAVAILABLE", "no server in this test")
+
+    monkeypatch.setattr(cli.stream, "generate", fake_generate)
+    args = ["generate", "--image", str(SAMPLE), "--prompt", "p", "--output", str(tmp_path / "o.mp4"), "--server", "h:1"]
+    assert cli.main([*args, "--crf", "20", "--steps", "3"]) == cli.EXIT_SERVER_ERROR
+    assert sent == [{"prompt": "p", "steps": "3"}]
+    assert cli.main([*args, "--crf", "99"]) == cli.EXIT_USAGE  # refused before anything is sent
+    assert len(sent) == 1 and "crf='99' is not allowed" in capsys.readouterr().err
+    # The backend names come from the server's describe answer, not from a copy here.
+    assert "sdpa" not in cli.SETTINGS["attention"] and "describe answer" in cli.SETTINGS["attention"]

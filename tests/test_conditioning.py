@@ -90,9 +90,10 @@ def test_long_prompt_is_cut_to_256_tokens(components):
 
 
 def test_non_string_prompt_names_the_field(components):
-    with pytest.raises(SettingsError) as info:
+    # The request's prompt was checked when parsed: here a non-string is the engine's bug.
+    with pytest.raises(ValueError, match="^prompt=None") as info:
         _encode(components, None)
-    assert info.value.field == "prompt"
+    assert not isinstance(info.value, SettingsError)
 
 
 def test_pad_crop_and_zero_negative(components):
@@ -140,9 +141,9 @@ def test_image_latent_sampled_with_a_generator(components):
 
 def test_image_latent_rejects_bad_images(components):
     for bad in (_image(60, 96), _image(64, 96).astype(np.float32), _image(64, 96)[..., :2]):
-        with pytest.raises(SettingsError) as info:
+        with pytest.raises(ValueError, match="^image=") as info:
             cond.encode_image_latent(components.vae, bad, "cpu")
-        assert info.value.field == "image"
+        assert not isinstance(info.value, SettingsError)
 
 
 # ---------------------------------------------------------------- decode
@@ -174,8 +175,9 @@ def test_frames_to_uint8_values_and_layout():
     assert (frames[..., 0] == 0).all() and (frames[..., 1] == 255).all()
     assert (frames[0, ..., 2] == 128).all() and (frames[1, ..., 2] == 255).all()
     assert np.array_equal(cond.frames_to_uint8(pixels[0]), frames)
-    with pytest.raises(SettingsError):
+    with pytest.raises(ValueError, match="batch size 1") as info:
         cond.frames_to_uint8(torch.zeros(2, 3, 1, 4, 4))
+    assert not isinstance(info.value, SettingsError)
 
 
 def test_encode_decode_round_trip_shape(components):

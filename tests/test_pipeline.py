@@ -10,7 +10,10 @@ from framepack_backend.errors import GenerationCancelled
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.planner import section_count, soft_append, video_frame_count
+from framepack_backend.request import GenerationRequest
 from framepack_backend.settings import SettingsError
+
+request = GenerationRequest.parse  # image, prompt, **settings
 
 FAST = {"resolution": 128, "steps": 4}
 
@@ -31,7 +34,7 @@ def assemble(events):
 
 @pytest.fixture(scope="module")
 def two_second_run(pipeline, image):
-    return list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+    return list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False})))
 
 
 def test_two_seconds_give_the_planned_frames_at_the_bucket_size(two_second_run, image):
@@ -64,10 +67,12 @@ def test_sections_assemble_to_the_final_video(two_second_run):
 
 
 def test_same_seed_gives_identical_frames_and_another_seed_differs(pipeline, image, two_second_run):
-    again = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False}))
+    again = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False})))
     assert np.array_equal(again[-1].frames, two_second_run[-1].frames)
-    other = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "seed": 1, "teacache": False}))
-    same_len = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "seed": 2, "teacache": False}))
+    other = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 1, "seed": 1,
+                                                                      "teacache": False})))
+    same_len = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 1, "seed": 2,
+                                                                         "teacache": False})))
     assert not np.array_equal(other[-1].frames, same_len[-1].frames)
 
 
@@ -84,8 +89,8 @@ def full_blend_run(pipeline, image):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(conditioning, "decode_latents", recording_decode)
-        events = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
-                                                                 "blend_latents": 9}))
+        events = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False,
+                                                                 "blend_latents": 9})))
     return events, calls
 
 
@@ -111,8 +116,8 @@ def test_by_default_the_whole_previous_section_is_re_decoded_as_the_reference_do
 
 @pytest.fixture(scope="module")
 def three_blend_run(pipeline, image):
-    return list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
-                                                           "blend_latents": 3}))
+    return list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False,
+                                                           "blend_latents": 3})))
 
 
 def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(three_blend_run, full_blend_run):
@@ -132,7 +137,8 @@ def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(
 
 
 def computed_steps(pipeline, image, **settings):
-    result = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "steps": 25, **settings}))[-1]
+    result = list(pipeline.generate(request(image, "a robot waves",
+                                            **{**FAST, "seconds": 1, "steps": 25, **settings})))[-1]
     return result.timings["computed_steps"]
 
 
@@ -146,20 +152,20 @@ def test_teacache_skips_steps_detail_computes_more_off_computes_all(pipeline, im
 
 
 def test_real_cfg_runs_two_branches_per_step_and_changes_the_output(pipeline, image):
-    plain = list(pipeline.generate(image, "a robot waves", {**FAST, "seconds": 1, "teacache": False}))[-1]
-    cfg = list(pipeline.generate(image, "a robot waves",
-                                 {**FAST, "seconds": 1, "teacache": False, "cfg": 3.0, "rs": 0.5,
-                                  "negative_prompt": "blurry"}))[-1]
+    plain = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 1, "teacache": False})))[-1]
+    cfg = list(pipeline.generate(request(image, "a robot waves",
+                                         **{**FAST, "seconds": 1, "teacache": False, "cfg": 3.0, "rs": 0.5,
+                                            "negative_prompt": "blurry"})))[-1]
     assert cfg.frames.shape == plain.frames.shape == (37, 112, 144, 3)
     assert not np.array_equal(cfg.frames, plain.frames)
 
 
 def test_bad_input_is_rejected_before_any_work(pipeline, image):
     with pytest.raises(SettingsError) as info:
-        pipeline.generate(image, "x", {"steps": 0})
+        pipeline.generate(request(image, "x", **{"steps": 0}))
     assert info.value.field == "steps"
     with pytest.raises(SettingsError) as info:
-        pipeline.generate(image[:, :, :2], "x", FAST)
+        pipeline.generate(request(image[:, :, :2], "x", **FAST))
     assert info.value.field == "image"
 
 
@@ -172,15 +178,15 @@ def test_cancel_stops_within_one_step(pipeline, image):
 
     events = []
     with pytest.raises(GenerationCancelled):
-        for event in pipeline.generate(image, "x", {**FAST, "seconds": 2}, cancel=cancel):
+        for event in pipeline.generate(request(image, "x", **{**FAST, "seconds": 2}), cancel=cancel):
             events.append(event)
     assert len([e for e in events if isinstance(e, StepProgress)]) == 2
 
 
 def test_forward_f1_sampling_grows_the_video_from_its_start(tiny_bundle, image):
     f1 = Pipeline.from_pretrained(tiny_bundle, device="cpu", sampling="f1")
-    events = list(f1.generate(image, "a robot waves", {**FAST, "seconds": 2, "teacache": False,
-                                                       "blend_latents": 3}))
+    events = list(f1.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False,
+                                                       "blend_latents": 3})))
     result = events[-1]
     assert result.frames.shape == (73, 112, 144, 3) and result.settings["sampling"] == "f1"
     starts = [e.start_frame for e in events if isinstance(e, SectionFinished)]
@@ -191,5 +197,42 @@ def test_forward_f1_sampling_grows_the_video_from_its_start(tiny_bundle, image):
 
 def test_sampling_must_match_the_loaded_transformer(pipeline, image):
     with pytest.raises(SettingsError) as info:
-        pipeline.generate(image, "x", {**FAST, "sampling": "f1"})
+        pipeline.generate(request(image, "x", **{**FAST, "sampling": "f1"}))
     assert info.value.field == "sampling" and "transformer/" in str(info.value)
+
+
+def test_the_final_settings_report_the_job_s_effective_options(two_second_run, pipeline):
+    from framepack_backend.settings import EngineOptions
+
+    settings = two_second_run[-1].settings
+    assert pipeline.options == EngineOptions(fused_kernels=False)  # the CPU default: no Triton kernels
+    assert {k: settings[k] for k in ("sampling", "attention", "memory_mode", "gpu_memory_preservation", "fp8",
+                                     "fused_kernels")} == dict(sampling="inverted", attention="sdpa",
+                                                               memory_mode="resident", gpu_memory_preservation=6.0,
+                                                               fp8=False, fused_kernels=False)
+    assert (settings["steps"], settings["resolution"], settings["seconds"]) == (4, 128, 2.0) and "crf" not in settings
+
+
+def test_a_job_s_overrides_apply_to_that_job_only(pipeline, image):
+    before = pipeline.options
+    result = list(pipeline.generate(request(image, "x", **{**FAST, "seconds": 1, "teacache": False,
+                                                           "attention": "sdpa", "gpu_memory_preservation": 2})))[-1]
+    assert result.settings["gpu_memory_preservation"] == 2.0 and result.settings["attention"] == "sdpa"
+    assert pipeline.options is before and before.gpu_memory_preservation == 6.0 and before.attention == "auto"
+
+
+def test_jobs_on_one_pipeline_run_one_at_a_time(pipeline, image):
+    import threading
+
+    first = pipeline.generate(request(image, "x", **{**FAST, "seconds": 1}))
+    second = pipeline.generate(request(image, "x", **{**FAST, "seconds": 1}))
+    assert isinstance(next(first), StepProgress)  # the first job holds the pipeline now
+    started = []
+    waiting = threading.Thread(target=lambda: started.append(next(second)))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and started == []
+    first.close()  # the first job ends: the second one runs
+    waiting.join(60)
+    assert not waiting.is_alive() and isinstance(started[0], StepProgress)
+    second.close()

@@ -32,6 +32,7 @@ from client.connection import Endpoint
 from client.video import FrameAssembler
 from framepack_backend.buckets import bucket_for
 from framepack_server.launcher import GrpcTls, TritonServer, free_ports
+from framepack_wire import WireRequest
 
 pytestmark = pytest.mark.server
 
@@ -80,7 +81,7 @@ def image() -> np.ndarray:
 
 
 def generate(server, image, settings, prompt="a person waves", **options) -> list[stream.Event]:
-    return list(stream.generate(server.grpc_address, image, prompt, settings, **options))
+    return list(stream.generate(server.grpc_address, WireRequest(image, prompt, settings), **options))
 
 
 def video(events: list[stream.Event]) -> np.ndarray:
@@ -525,7 +526,7 @@ def test_tls_end_to_end_with_a_self_signed_certificate(tiny_bundle, tmp_path, im
                                         connect_timeout_s=0.5))
             for endpoint in refused:
                 with pytest.raises(stream.ServerError) as caught:
-                    list(stream.generate(endpoint, image, "p", FAST))
+                    list(stream.generate(endpoint, WireRequest(image, "p", FAST)))
                 assert caught.value.status == "UNAVAILABLE" and "cannot reach the server" in caught.value.message
             checked.append(f"{'mutual TLS' if mutual else 'TLS'}: job over TLS succeeded, "
                            f"{len(refused)} wrong clients refused")

@@ -23,14 +23,15 @@ from tritonclient.utils import InferenceServerException
 from client import cli, connection, stream
 from client.connection import Endpoint, Unreachable, ready_client
 from framepack_backend.components import load_components
-from framepack_backend.settings import GenerationSettings, SettingsError, validate_image
+from framepack_backend.request import parse_request, validate_image
+from framepack_backend.settings import SamplingSettings, SettingsError
 from framepack_server.faults import Fault, InjectedFault, take_fault
 from framepack_server.instance import InstanceConfig
 from framepack_server.job_memory import live_tensor_bytes, release_memory
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
 from framepack_server.launcher import GrpcTls, TritonServer, free_ports
 from framepack_server.launcher import main as server_main
-from framepack_server.protocol import Status, parse_parameters
+from framepack_server.protocol import Status
 from framepack_server.supervisor import Supervisor, backend_stub_pids
 from framepack_server.triton_install import STUB_NAME
 
@@ -42,7 +43,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.
 @pytest.mark.parametrize("value", ["nul\x00", "x" * 4001])
 def test_the_negative_prompt_is_checked_like_the_prompt(value):
     with pytest.raises(SettingsError) as caught:
-        GenerationSettings.from_mapping({"negative_prompt": value})
+        SamplingSettings.from_mapping({"negative_prompt": value})
     assert caught.value.field == "negative_prompt"
 
 
@@ -60,7 +61,7 @@ def test_the_fault_parameter_is_an_unknown_setting_unless_fault_injection_is_on(
     parameters = {"prompt": "p", "fault": "raise@2"}
     assert take_fault(parameters, enabled=False) is None
     with pytest.raises(SettingsError) as caught:
-        parse_parameters(parameters)
+        parse_request(np.zeros((16, 16, 3), np.uint8), parameters)
     assert caught.value.field == "fault"
 
     assert take_fault(parameters, enabled=True) == Fault(2)
@@ -80,7 +81,7 @@ def test_a_fault_raises_inside_the_engine_on_the_chosen_poll_and_the_job_fails()
     assert len(polls) == 2
 
     sink, log = RecordingSink(), RecordingLog()
-    faulty = Job("9", np.zeros((16, 16, 3), np.uint8), job(sink).request, sink, Fault(5))
+    faulty = Job("9", job(sink).request, sink, Fault(5))
     assert run_job(ScriptedPipeline(steps=3), faulty, log) is Outcome.FAILED
     assert len(sink.sent) == 5  # 3 steps, a section and a step; the 5th poll failed
     assert sink.failures == [(Status.INTERNAL, "generation failed: InjectedFault: injected fault before model "
@@ -91,8 +92,8 @@ def test_a_fault_raises_inside_the_engine_on_the_chosen_poll_and_the_job_fails()
 
 
 class SlowPipeline(ScriptedPipeline):
-    def generate(self, image, prompt, settings, cancel=None):
-        for event in super().generate(image, prompt, settings, cancel):
+    def generate(self, request, cancel=None):
+        for event in super().generate(request, cancel):
             time.sleep(0.05)
             yield event
 

@@ -11,8 +11,9 @@ import tritonclient.grpc as grpcclient
 
 from client import stream
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
-from framepack_backend.settings import GenerationSettings, SettingsError
+from framepack_backend.settings import SamplingSettings, SettingsError, describe_settings
 from framepack_server.protocol import describe_response, is_describe_request, request_parameters
+from framepack_wire import WireRequest
 
 
 def test_describe_response_carries_the_engine_tables_as_one_final_json_event():
@@ -25,7 +26,7 @@ def test_describe_response_carries_the_engine_tables_as_one_final_json_event():
     }
     assert event["presets"] == {name: preset.as_settings() for name, preset in PRESETS.items()}
     assert event["flow_presets"] == list(FLOW_PRESETS)
-    assert event["settings"] == json.loads(json.dumps(GenerationSettings.describe()))
+    assert event["settings"] == json.loads(json.dumps(describe_settings()))
     assert event["settings"]["steps"] == {
         "type": "int", "default": 25, "low": 1, "high": 100, "choices": None, "doc": "sampling steps per section",
     }
@@ -57,8 +58,8 @@ def test_the_server_describes_its_settings_and_presets(triton_server):
     description = stream.describe(triton_server.grpc_address)
     assert description.presets == {name: preset.as_settings() for name, preset in PRESETS.items()}
     assert description.flow_presets == list(FLOW_PRESETS)
-    assert description.settings["resolution"]["default"] == GenerationSettings().resolution
-    assert list(description.settings) == list(GenerationSettings.describe())
+    assert description.settings["resolution"]["default"] == SamplingSettings().resolution
+    assert list(description.settings) == list(describe_settings())
 
 
 @pytest.mark.server
@@ -79,5 +80,5 @@ def test_a_video_request_without_an_image_is_an_invalid_argument_naming_it(trito
 def test_a_bad_describe_value_is_refused(triton_server):
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     with pytest.raises(stream.ServerError) as caught:
-        list(stream.generate(triton_server.grpc_address, image, "x", {"describe": "yes"}))
+        list(stream.generate(triton_server.grpc_address, WireRequest(image, "x", {"describe": "yes"})))
     assert caught.value.status == "INVALID_ARGUMENT" and caught.value.message.startswith("describe='yes'")

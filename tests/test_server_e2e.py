@@ -21,6 +21,7 @@ from client.cli import load_image
 from conftest import FAST_SETTINGS
 from framepack_backend.buckets import bucket_for
 from framepack_server.launcher import TritonServer, free_ports
+from framepack_wire import WireRequest
 
 pytestmark = pytest.mark.server
 
@@ -76,13 +77,13 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
     def send_bad_request() -> None:
         sent = time.monotonic()
         try:
-            list(stream.generate(triton_server.grpc_address, image, "x", {"steps": "many"}))
+            list(stream.generate(triton_server.grpc_address, WireRequest(image, "x", {"steps": "many"})))
         except stream.ServerError as e:
             refusal.update(error=e, sent=sent, answered=time.monotonic())
 
     settings = {**FAST_SETTINGS, "seconds": 2.4}
     bad_request = threading.Thread(target=send_bad_request)
-    for event in stream.generate(triton_server.grpc_address, image, "a person waves", settings):
+    for event in stream.generate(triton_server.grpc_address, WireRequest(image, "a person waves", settings)):
         arrivals.append((time.monotonic(), event))
         if len(arrivals) == 1:
             bad_request.start()  # while the job runs
@@ -115,7 +116,7 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
 )
 def test_bad_settings_are_invalid_arguments_naming_the_field(triton_server, settings, field, allowed):
     with pytest.raises(stream.ServerError) as caught:
-        list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "x", settings))
+        list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE), "x", settings)))
     assert caught.value.status == "INVALID_ARGUMENT"
     assert caught.value.message.startswith(f"{field}=")
     assert allowed in caught.value.message
@@ -173,7 +174,7 @@ def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(trit
     assert steps_done < 4 * FAST_SETTINGS["steps"]  # stopped early, not run to the end
 
     next_job = {**FAST_SETTINGS, "seconds": 1}
-    events = list(stream.generate(triton_server.grpc_address, load_image(SAMPLE), "next", next_job))
+    events = list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE), "next", next_job)))
     assert isinstance(events[-1], stream.Final) and events[-1].frame_count == 37
 
     # The server's metrics count the cancelled job and the one after it.
@@ -200,7 +201,8 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
             outcome["error"] = e
 
     with server:
-        events = stream.generate(server.grpc_address, load_image(SAMPLE), "x", {**FAST_SETTINGS, "seconds": 10})
+        events = stream.generate(server.grpc_address,
+                                 WireRequest(load_image(SAMPLE), "x", {**FAST_SETTINGS, "seconds": 10}))
         assert isinstance(next(events), stream.Progress)
         reader = threading.Thread(target=keep_reading, args=(events,))
         reader.start()
@@ -222,10 +224,12 @@ def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
     server = TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
                           log_path=tmp_path / "tritonserver.log", startup_timeout_s=300, sampling="f1")
     with server:
-        events = list(stream.generate(server.grpc_address, load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2}))
+        events = list(stream.generate(server.grpc_address,
+                                      WireRequest(load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2})))
         refused = None
         try:
-            list(stream.generate(server.grpc_address, load_image(SAMPLE), "x", {**FAST_SETTINGS, "sampling": "inverted"}))
+            list(stream.generate(server.grpc_address,
+                                 WireRequest(load_image(SAMPLE), "x", {**FAST_SETTINGS, "sampling": "inverted"})))
         except stream.ServerError as e:
             refused = str(e)
     final = events[-1]

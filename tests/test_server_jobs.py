@@ -14,22 +14,24 @@ from tritonclient.grpc import model_config_pb2
 
 from framepack_backend.errors import GenerationCancelled
 from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
-from framepack_backend.settings import GenerationSettings, SettingsError
+from framepack_backend.request import GenerationRequest, parse_request
+from framepack_backend.settings import SettingsError
 from framepack_server import protocol
 from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
 from framepack_server.launcher import ServerStartError, TritonServer, free_ports
-from framepack_server.protocol import JobRequest, Status, parse_parameters, parse_parameters_json, to_wire
+from framepack_server.protocol import Status, request_parameters, to_wire
 from framepack_server.triton_install import embedded_install, stub_python_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+IMAGE = np.zeros((16, 16, 3), np.uint8)
 
 
 # ------------------------------------------------------------------ protocol
 
 
 def test_parameters_give_prompt_and_typed_settings():
-    request = parse_parameters({"prompt": "waves", "steps": "7", "gs": 8, "teacache": "off", "preset": "Dance"})
+    request = parse_request(IMAGE, {"prompt": "waves", "steps": "7", "gs": 8, "teacache": "off", "preset": "Dance"})
     assert request.prompt == "waves"
     assert (request.settings.steps, request.settings.gs, request.settings.teacache) == (7, 8.0, False)
     assert request.settings.flow_preset == "dance"  # from the preset; explicit values won
@@ -42,14 +44,14 @@ def test_parameters_give_prompt_and_typed_settings():
 )
 def test_bad_parameters_name_the_field(parameters, field):
     with pytest.raises(SettingsError) as caught:
-        parse_parameters(parameters)
+        parse_request(IMAGE, parameters)
     assert caught.value.field == field
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]"])
 def test_parameters_must_be_a_json_object(text):
     with pytest.raises(SettingsError) as caught:
-        parse_parameters_json(text)
+        parse_request(IMAGE, request_parameters(text))
     assert caught.value.field == "parameters"
 
 
@@ -62,7 +64,7 @@ def test_events_on_the_wire():
     assert to_wire(StepProgress(1, 2, 3, 4, elapsed_s=0.0)).tensors == {}
 
     frames = np.zeros((33, 8, 10, 3), np.uint8)
-    section = to_wire(SectionFinished(1, 2, start_frame=40, frames=frames, total_frames=73))
+    section = to_wire(SectionFinished(1, 2, start_frame=40, frames=frames, total_frames=73, fps=30))
     assert section.event == dict(kind="section", section=1, sections=2, start_frame=40, frame_count=33,
                                  total_frames=73, fps=30)
     assert section.tensors[protocol.FRAMES_OUTPUT].shape == (33, 8, 10, 3)
@@ -79,7 +81,7 @@ def test_events_on_the_wire():
 
 def test_engine_output_of_the_wrong_type_is_refused():
     with pytest.raises(ValueError):
-        to_wire(SectionFinished(1, 1, 0, np.zeros((3, 8, 10, 3), np.float32), 3))
+        to_wire(SectionFinished(1, 1, 0, np.zeros((3, 8, 10, 3), np.float32), 3, fps=30))
 
 
 # ------------------------------------------------------------------ jobs
@@ -123,7 +125,7 @@ class ScriptedPipeline:
         self.steps, self.sections, self.error, self.gate = steps, sections, error, gate
         self.started = threading.Event()
 
-    def generate(self, image, prompt, settings, cancel=None):
+    def generate(self, request, cancel=None):
         self.started.set()
         if self.error is not None:
             raise self.error
@@ -134,12 +136,12 @@ class ScriptedPipeline:
                 if cancel():
                     raise GenerationCancelled()
                 yield StepProgress(section, self.sections, step, self.steps, 0.0)
-            yield SectionFinished(section, self.sections, 0, np.zeros((1, 2, 2, 3), np.uint8), 1)
+            yield SectionFinished(section, self.sections, 0, np.zeros((1, 2, 2, 3), np.uint8), 1, fps=30)
         yield GenerationResult(np.zeros((1, 2, 2, 3), np.uint8), 30, 2, 2, 0, {}, {})
 
 
 def job(sink) -> Job:
-    return Job("7", np.zeros((16, 16, 3), np.uint8), JobRequest("p", GenerationSettings()), sink)
+    return Job("7", GenerationRequest.parse(np.zeros((16, 16, 3), np.uint8), "p"), sink)
 
 
 def test_a_job_streams_every_event_and_ends_with_the_final_one():

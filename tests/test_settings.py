@@ -4,32 +4,40 @@ import numpy as np
 import pytest
 
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
-from framepack_backend.settings import GenerationSettings, SettingsError, validate_image, validate_prompt
+from framepack_backend.request import validate_image
+from framepack_backend.settings import (
+    EngineOverrides,
+    SamplingSettings,
+    SettingsError,
+    describe_settings,
+    split_settings,
+    validate_prompt,
+)
 
 
 def test_defaults_follow_the_spec():
-    s = GenerationSettings()
+    s = SamplingSettings()
     assert (s.steps, s.gs, s.cfg, s.rs, s.seed, s.window) == (25, 10.0, 1.0, 0.0, 31337, 9)
-    assert s.teacache and s.teacache_threshold == 0.15 and s.sampling == "auto"
+    assert s.teacache and s.teacache_threshold == 0.15 and EngineOverrides().sampling == "auto"
     assert s.blend_latents == 33  # at least the window: the reference's whole-section overlap
 
 
 def test_preset_applies_then_explicit_values_win():
-    s = GenerationSettings.from_mapping({"preset": "Hand Movement", "steps": "12"})
+    s, engine = split_settings({"preset": "Hand Movement", "steps": "12"})
     assert s.steps == 12
     assert s.gs == 14.0 and s.teacache is False and s.flow_preset == "hand_detail"
-    assert s.gpu_memory_preservation == 8.0
+    assert engine.gpu_memory_preservation == 8.0
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_is_valid_and_names_a_flow_preset(name):
-    s = GenerationSettings.from_mapping({"preset": name})
+    s = SamplingSettings.from_mapping({"preset": name})
     assert s.flow_preset in FLOW_PRESETS
     assert s.steps == PRESETS[name].steps
 
 
 def test_loose_values_are_coerced_strictly():
-    s = GenerationSettings.from_mapping({"steps": "7", "gs": 3, "teacache": "off", "seed": 5.0})
+    s = SamplingSettings.from_mapping({"steps": "7", "gs": 3, "teacache": "off", "seed": 5.0})
     assert (s.steps, s.gs, s.teacache, s.seed) == (7, 3.0, False, 5)
     assert isinstance(s.gs, float)
 
@@ -59,14 +67,14 @@ def test_loose_values_are_coerced_strictly():
 )
 def test_bad_values_name_the_field_and_what_is_allowed(values, field):
     with pytest.raises(SettingsError) as info:
-        GenerationSettings.from_mapping(values)
+        split_settings(values)
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}=")
     assert "expected" in str(info.value)
 
 
 def test_describe_lists_every_setting_with_its_default():
-    spec = GenerationSettings.describe()
+    spec = describe_settings()
     assert spec["steps"]["default"] == 25 and spec["steps"]["low"] == 1
     assert "Dance" in spec["preset"]["choices"]
 
@@ -90,3 +98,33 @@ def test_prompt_checks():
         with pytest.raises(SettingsError) as info:
             validate_prompt(bad)
         assert info.value.field == "prompt"
+
+
+def test_settings_split_by_scope_and_describe_lists_what_a_request_may_carry():
+    from framepack_backend.settings import ATTENTION_BACKENDS, EngineOptions
+
+    per_job = set(SamplingSettings.describe())
+    overrides = set(EngineOverrides.describe())
+    assert per_job.isdisjoint(overrides) and overrides == {"sampling", "attention", "memory_mode",
+                                                           "gpu_memory_preservation"}
+    assert set(EngineOptions.describe()) == {"sampling", "attention", "memory_mode", "gpu_memory_preservation",
+                                             "fp8", "fused_kernels"}
+    spec = describe_settings()
+    assert list(spec) == [*SamplingSettings.describe(), *EngineOverrides.describe()]
+    assert "crf" not in spec and "fp8" not in spec
+    # An override names the instance option's type and range; unset, the instance's value applies.
+    assert spec["attention"]["choices"] == list(ATTENTION_BACKENDS) and spec["attention"]["default"] is None
+    assert spec["gpu_memory_preservation"]["low"] == 0.0 and spec["gpu_memory_preservation"]["high"] == 256.0
+    assert spec["sampling"] == {"type": "str", "default": "auto", "low": None, "high": None,
+                                "choices": ["auto", "inverted", "f1"], "doc": spec["sampling"]["doc"]}
+    assert EngineOptions.describe()["sampling"]["default"] == "inverted"
+
+
+def test_crf_from_older_clients_is_range_checked_then_dropped():
+    sampling, overrides = split_settings({"crf": "20", "steps": 3})
+    assert sampling == SamplingSettings(steps=3) and overrides == EngineOverrides()
+    from client.video import CRF_DEFAULT, CRF_HIGH, CRF_LOW
+    from framepack_backend.settings import ClientOnlySettings
+
+    spec = ClientOnlySettings.describe()["crf"]  # the server's legacy check agrees with the client's option
+    assert (spec["default"], spec["low"], spec["high"]) == (CRF_DEFAULT, CRF_LOW, CRF_HIGH)

@@ -22,6 +22,7 @@ from client.webui_job import StopSignals, progress_text, run_job
 from conftest import FAST_SETTINGS
 from framepack_backend.presets import PRESETS
 from framepack_server.launcher import free_ports
+from framepack_wire import WireRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "client" / "assets" / "sample.png"
@@ -81,7 +82,7 @@ def test_the_video_so_far_is_the_run_of_frames_received():
 
 def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
     (port,) = free_ports(1)
-    updates = list(run_job(f"127.0.0.1:{port}", load_image(SAMPLE), "x", {}, tmp_path, lambda: False))
+    updates = list(run_job(f"127.0.0.1:{port}", WireRequest(load_image(SAMPLE), "x", {}), tmp_path, lambda: False))
     assert updates[-1].status.startswith(f"Error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}")
     assert updates[-1].final is None and list(tmp_path.iterdir()) == []
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import MEMORY_MODES, SettingsError
+from ..settings import MEMORY_MODES
 from .footprint import GIB, MemoryFootprint
 
 FASTEST_FIRST = ("resident", "offload", "stream")
@@ -74,7 +74,7 @@ def memory_needed(mode: str, footprint: MemoryFootprint, plan: StreamPlan | None
         return max(offload_phase_bytes(footprint).values())
     if mode == "stream":
         return max(stream_phase_bytes(footprint, plan or StreamPlan(MIN_SLOTS, 0)).values())
-    raise SettingsError("memory_mode", mode, "one of " + ", ".join(repr(m) for m in FASTEST_FIRST))
+    raise ValueError(f"memory_mode={mode!r} is not allowed: expected one of {', '.join(map(repr, FASTEST_FIRST))}")
 
 
 def budget_bytes(free_bytes: int, preserve_gb: float) -> int:
@@ -82,7 +82,7 @@ def budget_bytes(free_bytes: int, preserve_gb: float) -> int:
     if free_bytes < 0:
         raise ValueError(f"free_bytes={free_bytes} is not allowed: expected >= 0")
     if not preserve_gb >= 0:
-        raise SettingsError("gpu_memory_preservation", preserve_gb, "a number of GB >= 0")
+        raise ValueError(f"gpu_memory_preservation={preserve_gb!r} is not allowed: expected a number of GB >= 0")
     return free_bytes - int(preserve_gb * GIB)
 
 
@@ -93,8 +93,9 @@ def choose_memory_mode(requested: str, free_bytes: int, preserve_gb: float, foot
     engine itself holds) minus `preserve_gb`. When nothing fits, stream: it is the
     smallest, and the only mode that may still run.
     """
-    if requested not in MEMORY_MODES:
-        raise SettingsError("memory_mode", requested, "one of " + ", ".join(repr(m) for m in MEMORY_MODES))
+    if requested not in MEMORY_MODES:  # options and overrides were checked (settings.py): a bug
+        allowed = ", ".join(map(repr, MEMORY_MODES))
+        raise ValueError(f"memory_mode={requested!r} is not allowed: expected one of {allowed}")
     budget = budget_bytes(free_bytes, preserve_gb)
     if requested != "auto":
         return requested

@@ -1,7 +1,8 @@
 """Triton Python backend of the `framepack` model: a thin adapter over framepack_backend.
 
-Parse a request, validate it, queue the job, stream the engine's events back as
-responses. The wire protocol is documented in framepack_server/protocol.py.
+Parse a request into a GenerationRequest (the one boundary check), queue the job, stream
+the engine's events back as responses. The wire protocol is documented in
+framepack_server/protocol.py.
 """
 
 import os
@@ -37,12 +38,12 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from framepack_backend.memory import peak_memory  # noqa: E402
 from framepack_backend.pipeline import Pipeline  # noqa: E402
-from framepack_backend.settings import SettingsError, validate_image  # noqa: E402
+from framepack_backend.settings import EngineOptions, SettingsError  # noqa: E402
 from framepack_server.faults import take_fault  # noqa: E402
 from framepack_server.instance import InstanceConfig  # noqa: E402
 from framepack_server.jobs import Job, JobQueue, Outcome  # noqa: E402
 from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
-from framepack_server.protocol import describe_response, is_describe_request, parse_parameters  # noqa: E402
+from framepack_server.protocol import describe_response, is_describe_request, parse_request  # noqa: E402
 from framepack_server.protocol import request_parameters  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -114,12 +115,14 @@ class JobMetrics:
 
 
 def _input_image(request):
+    """The `image` input as a numpy array, or None (optional in the config, because
+    describe requests carry no image; parse_request refuses a video request without one)."""
     tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
-    if tensor is None:  # optional in the config, because describe requests carry no image
-        raise SettingsError(IMAGE_INPUT, None, "a UINT8 H×W×3 input tensor 'image'")
+    if tensor is None:
+        return None
     # DLPack, not as_numpy(): the latter returns empty data under numpy 2. Copy, because
     # the request's memory is released once execute() returns and the job runs later.
-    return validate_image(torch.from_dlpack(tensor.to_dlpack()).cpu().numpy().copy())
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy().copy()
 
 
 class TritonPythonModel:
@@ -130,9 +133,8 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        pipeline = Pipeline.from_pretrained(
-            config.model_dir, device=config.device, dtype=dtype, sampling=config.sampling, fp8=config.fp8
-        )
+        options = EngineOptions(sampling=config.sampling, fp8=config.fp8)
+        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, options=options)
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
             f"{', FP8' if config.fp8 else ''}) on {config.device} "
@@ -169,7 +171,7 @@ class TritonPythonModel:
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
-        job = Job(job_id, _input_image(request), parse_parameters(parameters), sender, fault)
+        job = Job(job_id, parse_request(_input_image(request), parameters), sender, fault)
         if not self._jobs.submit(job):
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 

@@ -1,0 +1,88 @@
+"""One generation request, parsed once at the boundary and carried whole.
+
+`parse_request(image, parameters)` is the only place a request's input is checked: the
+start image, the prompt and the settings (through `settings.split_settings`). It raises
+`SettingsError` naming the field; past it, the engine trusts the request, and its own
+internal checks raise ValueError (a bug, reported as INTERNAL by the server).
+
+The request is what the server queues (`framepack_server/jobs.py: Job`) and what
+`Pipeline.generate(request, cancel)` takes. Inputs still to come land here, each checked
+by `parse_request` and given to the pipeline in the request:
+
+- an end image and keyframes (images at latent positions; the planner places their latents);
+- an input video to extend (its latents seed the history);
+- a timed prompt schedule (prompts from given seconds on, mapped to sections by the planner);
+- LoRA choices (names from an allow-listed folder, with scales);
+- no start image at all, for text-to-video (`image` is already optional in the type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from framepack_wire import PROMPT_PARAMETER
+
+from .settings import EngineOverrides, SamplingSettings, SettingsError, split_settings, validate_prompt
+
+MAX_IMAGE_PIXELS = 4096 * 4096
+MIN_IMAGE_SIDE = 16
+# The image is scaled to cover its bucket (aspect ratios up to about 2.4), so a thin
+# strip is upscaled along its long side too: 16×1048576 pixels would become a
+# 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
+MAX_IMAGE_ASPECT = 16
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """A checked request: what to generate from, and how.
+
+    `image` is the start frame, uint8 H×W×3. Its type allows None for text-to-video,
+    which is not built yet: `parse_request` refuses a request without an image.
+    `settings` are the job's own; `engine` its overrides of the instance's options.
+    The coming inputs (end image, keyframes, input video, timed prompts, LoRA choices;
+    see the module docstring) become fields here, checked by `parse_request`.
+    """
+
+    image: np.ndarray | None
+    prompt: str
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    engine: EngineOverrides = field(default_factory=EngineOverrides)
+
+    @classmethod
+    def parse(cls, image: object, prompt: object = "", **settings: object) -> GenerationRequest:
+        """`parse_request` with the settings as keyword arguments (tests, scripts)."""
+        return parse_request(image, {PROMPT_PARAMETER: prompt, **settings})
+
+
+def parse_request(image: object, parameters: Mapping[str, object]) -> GenerationRequest:
+    """A request from raw input: the image array and the request parameters (the prompt
+    and settings by name, loosely typed). Raises SettingsError naming the first bad field."""
+    values = dict(parameters)
+    if PROMPT_PARAMETER not in values:
+        raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
+    prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
+    settings, engine = split_settings(values)
+    return GenerationRequest(validate_image(image), prompt, settings, engine)
+
+
+def validate_image(image: object, field_name: str = "image") -> np.ndarray:
+    """Check an H×W×3 uint8 RGB image (the serving contract's `image` input)."""
+    if image is None:  # text-to-video is not built yet: every request needs a start image
+        raise SettingsError(field_name, None, "a UINT8 H×W×3 input tensor 'image'")
+    if not isinstance(image, np.ndarray):
+        raise SettingsError(field_name, type(image).__name__, "a uint8 array of shape H×W×3")
+    if image.dtype != np.uint8:
+        raise SettingsError(field_name, f"dtype {image.dtype}", "dtype uint8")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise SettingsError(field_name, f"shape {tuple(image.shape)}", "shape H×W×3 (RGB)")
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise SettingsError(field_name, f"{w}×{h} pixels", f"both sides at least {MIN_IMAGE_SIDE} pixels")
+    if h * w > MAX_IMAGE_PIXELS:
+        raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {MAX_IMAGE_PIXELS} pixels")
+    if max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
+        raise SettingsError(field_name, f"{w}×{h} pixels", f"the long side at most {MAX_IMAGE_ASPECT}× the short one")
+    return image

@@ -1,0 +1,30 @@
+"""The wire contract of the `framepack` Triton model, imported by the server and the client.
+
+Torch-free and engine-free (numpy and the standard library only), so the thin client can
+import it. It names the model, its tensors and request parameters (`contract.py`), the
+status words that start an error message (`contract.py`), the JSON metadata of each
+streamed event (`events.py`) and the client's request value (`request.py`). The
+protocol itself is described in framepack_server/protocol.py.
+"""
+
+from .contract import (
+    DESCRIBE_PARAMETER,
+    EVENT_OUTPUT,
+    FRAMES_OUTPUT,
+    IMAGE_INPUT,
+    MODEL_NAME,
+    PREVIEW_OUTPUT,
+    PROMPT_PARAMETER,
+    Status,
+    error_message,
+    parse_error_message,
+)
+from .events import DescribeMeta, EventKind, EventMeta, FinalMeta, ProgressMeta, SectionMeta, event_from_json
+from .request import WireRequest
+
+__all__ = [
+    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
+    "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "ProgressMeta", "SectionMeta", "event_from_json",
+    "WireRequest",
+]

@@ -1,0 +1,46 @@
+"""Names both sides must agree on: the model, its tensors, its request parameters, status words."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+MODEL_NAME = "framepack"
+IMAGE_INPUT = "image"  # UINT8 H×W×3
+EVENT_OUTPUT = "event"  # UINT8 vector: the event's JSON metadata, UTF-8
+FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
+PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
+PROMPT_PARAMETER = "prompt"
+DESCRIBE_PARAMETER = "describe"
+
+
+class Status(str, Enum):
+    """gRPC status names used as the first word of an error message.
+
+    The stream carries an error's message but not its status code, so the server
+    writes `STATUS: text` and the client reads the word back.
+    """
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the job ran past the server's time limit
+    INTERNAL = "INTERNAL"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def error_message(status: Status, text: str) -> str:
+    """`STATUS: text`, the message of every error our model sends."""
+    return f"{Status(status).value}: {text}"
+
+
+def parse_error_message(message: str) -> tuple[Status, str] | None:
+    """(status, text) of a message written by `error_message`; None for any other message
+    (Triton's own refusals and transport errors carry no status word)."""
+    word, separator, text = message.partition(": ")
+    if not separator:
+        return None
+    try:
+        return Status(word), text
+    except ValueError:
+        return None
