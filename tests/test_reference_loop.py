@@ -50,6 +50,7 @@ import torch
 from framepack_backend import conditioning
 from framepack_backend.buckets import bucket_for, resize_and_center_crop
 from framepack_backend.pipeline import Pipeline
+from framepack_backend.request import GenerationRequest
 
 PROMPT = "a robot waves"
 MEAN_LEVELS = 0.6  # mean |Δ| allowed, in levels of 255: the 8-bit conversion's rounding
@@ -59,7 +60,7 @@ pytestmark = pytest.mark.slow
 
 def engine_frames(pipeline: Pipeline, image: np.ndarray, settings: dict) -> np.ndarray:
     """The engine's finished video (T, H, W, 3) uint8 for `settings` (defaults otherwise)."""
-    return list(pipeline.generate(image, PROMPT, settings))[-1].frames
+    return list(pipeline.generate(GenerationRequest.parse(image, PROMPT, **settings)))[-1].frames
 
 
 # ---------------------------------------------------------------- the reference, re-implemented
