@@ -391,6 +391,7 @@ def runs(seen) -> list[str]:
     return [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
 
 
+@pytest.mark.slow
 def test_offload_and_stream_jobs_equal_resident_and_move_each_component_only_for_its_phase(tiny_pipeline, image):
     resident, _ = generate_recording_placement(tiny_pipeline, image, "auto")  # auto on a CPU: resident
     assert resident.timings["memory"] == {"mode": "resident", "peak_allocated_bytes": None, "peak_reserved_bytes": None}
@@ -415,7 +416,6 @@ def test_peak_memory_is_none_without_a_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_streamed_forward_on_the_gpu_equals_resident_with_less_memory():
     config = dict(TINY, num_attention_heads=8, attention_head_dim=64, rope_axes_dim=(16, 24, 24),
                   num_layers=6, num_single_layers=12, mlp_ratio=4.0)

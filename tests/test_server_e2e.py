@@ -15,16 +15,16 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import FAST_SETTINGS
 
 from client import stream
 from client.cli import load_image
-from conftest import FAST_SETTINGS
 from framepack_backend.buckets import bucket_for
-from framepack_server.launcher import TritonServer, free_ports
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
+from framepack_server.server import TritonServer, free_ports
 
 pytestmark = pytest.mark.server
 
-SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.png"
 CANCELLED_LINE = "cancelled by the client"
 
 
@@ -225,7 +225,8 @@ def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
         events = list(stream.generate(server.grpc_address, load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2}))
         refused = None
         try:
-            list(stream.generate(server.grpc_address, load_image(SAMPLE), "x", {**FAST_SETTINGS, "sampling": "inverted"}))
+            inverted = {**FAST_SETTINGS, "sampling": "inverted"}
+            list(stream.generate(server.grpc_address, load_image(SAMPLE), "x", inverted))
         except stream.ServerError as e:
             refused = str(e)
     final = events[-1]

@@ -18,8 +18,8 @@ from framepack_backend.settings import GenerationSettings, SettingsError
 from framepack_server import protocol
 from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
-from framepack_server.launcher import ServerStartError, TritonServer, free_ports
 from framepack_server.protocol import JobRequest, Status, parse_parameters, parse_parameters_json, to_wire
+from framepack_server.server import ServerStartError, TritonServer, free_ports
 from framepack_server.triton_install import embedded_install, stub_python_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
