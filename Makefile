@@ -20,7 +20,7 @@ demo: $(STAMPS)/client-server
 test: $(STAMPS)/test | $(CHROMIUM)
 	$(BIN)/python -m pytest
 
-# The inner loop: no GPU, no tritonserver, nothing marked slow (about a minute on 2 cores).
+# The inner loop: no GPU, no tritonserver, nothing marked slow (under two minutes on 2 shared cores).
 test-fast: $(STAMPS)/test
 	$(BIN)/python -m pytest -m "not slow and not server and not gpu"
 

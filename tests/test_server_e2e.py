@@ -21,6 +21,7 @@ from client import stream
 from client.cli import load_image
 from framepack_backend.buckets import bucket_for
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
+from framepack_server.instance import InstanceOverrides
 from framepack_server.server import TritonServer, free_ports
 
 pytestmark = pytest.mark.server
@@ -220,7 +221,8 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
 def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
     grpc, http, metrics = free_ports(3)
     server = TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
-                          log_path=tmp_path / "tritonserver.log", startup_timeout_s=300, sampling="f1")
+                          log_path=tmp_path / "tritonserver.log", startup_timeout_s=300,
+                          overrides=InstanceOverrides(sampling="f1"))
     with server:
         events = list(stream.generate(server.grpc_address, load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2}))
         refused = None
