@@ -12,13 +12,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := $(VENV)/.stamps
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast lint clean
 
 demo: $(STAMPS)/client-server
 	$(BIN)/python -m framepack_server.demo
 
 test: $(STAMPS)/test | $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+# The inner loop: no GPU, no tritonserver, nothing marked slow (under two minutes on 2 shared cores).
+test-fast: $(STAMPS)/test
+	$(BIN)/python -m pytest -m "not slow and not server and not gpu"
+
+# ruff (style, imports) and mypy (the files listed under [tool.mypy] in pyproject.toml).
+lint: $(STAMPS)/test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -37,9 +37,17 @@ from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E40
 
 def build_components(device: torch.device, weight_scale: float) -> Components:
     from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel,
-                              PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionConfig,
-                              SiglipVisionModel)
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        LlamaConfig,
+        LlamaModel,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     tiny = write_tiny_bundle(Path(tempfile.mkdtemp()) / "tiny")
     torch.manual_seed(0)
@@ -119,7 +127,7 @@ def main() -> None:
     components.transformer.set_fused_kernels(not args.no_kernels)
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
-    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "client/assets/sample.png")
+    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "framepack_server/assets/sample.png")
                        .convert("RGB"))
     runs = []
     for name in (r for r in RUNS if r in wanted):

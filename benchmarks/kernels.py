@@ -222,7 +222,8 @@ def run_case(case: dict, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/kernels-<gpu>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: benchmarks/results/kernels-<gpu>.json)")
     args = parser.parse_args()
     require_cuda()
 

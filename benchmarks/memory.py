@@ -145,8 +145,14 @@ def copy_only_seconds(weights: ComponentWeights, repeats: int = 2) -> float:
 def build_encoders(device: str) -> SimpleNamespace:
     """Random full-size text encoders, image encoder and VAE in fp16 (meta: sizes only)."""
     from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel, SiglipVisionConfig
-    from transformers import SiglipVisionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        LlamaConfig,
+        LlamaModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.set_default_dtype(torch.float16)
     try:

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client import stream  # noqa: E402
-from framepack_server.launcher import TritonServer, free_ports  # noqa: E402
+from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
+from framepack_server.instance import InstanceOverrides  # noqa: E402
+from framepack_server.server import TritonServer, free_ports  # noqa: E402
 from framepack_wire import WireRequest  # noqa: E402
 
 
@@ -74,15 +77,15 @@ def main() -> None:
         sys.exit(f"--teacache {args.teacache!r}: expected off and/or on")
     from PIL import Image  # not client.cli's loader: that module needs PyAV, which this may run without
 
-    image = np.asarray(Image.open(ROOT / "client" / "assets" / "sample.png").convert("RGB"))
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     grpc_port, http_port, metrics_port = free_ports(3)
     log_path = Path(args.out) / f"server_generation_{time.strftime('%Y%m%d-%H%M%S')}.tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     t0 = time.perf_counter()
     with TritonServer(args.model_dir, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                      log_path=log_path, startup_timeout_s=args.startup_timeout, max_job_seconds=0,
-                      fp8=args.fp8) as server:
+                      log_path=log_path, startup_timeout_s=args.startup_timeout,
+                      overrides=InstanceOverrides(max_job_seconds=0, fp8=args.fp8)) as server:
         ready_s = time.perf_counter() - t0
         print(f"server ready in {ready_s:.1f} s", flush=True)
         for teacache in teacache_runs:

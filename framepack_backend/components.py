@@ -13,13 +13,17 @@ missing; `encoder_dtype` overrides this. The transformer gets `dtype` (bf16 by d
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .variants import SamplingVariant
+
+if TYPE_CHECKING:
+    from .models.transformer import FramePackTransformer
 
 HUNYUAN_VIDEO_REPO = "hunyuanvideo-community/HunyuanVideo"
 FLUX_REDUX_REPO = "lllyasviel/flux_redux_bfl"
@@ -40,9 +44,72 @@ PUBLIC_SOURCES = {
 }
 
 
+# The phases of a job, in job order (memory/manager.py places the weights phase by phase).
+JOB_PHASES = ("text", "image", "sampling", "decode")
+
+# A loader: (its sub-folder, dtype, device) -> the module, with weights from safetensors only.
+Loader = Callable[[Path, torch.dtype, torch.device], torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One model of the pipeline: how it loads, in which dtype, and how memory modes treat it."""
+
+    name: str  # its field of Components, and its sub-folder (the transformer's depends on the variant)
+    load: Loader
+    dtype: Literal["encoder", "transformer"]  # encoder: encoder_dtype_for(device) unless overridden;
+    # transformer: the pipeline's dtype (module docstring)
+    streamed: bool  # stream mode moves its repeated blocks one at a time (the others move whole)
+    phases: tuple[str, ...]  # the JOB_PHASES that run it
+
+
+def _pretrained_weights(
+    cls_name: str, module: str = "transformers", dtype_argument: str = "dtype", low_memory: bool = False
+) -> Loader:
+    """A transformers or diffusers `from_pretrained`, local files and safetensors only."""
+
+    def load(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        cls = getattr(importlib.import_module(module), cls_name)
+        # Without use_safetensors, transformers and diffusers fall back to pickle files
+        # (pytorch_model.bin), and unpickling can run code from the model folder.
+        kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, dtype_argument: dtype}
+        if low_memory:
+            # diffusers' memory-saving load needs `accelerate` and warns at length without it.
+            kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+        return cls.from_pretrained(folder, **kwargs)
+
+    return load
+
+
+def _load_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from .models.transformer import FramePackTransformer
+
+    return FramePackTransformer.from_pretrained(folder, dtype=dtype, device=device)
+
+
+# The model components, in loading order: the one list that loading, memory placement
+# (memory/manager.py) and the memory footprint (memory/footprint.py, memory/modes.py) read.
+COMPONENT_SPECS = (
+    ComponentSpec("text_encoder", _pretrained_weights("LlamaModel"), "encoder", streamed=True, phases=("text",)),
+    ComponentSpec("text_encoder_2", _pretrained_weights("CLIPTextModel"), "encoder", streamed=False,
+                  phases=("text",)),
+    ComponentSpec("image_encoder", _pretrained_weights("SiglipVisionModel"), "encoder", streamed=False,
+                  phases=("image",)),
+    ComponentSpec("vae", _pretrained_weights("AutoencoderKLHunyuanVideo", "diffusers", "torch_dtype", low_memory=True),
+                  "encoder", streamed=False, phases=("image", "decode")),
+    ComponentSpec("transformer", _load_transformer, "transformer", streamed=True, phases=("sampling",)),
+)
+COMPONENT_NAMES = tuple(spec.name for spec in COMPONENT_SPECS)
+# The components each phase runs, in table order.
+PHASE_COMPONENTS = {phase: tuple(s.name for s in COMPONENT_SPECS if phase in s.phases) for phase in JOB_PHASES}
+STREAMED_COMPONENTS = tuple(spec.name for spec in COMPONENT_SPECS if spec.streamed)
+# Tokenizers and image preprocessing: loaded beside the models, no weights.
+PROCESSORS = ("tokenizer", "tokenizer_2", "feature_extractor")
+
+
 @dataclass
 class Components:
-    """The loaded models, in eval mode with gradients off."""
+    """The loaded models (COMPONENT_SPECS, in eval mode with gradients off) and their processors."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -51,7 +118,11 @@ class Components:
     vae: torch.nn.Module
     feature_extractor: Any
     image_encoder: torch.nn.Module
-    transformer: torch.nn.Module
+    transformer: FramePackTransformer
+
+
+if {f.name for f in fields(Components)} != {*COMPONENT_NAMES, *PROCESSORS}:
+    raise TypeError("Components must have one field per COMPONENT_SPECS entry and per processor")
 
 
 def encoder_dtype_for(device: torch.device | str) -> torch.dtype:
@@ -72,56 +143,33 @@ def load_components(
     "transformer_f1" (forward). A missing sub-folder raises FileNotFoundError naming it
     and the public repository it comes from.
     """
-    from diffusers import AutoencoderKLHunyuanVideo
-    from transformers import CLIPTextModel, CLIPTokenizer, LlamaModel, PreTrainedTokenizerFast, SiglipVisionModel
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as transformers_logging
 
     # Servers log to files; per-component progress bars only clutter them.
     transformers_logging.disable_progress_bar()
 
-    from .models.transformer import FramePackTransformer
-
     model_dir = Path(model_dir)
     folders = _check_layout(model_dir, transformer_subfolder)
+    folders["transformer"] = folders[transformer_subfolder]
     device = torch.device(device)
-    encoder_dtype = encoder_dtype or encoder_dtype_for(device)
-
-    def pretrained(cls, name: str, **kwargs):
-        return cls.from_pretrained(folders[name], local_files_only=True, **kwargs)
-
-    def pretrained_weights(cls, name: str, **kwargs):
-        # Without use_safetensors, transformers and diffusers fall back to pickle files
-        # (pytorch_model.bin), and unpickling can run code from the model folder.
-        return pretrained(cls, name, use_safetensors=True, **kwargs)
+    dtypes = {"encoder": encoder_dtype or encoder_dtype_for(device), "transformer": dtype}
 
     # The HunyuanVideo tokenizer is Llama-3's byte-level BPE. In transformers 5,
     # LlamaTokenizerFast rebuilds a SentencePiece-style pipeline from tokenizer.json and
     # drops spaces and non-Latin bytes; the generic fast class uses tokenizer.json as
     # written, which is what LlamaTokenizerFast did in transformers 4.
-    tokenizer = pretrained(PreTrainedTokenizerFast, "tokenizer")
-    tokenizer_2 = pretrained(CLIPTokenizer, "tokenizer_2")
-    feature_extractor = pretrained(_siglip_image_processor_class(), "feature_extractor")
-    text_encoder = pretrained_weights(LlamaModel, "text_encoder", dtype=encoder_dtype)
-    text_encoder_2 = pretrained_weights(CLIPTextModel, "text_encoder_2", dtype=encoder_dtype)
-    image_encoder = pretrained_weights(SiglipVisionModel, "image_encoder", dtype=encoder_dtype)
-    # diffusers' memory-saving load needs `accelerate` and warns at length without it.
-    low_memory = importlib.util.find_spec("accelerate") is not None
-    vae = pretrained_weights(AutoencoderKLHunyuanVideo, "vae", torch_dtype=encoder_dtype, low_cpu_mem_usage=low_memory)
-    transformer = FramePackTransformer.from_pretrained(folders[transformer_subfolder], dtype=dtype, device=device)
-
-    models = [text_encoder, text_encoder_2, image_encoder, vae, transformer]
-    for model in models:
+    processors = {
+        "tokenizer": PreTrainedTokenizerFast.from_pretrained(folders["tokenizer"], local_files_only=True),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(folders["tokenizer_2"], local_files_only=True),
+        "feature_extractor": _siglip_image_processor_class().from_pretrained(
+            folders["feature_extractor"], local_files_only=True
+        ),
+    }
+    models = {spec.name: spec.load(folders[spec.name], dtypes[spec.dtype], device) for spec in COMPONENT_SPECS}
+    for model in models.values():
         model.to(device).eval().requires_grad_(False)
-    return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        tokenizer_2=tokenizer_2,
-        text_encoder_2=text_encoder_2,
-        vae=vae,
-        feature_extractor=feature_extractor,
-        image_encoder=image_encoder,
-        transformer=transformer,
-    )
+    return Components(**processors, **models)
 
 
 def _check_layout(model_dir: Path, transformer_subfolder: str) -> dict[str, Path]:

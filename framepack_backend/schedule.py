@@ -7,6 +7,7 @@ mu grows linearly with the number of latent tokens and is capped at ln 7.
 """
 
 import math
+from typing import overload
 
 import torch
 
@@ -36,6 +37,10 @@ def flow_mu(latent_frames: int, latent_height: int, latent_width: int) -> float:
     return min(mu, MU_CAP)
 
 
+@overload
+def time_shift(t: float, mu: float, sigma: float = 1.0) -> float: ...
+@overload
+def time_shift(t: torch.Tensor, mu: float, sigma: float = 1.0) -> torch.Tensor: ...
 def time_shift(t: float | torch.Tensor, mu: float, sigma: float = 1.0) -> float | torch.Tensor:
     """Warp t in [0, 1] to a noise level; fixes 0 and 1 for every mu and sigma."""
     if isinstance(t, torch.Tensor):

@@ -14,12 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import client
-
-from .launcher import ServerStartError, TritonServer, ensure_tiny_bundle, free_ports
+from .server import ServerStartError, TritonServer, free_ports
+from .tiny_model import ensure_tiny_bundle
 from .triton_install import cache_dir
 
-SAMPLE_IMAGE = Path(client.__file__).resolve().parent / "assets" / "sample.png"
+# Shipped with the server package, so the demo needs nothing from `client` but its command line.
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"
 
 
 def main(argv: list[str] | None = None) -> int:

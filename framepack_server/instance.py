@@ -9,7 +9,7 @@ the Docker image (weights in /models), the embedded CPU demo and a GPU cluster.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -30,10 +30,48 @@ FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
 # config parameter, so a model repository cannot switch it on.
 FAULT_INJECTION_ENV = "FRAMEPACK_FAULT_INJECTION"
+# Created by the launcher when it stops the server (see jobs.py).
+SHUTDOWN_FILE_ENV = "FRAMEPACK_SHUTDOWN_FILE"
+DEVICES = "'auto', 'cpu' or 'cuda:N'"
 
 
 class InstanceConfigError(ValueError):
     pass
+
+
+def check_device(device: str) -> str:
+    """`device` if it is 'auto', 'cpu' or 'cuda:N'; the rule for the launcher and the instance alike."""
+    if device in ("auto", "cpu") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise InstanceConfigError(f"device={device!r} is not allowed: expected {DEVICES}")
+
+
+@dataclass(frozen=True)
+class InstanceOverrides:
+    """What one server sets over the model config's parameters; None (or False) leaves the config's value.
+
+    The launcher hands these to the backend stub as environment variables (`environment`),
+    named by ENV_OVERRIDES, the table `InstanceConfig.from_triton` reads them back with.
+    """
+
+    max_queued_jobs: int | None = None
+    max_job_seconds: float | None = None  # 0: no limit
+    sampling: str | None = None  # a VARIANT_NAMES entry
+    fp8: bool | None = None
+    fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
+
+    def environment(self) -> dict[str, str]:
+        env = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "fault_injection":
+                if value:
+                    env[FAULT_INJECTION_ENV] = "1"
+            elif isinstance(value, bool):
+                env[ENV_OVERRIDES[field.name]] = "true" if value else "false"
+            elif value is not None:
+                env[ENV_OVERRIDES[field.name]] = str(value)
+        return env
 
 
 @dataclass(frozen=True)
@@ -43,7 +81,7 @@ class InstanceConfig:
     dtype: str | None  # None: the engine's default for the device
     max_queued_jobs: int
     max_job_seconds: float | None = None  # None: no limit
-    # Created by the launcher when it stops the server (FRAMEPACK_SHUTDOWN_FILE; see jobs.py).
+    # Created by the launcher when it stops the server (SHUTDOWN_FILE_ENV; see jobs.py).
     shutdown_file: Path | None = None
     fault_injection: bool = False
     sampling: SamplingVariant = SamplingVariant.INVERTED
@@ -63,12 +101,10 @@ class InstanceConfig:
                 return env
             return parameters.get(key, {}).get("string_value", default).strip() or default
 
-        device = value("device", "auto")
+        device = check_device(value("device", "auto"))
         if device == "auto":
             gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
-        elif device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise InstanceConfigError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
 
         dtype = value("dtype", "auto")
         if dtype not in DTYPES + ("auto",):
@@ -104,7 +140,7 @@ class InstanceConfig:
                 f"model_dir={str(model_dir)!r} is not a directory: set FRAMEPACK_MODEL_DIR or the "
                 "config parameter model_dir to a FramePack model directory (docs/architecture.md)"
             )
-        shutdown_file = environ.get("FRAMEPACK_SHUTDOWN_FILE", "").strip()
+        shutdown_file = environ.get(SHUTDOWN_FILE_ENV, "").strip()
         return cls(
             model_dir,
             device,

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random model and one real Triton server per test session."""
+"""Shared fixtures: one tiny random model and one real Triton server per test session;
+the hook that skips `gpu` tests on a machine without CUDA."""
 
 from __future__ import annotations
 
@@ -8,11 +9,23 @@ import numpy as np
 import pytest
 
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle
-from framepack_server.launcher import TritonServer, free_ports
+from framepack_server.server import TritonServer, free_ports
 
 # Small enough for the CPU: a 2-second video at the 128 bucket with 4 steps per section
 # takes a few seconds with the tiny model.
 FAST_SETTINGS = {"resolution": 128, "steps": 4}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The `gpu` marker both selects and skips: without CUDA, every test marked `gpu` is skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(needs_gpu)
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,6 @@ GPU_TOLERANCE = {"sdpa": 1e-2, "flash": 1e-2, "xformers": 1e-2, "sage": 5e-2}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(GPU_TOLERANCE))
 def test_gpu_backends_match_exact_attention(backend):
     if backend not in available_backends():
@@ -105,6 +104,5 @@ def test_gpu_backends_match_exact_attention(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_picks_an_exact_backend_on_gpu():
     assert resolve_backend("auto", "cuda") in ("flash", "sdpa", "xformers")

@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import av
 import numpy as np
@@ -16,8 +15,7 @@ from client import cli
 from client.connection import Endpoint
 from client.video import FrameAssembler, write_mp4
 from framepack_backend.settings import describe_settings
-
-SAMPLE = Path(cli.__file__).parent / "assets" / "sample.png"
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 
 
 def moving_gradient(count: int, height: int, width: int) -> np.ndarray:

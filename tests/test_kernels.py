@@ -153,7 +153,8 @@ class KernelComparisons:
         q = qkv[..., : heads * head_dim].unflatten(-1, (heads, head_dim))
         weight = self.randn(head_dim, dtype=dtype, seed=11)
         cos, sin = (t.to(self.device) for t in rope_tables(image_tokens, head_dim))
-        joint = torch.full((batch, image_tokens + text_tokens, heads, head_dim), float("nan"), dtype=dtype, device=self.device)
+        joint = torch.full((batch, image_tokens + text_tokens, heads, head_dim), float("nan"),
+                           dtype=dtype, device=self.device)
         kernels.qk_rmsnorm_rope(q, weight, cos, sin, out=joint[:, :image_tokens])
         assert_close(joint[:, :image_tokens], kernels.qk_rmsnorm_rope_reference(q, weight, cos, sin), dtype)
         assert torch.isnan(joint[:, image_tokens:]).all(), "wrote outside its slice"
@@ -195,7 +196,9 @@ class KernelComparisons:
         x = self.randn(*shape, dtype=dtype, seed=20)
         y = self.randn(*shape, dtype=dtype, seed=21)
         gate, shift, scale = self.randn(batch, 3 * channels, dtype=dtype, seed=22).chunk(3, dim=1)
-        expected_residual, expected_modulated = kernels.gated_residual_layernorm_modulate_reference(x, y, gate, shift, scale)
+        expected_residual, expected_modulated = kernels.gated_residual_layernorm_modulate_reference(
+            x, y, gate, shift, scale
+        )
         residual, modulated = kernels.gated_residual_layernorm_modulate(x, y, gate, shift, scale, residual_out=x)
         assert residual is x
         assert_close(residual, expected_residual, dtype)
@@ -322,13 +325,14 @@ class KernelComparisons:
             kernels.quantize_fp8_rows(self.randn(96))
 
 
+# Slow: the interpreter runs every kernel over odd shapes and three dtypes (about 40 s on 2 cores).
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRETED, reason="kernels were imported compiled (CUDA present); the CUDA class covers them")
 class TestKernelsInterpreted(KernelComparisons):
     device = "cpu"
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 class TestKernelsCuda(KernelComparisons):
     device = "cuda"
 
@@ -350,7 +354,8 @@ class TestKernelsCuda(KernelComparisons):
     def test_full_size_block_shapes(self):
         # The 640-bucket shapes: ~19.3k tokens, 3072 channels, 24 heads x 128.
         x = self.randn(1, 19_300, 3072, dtype=torch.bfloat16, seed=32)
-        shift, scale = self.randn(1, 3072, dtype=torch.bfloat16, seed=33), self.randn(1, 3072, dtype=torch.bfloat16, seed=34)
+        shift = self.randn(1, 3072, dtype=torch.bfloat16, seed=33)
+        scale = self.randn(1, 3072, dtype=torch.bfloat16, seed=34)
         assert_close(
             kernels.adaln_layernorm_modulate(x, shift, scale),
             kernels.adaln_layernorm_modulate_reference(x, shift, scale),

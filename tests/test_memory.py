@@ -54,19 +54,15 @@ def full_model_at_640() -> MemoryFootprint:
     """The real model (fp16 encoders, bf16 transformer) at the 640 bucket, window 9."""
     tokens = sampling_tokens(FULL_TRANSFORMER, 640, 640, 9)
     return MemoryFootprint(
-        text_encoder=2 * LLAMA,
-        text_encoder_layers=(2 * LLAMA_LAYER,) * 32,
-        text_encoder_2=2 * CLIP,
-        image_encoder=2 * SIGLIP,
-        vae=2 * VAE,
-        transformer=2 * TRANSFORMER,
-        transformer_blocks=(2 * DUAL_BLOCK,) * 20 + (2 * SINGLE_BLOCK,) * 40,
-        text_work=TEXT_WORK_BYTES,
-        image_work=ENCODE_BYTES_PER_PIXEL * 640 * 640,
-        image_work_tiled=ENCODE_BYTES_PER_PIXEL * VAE_TILE_PIXELS,
-        sampling_work=SAMPLING_HIDDEN_STATES * tokens * FULL_TRANSFORMER.inner_dim * 2,
-        decode_work=decode_work_bytes(640, 640, 9, tiled=False),
-        decode_work_tiled=decode_work_bytes(640, 640, 9, tiled=True),
+        component_bytes={"text_encoder": 2 * LLAMA, "text_encoder_2": 2 * CLIP, "image_encoder": 2 * SIGLIP,
+                         "vae": 2 * VAE, "transformer": 2 * TRANSFORMER},
+        block_bytes={"text_encoder": (2 * LLAMA_LAYER,) * 32,
+                     "transformer": (2 * DUAL_BLOCK,) * 20 + (2 * SINGLE_BLOCK,) * 40},
+        work_bytes={"text": TEXT_WORK_BYTES, "image": ENCODE_BYTES_PER_PIXEL * 640 * 640,
+                    "sampling": SAMPLING_HIDDEN_STATES * tokens * FULL_TRANSFORMER.inner_dim * 2,
+                    "decode": decode_work_bytes(640, 640, 9, tiled=False)},
+        tiled_work_bytes={"image": ENCODE_BYTES_PER_PIXEL * VAE_TILE_PIXELS,
+                          "decode": decode_work_bytes(640, 640, 9, tiled=True)},
     )
 
 
@@ -119,7 +115,7 @@ def test_an_explicit_mode_overrides_the_choice_and_bad_values_name_the_field():
 
 def test_larger_budgets_keep_more_blocks_resident_and_each_plan_is_the_largest_that_fits():
     footprint = full_model_at_640()
-    blocks = len(footprint.transformer_blocks)
+    blocks = len(footprint.block_bytes["transformer"])
     previous = -1
     for budget_gib in (6, 8, 12, 24):
         budget = budget_gib * GIB
@@ -397,6 +393,7 @@ def runs(seen) -> list[str]:
     return [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
 
 
+@pytest.mark.slow
 def test_offload_and_stream_jobs_equal_resident_and_move_each_component_only_for_its_phase(tiny_pipeline, image):
     resident, _ = generate_recording_placement(tiny_pipeline, image, "auto")  # auto on a CPU: resident
     assert resident.timings["memory"] == {"mode": "resident", "peak_allocated_bytes": None, "peak_reserved_bytes": None}
@@ -421,7 +418,6 @@ def test_peak_memory_is_none_without_a_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_streamed_forward_on_the_gpu_equals_resident_with_less_memory():
     config = dict(TINY, num_attention_heads=8, attention_head_dim=64, rope_axes_dim=(16, 24, 24),
                   num_layers=6, num_single_layers=12, mlp_ratio=4.0)

@@ -66,6 +66,7 @@ def test_sections_assemble_to_the_final_video(two_second_run):
     assert starts == sorted(starts, reverse=True)  # inverted sampling grows from the end
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_frames_and_another_seed_differs(pipeline, image, two_second_run):
     again = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False})))
     assert np.array_equal(again[-1].frames, two_second_run[-1].frames)
@@ -94,6 +95,7 @@ def full_blend_run(pipeline, image):
     return events, calls
 
 
+@pytest.mark.slow
 def test_full_window_blend_reproduces_the_reference_decode(full_blend_run):
     """blend_latents = window: after the first section decode the newest 2·window latents
     (+ the start latent for the last) and cross-fade 4·window−3 frames, as the reference does."""
@@ -108,6 +110,7 @@ def test_full_window_blend_reproduces_the_reference_decode(full_blend_run):
     assert result.timings["decoded_latents"] == 9 + 19
 
 
+@pytest.mark.slow
 def test_by_default_the_whole_previous_section_is_re_decoded_as_the_reference_does(two_second_run, full_blend_run):
     default, full = two_second_run[-1], full_blend_run[0][-1]
     assert default.timings["decoded_latents"] == 9 + 19
@@ -120,6 +123,7 @@ def three_blend_run(pipeline, image):
                                                            "blend_latents": 3})))
 
 
+@pytest.mark.slow
 def test_three_blend_latents_decode_less_and_change_frames_only_around_the_seam(three_blend_run, full_blend_run):
     """blend_latents 3 re-decodes 3 previous latents and cross-fades 9 frames instead of 33."""
     reduced, full = three_blend_run[-1], full_blend_run[0][-1]
@@ -142,6 +146,7 @@ def computed_steps(pipeline, image, **settings):
     return result.timings["computed_steps"]
 
 
+@pytest.mark.slow
 def test_teacache_skips_steps_detail_computes_more_off_computes_all(pipeline, image):
     on = computed_steps(pipeline, image, teacache=True, teacache_threshold=0.15)
     detail = computed_steps(pipeline, image, teacache=True, teacache_threshold=0.15, teacache_mode="detail")
@@ -151,6 +156,7 @@ def test_teacache_skips_steps_detail_computes_more_off_computes_all(pipeline, im
     assert off == 25
 
 
+@pytest.mark.slow
 def test_real_cfg_runs_two_branches_per_step_and_changes_the_output(pipeline, image):
     plain = list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 1, "teacache": False})))[-1]
     cfg = list(pipeline.generate(request(image, "a robot waves",
@@ -183,6 +189,7 @@ def test_cancel_stops_within_one_step(pipeline, image):
     assert len([e for e in events if isinstance(e, StepProgress)]) == 2
 
 
+@pytest.mark.slow
 def test_forward_f1_sampling_grows_the_video_from_its_start(tiny_bundle, image):
     f1 = Pipeline.from_pretrained(tiny_bundle, device="cpu", sampling="f1")
     events = list(f1.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, "teacache": False,

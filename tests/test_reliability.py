@@ -31,12 +31,13 @@ from client.cli import load_image
 from client.connection import Endpoint
 from client.video import FrameAssembler
 from framepack_backend.buckets import bucket_for
-from framepack_server.launcher import GrpcTls, TritonServer, free_ports
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
+from framepack_server.instance import InstanceOverrides
+from framepack_server.server import GrpcTls, TritonServer, free_ports
 from framepack_wire import WireRequest
 
 pytestmark = pytest.mark.server
 
-SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.png"
 DEVICE = os.environ.get("FRAMEPACK_TEST_DEVICE", "cpu")
 # Jobs that a test stops mid-way (cancel, kill, time limit) must run for seconds.
 LONG_RESOLUTION = 128 if DEVICE == "cpu" else 640
@@ -70,7 +71,7 @@ def server(tiny_bundle, tmp_path_factory):
     with TritonServer(
         tiny_bundle, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, device=DEVICE,
         log_path=tmp_path_factory.mktemp("reliability") / "tritonserver.log", startup_timeout_s=300,
-        fault_injection=True, max_queued_jobs=QUEUED_JOBS, max_job_seconds=JOB_LIMIT_S,
+        overrides=InstanceOverrides(fault_injection=True, max_queued_jobs=QUEUED_JOBS, max_job_seconds=JOB_LIMIT_S),
     ) as server:
         yield server
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,17 +24,16 @@ from client.connection import Endpoint, Unreachable, ready_client
 from framepack_backend.components import load_components
 from framepack_backend.request import parse_request, validate_image
 from framepack_backend.settings import SamplingSettings, SettingsError
+from framepack_server.cli import main as server_main
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 from framepack_server.faults import Fault, InjectedFault, take_fault
-from framepack_server.instance import InstanceConfig
+from framepack_server.instance import InstanceConfig, InstanceOverrides
 from framepack_server.job_memory import live_tensor_bytes, release_memory
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
-from framepack_server.launcher import GrpcTls, TritonServer, free_ports
-from framepack_server.launcher import main as server_main
 from framepack_server.protocol import Status
+from framepack_server.server import GrpcTls, TritonServer, free_ports
 from framepack_server.supervisor import Supervisor, backend_stub_pids
 from framepack_server.triton_install import STUB_NAME
-
-SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.png"
 
 # ------------------------------------------------------------------ validation gaps
 
@@ -291,7 +289,7 @@ def test_the_server_cli_wants_certificate_and_key_together(capsys):
 
 
 def test_limits_and_fault_injection_reach_the_server_environment():
-    server = TritonServer(max_queued_jobs=2, max_job_seconds=60, fault_injection=True)
+    server = TritonServer(overrides=InstanceOverrides(max_queued_jobs=2, max_job_seconds=60, fault_injection=True))
     assert server.environment == {"FRAMEPACK_MAX_QUEUED_JOBS": "2", "FRAMEPACK_MAX_JOB_SECONDS": "60",
                                   "FRAMEPACK_FAULT_INJECTION": "1"}
     assert TritonServer().environment == {}

@@ -15,17 +15,18 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import FAST_SETTINGS
 
 from client import stream
 from client.cli import load_image
-from conftest import FAST_SETTINGS
 from framepack_backend.buckets import bucket_for
-from framepack_server.launcher import TritonServer, free_ports
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
+from framepack_server.instance import InstanceOverrides
+from framepack_server.server import TritonServer, free_ports
 from framepack_wire import WireRequest
 
 pytestmark = pytest.mark.server
 
-SAMPLE = Path(__file__).resolve().parent.parent / "client" / "assets" / "sample.png"
 CANCELLED_LINE = "cancelled by the client"
 
 
@@ -222,14 +223,15 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
 def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
     grpc, http, metrics = free_ports(3)
     server = TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
-                          log_path=tmp_path / "tritonserver.log", startup_timeout_s=300, sampling="f1")
+                          log_path=tmp_path / "tritonserver.log", startup_timeout_s=300,
+                          overrides=InstanceOverrides(sampling="f1"))
     with server:
         events = list(stream.generate(server.grpc_address,
                                       WireRequest(load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2})))
         refused = None
         try:
-            list(stream.generate(server.grpc_address,
-                                 WireRequest(load_image(SAMPLE), "x", {**FAST_SETTINGS, "sampling": "inverted"})))
+            inverted = {**FAST_SETTINGS, "sampling": "inverted"}
+            list(stream.generate(server.grpc_address, WireRequest(load_image(SAMPLE), "x", inverted)))
         except stream.ServerError as e:
             refused = str(e)
     final = events[-1]

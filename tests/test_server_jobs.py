@@ -17,10 +17,10 @@ from framepack_backend.events import GenerationResult, SectionFinished, StepProg
 from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import SettingsError
 from framepack_server import protocol
-from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError
+from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError, InstanceOverrides
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
-from framepack_server.launcher import ServerStartError, TritonServer, free_ports
 from framepack_server.protocol import Status, request_parameters, to_wire
+from framepack_server.server import ServerStartError, TritonServer, free_ports
 from framepack_server.triton_install import embedded_install, stub_python_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -233,6 +233,19 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
     assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {}).fp8 is True
     fp8_on = triton_args(model_dir=str(tmp_path), fp8="true")
     assert InstanceConfig.from_triton(fp8_on, {"FRAMEPACK_FP8": "false"}).fp8 is False
+
+
+def test_what_the_launcher_overrides_is_what_the_instance_reads(tmp_path):
+    overrides = InstanceOverrides(max_queued_jobs=3, max_job_seconds=90.5, sampling="f1", fp8=True,
+                                  fault_injection=True)
+    # The model config says otherwise for every one of them: the environment wins.
+    args = triton_args(model_dir=str(tmp_path), max_queued_jobs="7", max_job_seconds="5", sampling="inverted",
+                       fp8="false")
+    config = InstanceConfig.from_triton(args, overrides.environment())
+    assert (config.max_queued_jobs, config.max_job_seconds, config.sampling, config.fp8, config.fault_injection) == (
+        3, 90.5, "f1", True, True)
+    assert InstanceOverrides().environment() == {}
+    assert InstanceOverrides(fp8=False).environment() == {ENV_OVERRIDES["fp8"]: "false"}
 
 
 @pytest.mark.parametrize("key, value, named", [("device", "gpu0", "device"), ("dtype", "int8", "dtype"),

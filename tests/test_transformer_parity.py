@@ -205,7 +205,6 @@ def test_input_errors_name_the_field():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_on_gpu_is_as_close_to_fp32_as_diffusers():
     """Full head size (128, RoPE 16/56/56), realistic token counts; bf16 error judged against diffusers' own."""
     config = {**TINY, "num_attention_heads": 4, "attention_head_dim": 128, "rope_axes_dim": (16, 56, 56),

@@ -14,18 +14,18 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import FAST_SETTINGS
 
 from client import stream
 from client.cli import load_image, main
 from client.video import FrameAssembler
 from client.webui_job import StopSignals, progress_text, run_job
-from conftest import FAST_SETTINGS
 from framepack_backend.presets import PRESETS
-from framepack_server.launcher import free_ports
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
+from framepack_server.server import free_ports
 from framepack_wire import WireRequest
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "client" / "assets" / "sample.png"
 SCREENSHOT = ROOT / "docs" / "webui.png"
 # Playwright never downloads a browser here: it drives the distribution's chromium.
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,6 +80,7 @@ def test_the_video_so_far_is_the_run_of_frames_received():
     assert len(so_far) == 73 and (so_far[:40] == 2).all() and (so_far[40:] == 1).all()
 
 
+@pytest.mark.slow
 def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
     (port,) = free_ports(1)
     updates = list(run_job(f"127.0.0.1:{port}", WireRequest(load_image(SAMPLE), "x", {}), tmp_path, lambda: False))
@@ -87,6 +88,7 @@ def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
     assert updates[-1].final is None and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_framepack_ui_exits_with_the_error_when_the_server_is_down(capsys):
     pytest.importorskip("gradio")
     (port,) = free_ports(1)
@@ -96,6 +98,7 @@ def test_framepack_ui_exits_with_the_error_when_the_server_is_down(capsys):
     )
 
 
+@pytest.mark.slow
 def test_the_web_ui_imports_neither_torch_nor_the_engine():
     pytest.importorskip("gradio")
     check = (
@@ -106,7 +109,7 @@ def test_the_web_ui_imports_neither_torch_nor_the_engine():
     assert result.stdout.strip() == "[]"
 
 
-# --- the page in a browser --------------------------------------------------------------
+# --- the page in a browser, against the real server (marked `server`) -----------------
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +171,7 @@ def wait_for_status(page, prefix: str) -> str:
     return field(page, "Status").input_value()
 
 
+@pytest.mark.server
 def test_dance_preset_fills_the_settings(page):
     assert field(page, "Steps").input_value() == "25"  # Default
     field(page, "Preset").click()
@@ -182,6 +186,7 @@ def test_dance_preset_fills_the_settings(page):
     assert float(field(page, "GPU memory preservation (GB)").input_value()) == dance.gpu_memory_preservation
 
 
+@pytest.mark.server
 def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path):
     field(page, "Prompt").fill("The person dances gracefully, with clear movements, full of charm.")
     set_fields(page, {"Video length (seconds)": 2, "Steps": FAST_SETTINGS["steps"],
@@ -216,6 +221,7 @@ def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path)
         shutil.copyfile(tmp_path / "webui.png", SCREENSHOT)
 
 
+@pytest.mark.server
 def test_stop_cancels_the_job_on_the_server(page, triton_server):
     log_lines_before = triton_server.log_path.read_text().count("cancelled by the client")
     set_fields(page, {"Video length (seconds)": 20, "Steps": FAST_SETTINGS["steps"],
@@ -232,6 +238,7 @@ def test_stop_cancels_the_job_on_the_server(page, triton_server):
     assert page.get_by_role("button", name="Start").is_enabled()
 
 
+@pytest.mark.server
 def test_a_rejected_setting_shows_the_server_s_message(page):
     set_fields(page, {"Resolution": 200})  # the page lets it through; the server wants a multiple of 16
     page.get_by_role("button", name="Start").click()

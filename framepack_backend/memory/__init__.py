@@ -1,9 +1,10 @@
 """GPU memory modes: resident, offload and block streaming, chosen to fit the card (see modes.py)."""
 
+from ..components import PHASE_COMPONENTS as PHASES
 from .accounting import peak_memory, reset_peak_memory
 from .footprint import MemoryFootprint, job_footprint, streamable_blocks
 from .host import HostArena, PackedBlock
-from .manager import PHASES, MemoryManager, available_gpu_bytes
+from .manager import MemoryManager, available_gpu_bytes
 from .modes import StreamPlan, choose_memory_mode, memory_needed, plan_stream
 from .ring import Acquire, Prefetch, Release, Restart, RingSchedule
 from .streaming import BlockStreamer

@@ -8,11 +8,15 @@ number comes from. `benchmarks/memory.py` reports the measured peaks to check th
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from ..components import COMPONENT_SPECS
+from ..models.transformer import CONTEXT_KERNELS
+from ..planner import CONTEXT_1X, CONTEXT_2X, CONTEXT_4X, VAE_SPATIAL_STRIDE, VAE_TIME_STRIDE
 from .host import module_bytes
 
 GIB = 1 << 30
@@ -36,34 +40,31 @@ TEXT_WORK_BYTES = 1 * GIB
 # Context tokens beside the latents: SigLIP image tokens and at most 256 prompt tokens.
 IMAGE_TOKENS = 729
 TEXT_TOKENS = 256
-CONTEXT_FRAMES = {"1x": 2, "2x": 2, "4x": 16}  # clean history frames per scale (planner.py)
+# Clean frames per context scale (planner.py); the start latent rides with the 1x history.
+CONTEXT_FRAMES = {"1x": 1 + CONTEXT_1X, "2x": CONTEXT_2X, "4x": CONTEXT_4X}
 
 
 @dataclass(frozen=True)
 class MemoryFootprint:
-    """Bytes on the GPU: weights per component (in their run dtype) and working memory per phase.
+    """Bytes on the GPU: weights per component (in their run dtype) and working memory per job phase.
 
-    `*_layers` / `transformer_blocks` list the bytes of each streamable block in forward
-    order; `*_tiled` is the working memory with the VAE tiled (stream mode).
+    `component_bytes` is keyed by the COMPONENT_SPECS names; `block_bytes` lists the bytes
+    of each streamable block of the streamed components, in forward order; `work_bytes`
+    is keyed by the job phases, and `tiled_work_bytes` replaces it where the VAE works in
+    tiles (stream mode).
     """
 
-    text_encoder: int
-    text_encoder_layers: tuple[int, ...]
-    text_encoder_2: int
-    image_encoder: int
-    vae: int
-    transformer: int
-    transformer_blocks: tuple[int, ...]
-    text_work: int
-    image_work: int
-    image_work_tiled: int
-    sampling_work: int
-    decode_work: int
-    decode_work_tiled: int
+    component_bytes: Mapping[str, int]
+    block_bytes: Mapping[str, tuple[int, ...]]
+    work_bytes: Mapping[str, int]
+    tiled_work_bytes: Mapping[str, int]
 
     @property
     def weights(self) -> int:
-        return self.text_encoder + self.text_encoder_2 + self.image_encoder + self.vae + self.transformer
+        return sum(self.component_bytes.values())
+
+    def tiled_work(self, phase: str) -> int:
+        return self.tiled_work_bytes.get(phase, self.work_bytes[phase])
 
 
 def streamable_blocks(module: nn.Module) -> list[nn.Module]:
@@ -81,40 +82,53 @@ def streamable_blocks(module: nn.Module) -> list[nn.Module]:
 def sampling_tokens(config: Any, height: int, width: int, window: int) -> int:
     """Tokens one transformer forward sees: noisy + 1x/2x/4x context latents, image and text tokens."""
     p = config.patch_size
-    lh, lw = height // 8, width // 8
-    latent = (window * (lh // p) * (lw // p)
-              + CONTEXT_FRAMES["1x"] * (lh // p) * (lw // p)
-              + math.ceil(CONTEXT_FRAMES["2x"] / 2) * math.ceil(lh / 4) * math.ceil(lw / 4)
-              + math.ceil(CONTEXT_FRAMES["4x"] / 4) * math.ceil(lh / 8) * math.ceil(lw / 8))
-    return latent + IMAGE_TOKENS + TEXT_TOKENS
+    lh, lw = height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE
+    noisy = window * (lh // p) * (lw // p)
+    return noisy + sum(context_tokens(scale, lh, lw) for scale in CONTEXT_FRAMES) + IMAGE_TOKENS + TEXT_TOKENS
+
+
+def context_tokens(scale: str, latent_height: int, latent_width: int) -> int:
+    """Tokens of one context scale: its clean frames through that scale's patch kernel.
+
+    The 1x patch drops an odd last row or column, as the noisy latents' patch does; the
+    2x and 4x ones pad to a multiple of their kernel first (transformer.ContextPatchEmbed).
+    """
+    kt, kh, kw = CONTEXT_KERNELS[scale]
+    frames = CONTEXT_FRAMES[scale]
+    if scale == "1x":
+        return frames // kt * (latent_height // kh) * (latent_width // kw)
+    return math.ceil(frames / kt) * math.ceil(latent_height / kh) * math.ceil(latent_width / kw)
 
 
 def decode_work_bytes(height: int, width: int, window: int, tiled: bool) -> int:
     """VAE decode of one section (2·window latent frames + 1, the most decode_range asks for)."""
     pixels = height * width
-    frames = 4 * (2 * window) + 1
+    frames = VAE_TIME_STRIDE * (2 * window) + 1
     working = DECODE_BYTES_PER_PIXEL * (min(pixels, VAE_TILE_PIXELS) if tiled else pixels)
     return working + frames * pixels * 3 * DECODED_BYTES_PER_VALUE
 
 
 def job_footprint(components: Any, height: int, width: int, window: int) -> MemoryFootprint:
     """The footprint of a job at `height`×`width` pixels and `window` latent frames per section."""
+    modules = {spec.name: getattr(components, spec.name) for spec in COMPONENT_SPECS}
     transformer = components.transformer
-    text_layers = streamable_blocks(components.text_encoder)
     tokens = sampling_tokens(transformer.config, height, width, window)
     hidden_bytes = tokens * transformer.config.inner_dim * next(transformer.parameters()).element_size()
     return MemoryFootprint(
-        text_encoder=module_bytes(components.text_encoder),
-        text_encoder_layers=tuple(module_bytes(layer) for layer in text_layers),
-        text_encoder_2=module_bytes(components.text_encoder_2),
-        image_encoder=module_bytes(components.image_encoder),
-        vae=module_bytes(components.vae),
-        transformer=module_bytes(transformer),
-        transformer_blocks=tuple(module_bytes(block) for block in streamable_blocks(transformer)),
-        text_work=TEXT_WORK_BYTES,
-        image_work=ENCODE_BYTES_PER_PIXEL * height * width,
-        image_work_tiled=ENCODE_BYTES_PER_PIXEL * min(height * width, VAE_TILE_PIXELS),
-        sampling_work=SAMPLING_HIDDEN_STATES * hidden_bytes,
-        decode_work=decode_work_bytes(height, width, window, tiled=False),
-        decode_work_tiled=decode_work_bytes(height, width, window, tiled=True),
+        component_bytes={name: module_bytes(module) for name, module in modules.items()},
+        block_bytes={
+            spec.name: tuple(module_bytes(block) for block in streamable_blocks(modules[spec.name]))
+            for spec in COMPONENT_SPECS
+            if spec.streamed
+        },
+        work_bytes={
+            "text": TEXT_WORK_BYTES,
+            "image": ENCODE_BYTES_PER_PIXEL * height * width,
+            "sampling": SAMPLING_HIDDEN_STATES * hidden_bytes,
+            "decode": decode_work_bytes(height, width, window, tiled=False),
+        },
+        tiled_work_bytes={
+            "image": ENCODE_BYTES_PER_PIXEL * min(height * width, VAE_TILE_PIXELS),
+            "decode": decode_work_bytes(height, width, window, tiled=True),
+        },
     )

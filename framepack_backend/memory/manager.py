@@ -8,20 +8,13 @@ from typing import Any
 
 import torch
 
+from ..components import COMPONENT_NAMES, PHASE_COMPONENTS, STREAMED_COMPONENTS
 from .footprint import job_footprint, streamable_blocks
 from .modes import TEXT_ENCODER_SLOTS, StreamPlan, budget_bytes, choose_memory_mode, plan_stream
 from .weights import ComponentWeights
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "image_encoder", "vae", "transformer")
-# The components each phase of a job runs, in job order.
-PHASES = {
-    "text": ("text_encoder", "text_encoder_2"),
-    "image": ("image_encoder", "vae"),
-    "sampling": ("transformer",),
-    "decode": ("vae",),
-}
-# Components that stream their blocks in stream mode; the others are small enough to move whole.
-STREAMED = ("text_encoder", "transformer")
+# Which components there are, which phase runs which, and which stream their blocks
+# (the others are small enough to move whole): all from components.COMPONENT_SPECS.
 
 
 def available_gpu_bytes(device: torch.device) -> int:
@@ -80,14 +73,14 @@ class MemoryManager:
         if (mode, plan) == (self.mode, self.plan):
             return
         if mode == "resident":
-            for name in COMPONENTS:
+            for name in COMPONENT_NAMES:
                 if name in self._weights:
                     self._weights[name].place()
                 else:
                     with torch.inference_mode(False):  # weights must not become inference tensors
                         getattr(self.components, name).to(self.device)
         else:
-            for name in COMPONENTS:
+            for name in COMPONENT_NAMES:
                 self._host_weights(name).evict()
         self._set_vae_tiling(mode == "stream")
         self.mode, self.plan = mode, plan
@@ -96,20 +89,20 @@ class MemoryManager:
     def placed(self) -> set[str]:
         """The components whose weights are on the device now (streamed ones count while they run)."""
         if self.mode == "resident":
-            return set(COMPONENTS)
+            return set(COMPONENT_NAMES)
         return {name for name, weights in self._weights.items() if weights.on_device}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Have the components of phase `name` (see PHASES) on the device for the `with` block."""
-        if name not in PHASES:
-            raise ValueError(f"phase={name!r} is not allowed: expected one of {', '.join(PHASES)}")
+        """Have the components of phase `name` (see PHASE_COMPONENTS) on the device for the `with` block."""
+        if name not in PHASE_COMPONENTS:
+            raise ValueError(f"phase={name!r} is not allowed: expected one of {', '.join(PHASE_COMPONENTS)}")
         if self.mode in (None, "resident"):
             yield
             return
         try:
             with ExitStack() as stack:
-                for component in PHASES[name]:
+                for component in PHASE_COMPONENTS[name]:
                     weights = self._weights[component]
                     if self.mode == "stream" and weights.blocks:
                         slots, resident = (
@@ -127,7 +120,7 @@ class MemoryManager:
         """The component's host copy, made on first use (a resident-only engine never pays for it)."""
         if name not in self._weights:
             module = getattr(self.components, name)
-            blocks = streamable_blocks(module) if name in STREAMED else []
+            blocks = streamable_blocks(module) if name in STREAMED_COMPONENTS else []
             self._weights[name] = ComponentWeights(module, self.device, blocks)
         return self._weights[name]
 

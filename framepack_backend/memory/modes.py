@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..components import JOB_PHASES, PHASE_COMPONENTS
 from ..settings import MEMORY_MODES
 from .footprint import GIB, MemoryFootprint
 
@@ -32,37 +33,47 @@ class StreamPlan:
 
 def resident_bytes(footprint: MemoryFootprint) -> int:
     f = footprint
-    return f.weights + max(f.text_work, f.image_work, f.sampling_work, f.decode_work)
+    return f.weights + max(f.work_bytes[phase] for phase in JOB_PHASES)
 
 
 def offload_phase_bytes(footprint: MemoryFootprint) -> dict[str, int]:
+    """Per phase: the whole components it runs and its working memory."""
     f = footprint
     return {
-        "text": f.text_encoder + f.text_encoder_2 + f.text_work,
-        "image": f.image_encoder + f.vae + f.image_work,
-        "sampling": f.transformer + f.sampling_work,
-        "decode": f.vae + f.decode_work,
+        phase: sum(f.component_bytes[name] for name in PHASE_COMPONENTS[phase]) + f.work_bytes[phase]
+        for phase in JOB_PHASES
     }
+
+
+def streamed_component_bytes(footprint: MemoryFootprint, name: str, slots: int, resident_blocks: int) -> int:
+    """A streamed component on the GPU: weights outside its blocks + its leading resident blocks + the ring."""
+    blocks = footprint.block_bytes[name]
+    streamed = blocks[resident_blocks:]
+    ring = min(slots, len(streamed)) * max(streamed, default=0)
+    outside_blocks = footprint.component_bytes[name] - sum(blocks)
+    return outside_blocks + sum(blocks[:resident_blocks]) + ring
 
 
 def stream_sampling_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> int:
     """Transformer weights outside the blocks + resident blocks + the ring + activations."""
-    blocks = footprint.transformer_blocks
-    streamed = blocks[plan.resident_blocks :]
-    ring = min(plan.slots, len(streamed)) * max(streamed, default=0)
-    outside_blocks = footprint.transformer - sum(blocks)
-    return outside_blocks + sum(blocks[: plan.resident_blocks]) + ring + footprint.sampling_work
+    transformer = streamed_component_bytes(footprint, "transformer", plan.slots, plan.resident_blocks)
+    return transformer + footprint.work_bytes["sampling"]
 
 
 def stream_phase_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> dict[str, int]:
+    """Per phase: its components (streamed ones block by block, the others whole) and its tiled working memory."""
     f = footprint
-    layers = f.text_encoder_layers
-    text_ring = min(TEXT_ENCODER_SLOTS, len(layers)) * max(layers, default=0)
+
+    def on_device(name: str) -> int:
+        if name not in f.block_bytes:
+            return f.component_bytes[name]
+        if name == "transformer":
+            return streamed_component_bytes(f, name, plan.slots, plan.resident_blocks)
+        return streamed_component_bytes(f, name, TEXT_ENCODER_SLOTS, 0)
+
     return {
-        "text": f.text_encoder - sum(layers) + text_ring + f.text_encoder_2 + f.text_work,
-        "image": f.image_encoder + f.vae + f.image_work_tiled,
-        "sampling": stream_sampling_bytes(f, plan),
-        "decode": f.vae + f.decode_work_tiled,
+        phase: sum(on_device(name) for name in PHASE_COMPONENTS[phase]) + f.tiled_work(phase)
+        for phase in JOB_PHASES
     }
 
 
@@ -115,7 +126,7 @@ def plan_stream(budget: int, footprint: MemoryFootprint) -> StreamPlan:
     if stream_sampling_bytes(footprint, StreamPlan(slots, 0)) > budget:
         slots = MIN_SLOTS
     resident = 0
-    while (resident < len(footprint.transformer_blocks)
+    while (resident < len(footprint.block_bytes["transformer"])
            and stream_sampling_bytes(footprint, StreamPlan(slots, resident + 1)) <= budget):
         resident += 1
     return StreamPlan(slots, resident)

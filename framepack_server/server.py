@@ -1,23 +1,16 @@
-"""`framepack-server`: run Triton Inference Server with the FramePack model repository.
-
-    framepack-server                          # embedded Triton, tiny random model, CPU or GPU
-    framepack-server --model-dir /models      # real weights (docs/architecture.md layout)
-    framepack-server --tritonserver /opt/tritonserver/bin/tritonserver
-    framepack-server --grpc-server-cert server.crt --grpc-server-key server.key   # TLS
-
-If the model's backend stub or the server itself dies, the server is restarted
-(supervisor.py says why a restart and not less).
-
-As a library (tests, the demo):
+"""One `tritonserver` process serving the FramePack model repository: ports, TLS, log, lifecycle.
 
     grpc, http, metrics = free_ports(3)
     with TritonServer(path, grpc_port=grpc, http_port=http, metrics_port=metrics) as server:
         ...  # server.grpc_address
+
+If the model's backend stub or the server itself dies, the server is restarted
+(supervisor.py says why a restart and not less). `framepack-server` (cli.py) is the
+command line around this class.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -33,13 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from framepack_backend.variants import VARIANT_NAMES
-
-from .instance import FAULT_INJECTION_ENV
+from .instance import ENV_OVERRIDES, SHUTDOWN_FILE_ENV, InstanceOverrides, check_device
 from .supervisor import Supervisor, backend_stub_pids
+from .tiny_model import ensure_tiny_bundle
 from .triton_install import (
     TritonInstall,
-    TritonNotFound,
     cache_dir,
     default_model_repository,
     embedded_install,
@@ -95,26 +86,6 @@ class GrpcTls:
                 f"--grpc-server-key={self.server_key}", *mutual]
 
 
-def ensure_tiny_bundle(folder: Path | None = None) -> Path:
-    """The tiny random model under the cache, written on first use (atomically)."""
-    folder = folder or cache_dir() / "tiny"
-    if folder.is_dir():
-        return folder
-    from framepack_backend.testing.tiny_bundle import write_tiny_bundle
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
-        write_tiny_bundle(partial)
-        os.rename(partial, folder)
-    except OSError:
-        if not folder.is_dir():  # not merely another launcher finishing first
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
-
-
 class TritonServer:
     """One `tritonserver` process serving the framepack model; a context manager."""
 
@@ -135,38 +106,22 @@ class TritonServer:
         startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
         environment: dict[str, str] | None = None,
         grpc_tls: GrpcTls | None = None,
-        max_queued_jobs: int | None = None,
-        max_job_seconds: float | None = None,
         restart_on_failure: bool = True,
-        fault_injection: bool = False,
-        sampling: str | None = None,
-        fp8: bool | None = None,
+        overrides: InstanceOverrides = InstanceOverrides(),
     ):
-        """`max_queued_jobs`, `max_job_seconds`, `sampling` and `fp8` override the model config's values;
-        `fault_injection` lets requests ask for failures (faults.py; tests only)."""
-        if device != "auto" and device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise ValueError(f"device={device!r} is not allowed: expected 'auto', 'cpu' or 'cuda:N'")
+        """`overrides` replace model config values for this server's instances (instance.py);
+        `environment` adds variables of its own to the server's."""
         self.model_dir = Path(model_dir).expanduser().resolve() if model_dir else None
         self.host = host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
-        self.device = device
+        self.device = check_device(device)
         self.tritonserver = Path(tritonserver) if tritonserver else None
         self.backend_directory = Path(backend_directory) if backend_directory else None
         self.model_repository = Path(model_repository or default_model_repository()).resolve()
         self.log_path = Path(log_path) if log_path else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
         self.echo_log = echo_log
         self.startup_timeout_s = startup_timeout_s
-        self.environment = dict(environment or {})
-        if max_queued_jobs is not None:
-            self.environment["FRAMEPACK_MAX_QUEUED_JOBS"] = str(max_queued_jobs)
-        if max_job_seconds is not None:
-            self.environment["FRAMEPACK_MAX_JOB_SECONDS"] = str(max_job_seconds)
-        if sampling is not None:
-            self.environment["FRAMEPACK_SAMPLING"] = sampling
-        if fp8 is not None:
-            self.environment["FRAMEPACK_FP8"] = "true" if fp8 else "false"
-        if fault_injection:
-            self.environment[FAULT_INJECTION_ENV] = "1"
+        self.environment = {**overrides.environment(), **(environment or {})}
         self.grpc_tls = grpc_tls
         self.restart_on_failure = restart_on_failure
         self.supervisor: Supervisor | None = None
@@ -287,14 +242,17 @@ class TritonServer:
 
     def wait_ready(self) -> None:
         """Wait for /v2/health/ready; if the server dies or times out, raise with its log's tail."""
+        process, pump = self._process, self._pump
+        if process is None or pump is None:
+            raise RuntimeError("server not started")
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._stop_requested.is_set():
                 raise ServerStartError("stopped while starting")
-            if self._process.poll() is not None:
-                self._pump.join(5)
+            if process.poll() is not None:
+                pump.join(5)
                 raise ServerStartError(
-                    f"tritonserver exited with code {self._process.returncode} while starting; "
+                    f"tritonserver exited with code {process.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{_tail(self.log_text())}"
                 )
             try:
@@ -338,7 +296,8 @@ class TritonServer:
             pass
         if self._pump is not None:
             self._pump.join(5)
-        shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
         self._process = None
         return process.returncode
 
@@ -352,6 +311,8 @@ class TritonServer:
         return self.stop()
 
     def _shutdown_file(self) -> Path:
+        if self._run_dir is None:
+            raise RuntimeError("server not started")
         return self._run_dir / "shutdown"
 
     def _install(self) -> TritonInstall:
@@ -369,8 +330,8 @@ class TritonServer:
         if libraries:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
         env["FRAMEPACK_PYTHONPATH"] = os.pathsep.join(stub_python_path())
-        env["FRAMEPACK_MODEL_DIR"] = str(model_dir)
-        env["FRAMEPACK_SHUTDOWN_FILE"] = str(self._shutdown_file())
+        env[ENV_OVERRIDES["model_dir"]] = str(model_dir)
+        env[SHUTDOWN_FILE_ENV] = str(self._shutdown_file())
         # Triton makes one instance per visible GPU, or one CPU instance when it sees none.
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -407,85 +368,3 @@ def _pump_log(stream: IO[bytes], log: IO[str], echo: bool) -> None:
 
 def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton.")
-    parser.add_argument("--model-dir", type=Path, help="weights (default: a tiny random model, made on first use)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="default %(default)s")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"], help="default %(default)s")
-    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], help="default %(default)s")
-    parser.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu, or cuda:N")
-    parser.add_argument("--tritonserver", type=Path, help="another tritonserver binary (default: the embedded one)")
-    parser.add_argument("--backend-directory", type=Path, help="its backends folder (default: beside its bin/)")
-    parser.add_argument("--model-repository", type=Path, help="default: this project's model_repository/")
-    parser.add_argument("--log-file", type=Path, help="server log (default: under the cache folder)")
-    parser.add_argument("--quiet", action="store_true", help="write the server log to the file only")
-    parser.add_argument("--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds")
-    parser.add_argument("--max-queued-jobs", type=int, help="jobs that may wait per model instance (default: config)")
-    parser.add_argument("--max-job-seconds", type=float, help="time limit of one job, 0 for none (default: config)")
-    parser.add_argument("--no-restart", action="store_true", help="do not restart the server when its model dies")
-    parser.add_argument("--sampling", choices=VARIANT_NAMES,
-                        help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
-    parser.add_argument("--fp8", action="store_true",
-                        help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
-    tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
-    tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
-    tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
-    tls_options.add_argument("--grpc-client-ca", type=Path, metavar="PEM",
-                             help="require client certificates signed by this CA")
-    # Lets requests ask for failures (framepack_server/faults.py): for reliability tests only.
-    parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
-        parser.error("--grpc-server-cert and --grpc-server-key go together")
-    if args.grpc_client_ca is not None and args.grpc_server_cert is None:
-        parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
-
-    stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
-    try:
-        tls = None
-        if args.grpc_server_cert:
-            tls = GrpcTls(args.grpc_server_cert, args.grpc_server_key, args.grpc_client_ca)
-        server = TritonServer(
-            args.model_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-            metrics_port=args.metrics_port, device=args.device, tritonserver=args.tritonserver,
-            backend_directory=args.backend_directory, model_repository=args.model_repository,
-            log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
-            grpc_tls=tls, max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds,
-            restart_on_failure=not args.no_restart, fault_injection=args.fault_injection, sampling=args.sampling,
-            fp8=True if args.fp8 else None,
-        )
-    except ValueError as e:
-        parser.error(str(e))
-    if server.model_dir is None:
-        print("framepack-server: no --model-dir, using the tiny random model (made on first use)", file=sys.stderr)
-    try:
-        server.start()
-        server.wait_ready()
-    except (ServerStartError, TritonNotFound) as e:
-        server.stop()
-        print(f"framepack-server: error: {e}", file=sys.stderr)
-        return 1
-    server.supervise()
-    scheme = " (TLS)" if tls else ""
-    print(
-        f"framepack-server: ready, gRPC{scheme} at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
-        flush=True,
-    )
-    code = server.wait(stop_requested)
-    if stop_requested.is_set():
-        print("framepack-server: stopped", file=sys.stderr)
-        return 0
-    if server.supervisor is not None and server.supervisor.gave_up is not None:
-        print(f"framepack-server: error: restart failed: {server.supervisor.gave_up}", file=sys.stderr)
-        return 1
-    print(f"framepack-server: tritonserver exited with code {code}", file=sys.stderr)
-    return 1 if not code else code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
