@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import conditioning, planner
-from .attention import resolve_backend
+from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
 from .events import GenerationResult, SectionFinished, StepProgress
@@ -111,12 +111,11 @@ class Pipeline:
                 "sampling", settings.sampling,
                 f"'{self.sampling}': this pipeline was loaded with {self.sampling.transformer_folder}/",
             )
-        backend = resolve_backend(settings.attention, self.device)
-        self.components.transformer.set_attention_backend(backend)
-        return self._run(image, prompt, settings.replace(attention=backend), cancel)
+        attend = Attend.for_setting(settings.attention, self.device, self.dtype)
+        return self._run(image, prompt, settings.replace(attention=attend.name), cancel, attend)
 
     @torch.inference_mode()
-    def _run(self, image, prompt, settings: GenerationSettings, cancel) -> Iterator:
+    def _run(self, image, prompt, settings: GenerationSettings, cancel, attend: Attend) -> Iterator:
         c = self.components
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -197,6 +196,7 @@ class Pipeline:
                     encoder_attention_mask=None,
                     pooled_projections=text_embedding.pooled,
                     teacache=teacache,
+                    attend=attend,
                     **context,
                 ).float()
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .attention import BACKEND_NAMES
 from .presets import FLOW_PRESETS, PRESETS
 from .variants import VARIANT_NAMES
 
@@ -36,7 +37,7 @@ def _spec(default: Any, kind: type, *, low=None, high=None, choices=None, doc: s
     return field(default=default, metadata={"kind": kind, "low": low, "high": high, "choices": choices, "doc": doc})
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage", "xformers")
+ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
 SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")

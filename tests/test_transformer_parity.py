@@ -1,9 +1,13 @@
 """Our FramePackTransformer against diffusers' HunyuanVideoFramepackTransformer3DModel (fp32, CPU)."""
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
+from framepack_backend.attention import Attend
 from framepack_backend.models.transformer import FramePackTransformer, TransformerConfig
 
 TOLERANCE = 1e-4
@@ -177,8 +181,11 @@ def test_return_dict_and_attention_backend():
     assert isinstance(plain, torch.Tensor)
     assert torch.equal(wrapped.sample, plain)
     with pytest.raises(ValueError, match="'flash-v9' is unknown; available: sdpa"):
-        ours.set_attention_backend("flash-v9")
-    assert ours.attention_backend == "sdpa"
+        Attend.named("flash-v9")
+    # The choice is an argument of the forward, not model state; the default on a CPU is sdpa.
+    assert not hasattr(ours, "attention_backend") and not hasattr(ours, "set_attention_backend")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs, attend=Attend.named("sdpa")), plain)
 
 
 def test_from_config_ignores_private_keys_and_rejects_unknown_ones():
@@ -229,3 +236,46 @@ def test_bf16_on_gpu_is_as_close_to_fp32_as_diffusers():
     their_error = (their_bf16.float() - exact).abs().mean()
     our_error = (our_bf16.float() - exact).abs().mean()
     assert our_error <= 1.25 * their_error
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingAttend(Attend):
+    """Attend that records each call: ("local", tokens) or ("joint", tokens, latent tokens)."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def local(self, q, k, v, key_mask=None):
+        self.calls.append(("local", q.shape[1]))
+        return super().local(q, k, v, key_mask)
+
+    def joint(self, q, k, v, n_latent, key_mask=None):
+        self.calls.append(("joint", q.shape[1], n_latent))
+        return Attend.local(self, q, k, v, key_mask)
+
+
+def test_every_block_attention_goes_through_the_joint_seam_and_the_refiner_stays_local():
+    _, ours = build_pair(TINY, seed=4)
+    inputs = section_inputs(1, 2, 4, 4, 0, [6], 9, seed=1)
+    attend = RecordingAttend(Attend.named("sdpa").backend)
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs, attend=attend), ours(**inputs))
+    # Latents: 8 noisy (2x2x2) + 8 clean 1x + 1 at 2x + 4 at 4x = 21 tokens; context: 5 image
+    # tokens + 6 text tokens (cropped from 9).
+    assert attend.calls == [("local", 6)] * 2 + [("joint", 32, 21)] * (2 + 2)
+
+
+def test_no_model_function_takes_a_backend_name():
+    """The bound Attend travels instead: through the forward, the refiner, both kinds of block,
+    both attentions and both fused forwards."""
+    from framepack_backend.models import fp8, fused, loading, transformer
+
+    def functions(module):
+        yield from ((f"{module.__name__}.{name}", f) for name, f in inspect.getmembers(module, inspect.isfunction))
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__:
+                yield from ((f"{cls.__name__}.{name}", f) for name, f in vars(cls).items() if inspect.isfunction(f))
+
+    signatures = {name: inspect.signature(f).parameters for m in (transformer, fused, fp8, loading)
+                  for name, f in functions(m)}
+    assert [name for name, params in signatures.items() if "backend" in params] == []
+    assert len([name for name, params in signatures.items() if "attend" in params]) == 12
