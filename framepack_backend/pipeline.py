@@ -55,6 +55,7 @@ class Pipeline:
         sampling: SamplingVariant | str = SamplingVariant.INVERTED,
         fused_kernels: bool | None = None,
         fp8: bool = False,
+        fp32_output: bool | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
@@ -66,6 +67,8 @@ class Pipeline:
         error ~1e-4 per forward against bf16). With the fused kernels the activations are
         quantized by one Triton kernel per shared input: 0.834 vs 0.925 s per forward on an
         H100 (benchmarks/results). Off by default: bf16 is the exact path.
+        `fp32_output` (default: on for a bf16/fp16 transformer) runs the final projection in
+        fp32, as the FramePack demo does (FramePackTransformer.set_fp32_output).
         Weights load into host memory; the memory manager then places them for the default
         settings' memory mode (a job whose settings differ moves them again).
         """
@@ -80,7 +83,7 @@ class Pipeline:
             model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
             transformer_subfolder=sampling.transformer_folder,
         )
-        configure_transformer(components.transformer, device, fused_kernels, fp8)
+        configure_transformer(components.transformer, device, fused_kernels, fp8, fp32_output)
         pipeline = cls(components, device, dtype, model_dir, sampling)
         defaults = GenerationSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
@@ -272,8 +275,17 @@ class Pipeline:
         )
 
 
-def configure_transformer(transformer, device: torch.device, fused_kernels: bool | None, fp8: bool) -> None:
-    """Apply the speed options; asking for one this machine cannot run is an error, not a fallback."""
+def configure_transformer(
+    transformer, device: torch.device, fused_kernels: bool | None, fp8: bool, fp32_output: bool | None = None
+) -> None:
+    """Apply the speed and precision options; asking for one this machine cannot run is an error, not a fallback.
+
+    Runs before the memory manager copies the weights to host memory, which keeps each
+    tensor in the dtype it has then (the fp32 proj_out of `fp32_output` included).
+    """
+    if fp32_output is None:
+        fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
+    transformer.set_fp32_output(fp32_output)
     if fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise SettingsError("fp8", True, "a GPU with FP8 tensor cores (compute capability 8.9 or newer)")

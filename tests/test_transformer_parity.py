@@ -279,3 +279,35 @@ def test_no_model_function_takes_a_backend_name():
                   for name, f in functions(m)}
     assert [name for name, params in signatures.items() if "backend" in params] == []
     assert len([name for name, params in signatures.items() if "attend" in params]) == 12
+
+
+def test_fp32_output_projects_the_final_norm_in_fp32_as_the_framepack_demo():
+    """bf16 model: norm_out runs in bf16 as before; its output is cast to fp32 and projected by an
+    fp32 proj_out, instead of rounding the projection to bf16."""
+    _, ours = build_pair(TINY, seed=8)
+    ours = ours.bfloat16()
+    inputs = {k: v.bfloat16() if v.is_floating_point() and v.ndim > 1 else v
+              for k, v in section_inputs(1, 3, 6, 10, 1, [6], 6, seed=9).items()}
+    weight, bias = ours.proj_out.weight.detach().clone(), ours.proj_out.bias.detach().clone()
+    normed = []
+    ours.norm_out.register_forward_hook(lambda module, args, out: normed.append(out))
+    with torch.no_grad():
+        all_bf16 = ours(**inputs)
+        ours.set_fp32_output(True)
+        fp32_output = ours(**inputs)
+        ours.set_fp32_output(False)
+        back_off = ours(**inputs)
+    grid = (3, 3, 5)
+    by_hand_fp32 = ours.unpatchify(torch.nn.functional.linear(normed[1].float(), weight.float(), bias.float()), grid)
+    by_hand_bf16 = ours.unpatchify(torch.nn.functional.linear(normed[0], weight, bias), grid)
+
+    assert normed[0].dtype == normed[1].dtype == torch.bfloat16 and torch.equal(normed[0], normed[1])
+    assert fp32_output.dtype == torch.float32 and all_bf16.dtype == torch.bfloat16
+    assert torch.equal(fp32_output, by_hand_fp32)
+    assert torch.equal(all_bf16, by_hand_bf16) and torch.equal(back_off, all_bf16)
+    # On a CPU a bf16 GEMM accumulates in fp32 and rounds once, so here the option removes
+    # exactly that last rounding: up to half a bf16 ulp (2^-8 relative), and not zero.
+    rounding = (fp32_output - all_bf16.float()).abs()
+    assert torch.equal(fp32_output.bfloat16(), all_bf16)
+    assert rounding.max() > 0 and (rounding <= fp32_output.abs() * 2**-8).all()
+    assert ours.proj_out.weight.dtype == torch.bfloat16 and torch.equal(ours.proj_out.weight, weight)

@@ -618,6 +618,18 @@ class FramePackTransformer(nn.Module):
         for block in self.blocks():
             block.fused_kernels = enabled
 
+    def set_fp32_output(self, enabled: bool) -> None:
+        """Run the final projection (proj_out) in fp32, as the FramePack demo does for a bf16 model.
+
+        The demo's `high_quality_fp32_output_for_inference`: the final AdaLN (norm_out)
+        still runs in the model dtype on the model-dtype conditioning vector; its output
+        is cast to fp32 and projected by an fp32 copy of proj_out, so the predicted flow
+        is rounded once, in fp32, instead of to bf16. Off: proj_out back in norm_out's
+        dtype. Apply before a memory manager copies the weights to host memory (it
+        records each tensor's dtype then), as with `quantize_fp8`.
+        """
+        self.proj_out.to(torch.float32 if enabled else self.norm_out.linear.weight.dtype)
+
     def quantize_fp8(self) -> int:
         """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
         from .fp8 import quantize_block_linears
@@ -662,7 +674,8 @@ class FramePackTransformer(nn.Module):
         (right-padded, 1 = real token) or None when the text is already cropped.
         indices_* are 1-D frame positions (or (1, frames)) for RoPE, one per latent frame.
         `attend` is the job's attention (framepack_backend/attention.py); by default the
-        `auto` choice for the input's device and dtype.
+        `auto` choice for the input's device and dtype. The result is in the dtype of
+        proj_out's weights (fp32 after `set_fp32_output(True)`).
         """
         if attention_kwargs:
             raise ValueError(f"attention_kwargs {sorted(attention_kwargs)} are not supported (no LoRA scaling)")
@@ -686,8 +699,9 @@ class FramePackTransformer(nn.Module):
         )
         latents = self.run_blocks(latents, context, temb, rope, key_mask, teacache, attend)
 
-        noisy = latents[:, -math.prod(grid):]
-        sample = self.unpatchify(self.proj_out(self.norm_out(noisy, temb)), grid)
+        normed = self.norm_out(latents[:, -math.prod(grid):], temb)
+        # proj_out's input follows its weights: cast to fp32 after set_fp32_output, else a no-op.
+        sample = self.unpatchify(self.proj_out(normed.to(self.proj_out.weight.dtype)), grid)
         return TransformerOutput(sample) if return_dict else sample
 
     def embed_latents(
