@@ -10,6 +10,12 @@ Token layout inside the model (SPEC §5):
   context stream = [SigLIP image tokens, refined text tokens]                 (no RoPE)
 Dual-stream blocks keep the two streams in separate weights and attend jointly;
 single-stream blocks run on their concatenation. Only the noisy tokens are projected out.
+
+Attention is the job's `Attend` (framepack_backend/attention.py), an argument of
+`forward` handed to every block: each block attention is `attend.joint` on the
+[latents | context] sequence with the number of latent tokens, the point where sequence
+parallelism will split the latents and keep the context whole; the text refiner's
+attention is `attend.local`.
 """
 
 import json
