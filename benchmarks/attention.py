@@ -25,7 +25,7 @@ from results_file import save_result  # benchmarks/ is on sys.path when one of i
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framepack_backend.attention import attention, available_backends  # noqa: E402
+from framepack_backend.attention import Attend, available_backends  # noqa: E402
 
 
 def time_call(fn, repeats: int) -> float:
@@ -114,12 +114,13 @@ def main() -> None:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         heads_first = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
         flops = 4 * seq * seq * args.heads * args.head_dim
-        reference = attention(q, k, v, "sdpa").float()
+        reference = Attend.named("sdpa").local(q, k, v).float()
         for backend in available_backends():
+            attend = Attend.named(backend)
             for layout, (lq, lk, lv) in (("seq-first", (q, k, v)), ("heads-first", heads_first)):
-                out = attention(lq, lk, lv, backend)
+                out = attend.local(lq, lk, lv)
                 err = float((out.float() - reference).norm() / reference.norm())
-                s = time_call(lambda: attention(lq, lk, lv, backend), args.repeats)
+                s = time_call(lambda: attend.local(lq, lk, lv), args.repeats)
                 rows.append(dict(backend=backend, layout=layout, seq=seq, s=s, tflops=flops / s / 1e12, rel_error=err))
                 print(f"{backend:8s} {layout:11s} seq {seq:6d}: {s * 1e3:7.2f} ms  {flops / s / 1e12:6.1f} TFLOP/s  "
                       f"rel err vs sdpa {err:.1e}", flush=True)

@@ -30,7 +30,7 @@ from transformer_forward import FULL_CONFIG  # noqa: E402
 
 from framepack_backend.components import Components  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
-from framepack_backend.pipeline import Pipeline  # noqa: E402
+from framepack_backend.pipeline import Pipeline, configure_transformer  # noqa: E402
 from framepack_backend.request import GenerationRequest  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
 
@@ -124,7 +124,8 @@ def main() -> None:
     device = torch.device("cuda")
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
-    components.transformer.set_fused_kernels(not args.no_kernels)
+    # The engine's options (Pipeline.from_pretrained): fused kernels unless --no-kernels, fp32 output.
+    configure_transformer(components.transformer, device, fused_kernels=not args.no_kernels, fp8=False)
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "framepack_server/assets/sample.png")

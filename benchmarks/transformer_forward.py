@@ -21,7 +21,7 @@ from results_file import save_result  # benchmarks/ is on sys.path when one of i
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framepack_backend.attention import available_backends  # noqa: E402
+from framepack_backend.attention import Attend, available_backends  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 
 FULL_CONFIG = dict(
@@ -120,8 +120,9 @@ def main() -> None:
     inputs = make_inputs(device, dtype)
     rows, results = [], []
 
-    def measure(name, model, peer_name="diffusers", peer_s=None, peer_out=None):
-        s, mn, mx, warm, out = time_forward(model, inputs, args.repeats)
+    def measure(name, model, peer_name="diffusers", peer_s=None, peer_out=None, attend=None):
+        run_inputs = inputs if attend is None else dict(inputs, attend=attend)
+        s, mn, mx, warm, out = time_forward(model, run_inputs, args.repeats)
         assert torch.isfinite(out).all(), f"{name}: output is not finite"
         err = None if peer_out is None else relative_error(out, peer_out)
         rows.append((name, s, mn, mx, warm, err))
@@ -132,36 +133,35 @@ def main() -> None:
         peer_s, peer_out = measure("diffusers eager", peer)
         ours_runs = {}
         for backend in args.backends or available_backends():
-            ours.set_attention_backend(backend)
-            ours_runs[f"eager-{backend}"] = measure(f"ours eager {backend}", ours, peer_out=peer_out)[0]
+            ours_runs[f"eager-{backend}"] = measure(f"ours eager {backend}", ours, peer_out=peer_out,
+                                                    attend=Attend.named(backend))[0]
         ours.set_fused_kernels(True)
         fused_s = {}
         for backend in args.fused_backends:
-            ours.set_attention_backend(backend)
             name = "fused-kernels" if backend == "sdpa" else f"fused-kernels-{backend}"
             label = "" if backend == "sdpa" else f" ({backend})"
-            fused_s[backend] = ours_runs[name] = measure(f"ours fused kernels{label}", ours, peer_out=peer_out)[0]
+            fused_s[backend] = ours_runs[name] = measure(f"ours fused kernels{label}", ours, peer_out=peer_out,
+                                                         attend=Attend.named(backend))[0]
         fastest = min(fused_s, key=fused_s.get)
         suffix, label = ("", "") if fastest == "sdpa" else (f"-{fastest}", f" ({fastest})")
-        ours.set_attention_backend(fastest)
+        fastest_attend = Attend.named(fastest)
         if not args.no_compile:
             # Inductor keeps the Triton kernels and fuses what is left around them.
             ours.compile_blocks()
             ours_runs[f"fused-kernels-compiled{suffix}"] = measure(f"ours fused kernels + compiled{label}", ours,
-                                                                   peer_out=peer_out)[0]
+                                                                   peer_out=peer_out, attend=fastest_attend)[0]
         if torch.cuda.get_device_capability() >= (9, 0):
             with torch.device("meta"):
                 fp8 = FramePackTransformer(**config)
             fp8.load_state_dict(peer.state_dict(), strict=True, assign=True)
             fp8.eval().requires_grad_(False).quantize_fp8()
-            fp8.set_attention_backend(fastest)
             fp8.set_fused_kernels(True)
             ours_runs[f"fp8-fused-kernels{suffix}"] = measure(f"ours fp8 + fused kernels{label}", fp8,
-                                                              peer_out=peer_out)[0]
+                                                              peer_out=peer_out, attend=fastest_attend)[0]
             if not args.no_compile:
                 fp8.compile_blocks()
                 ours_runs[f"fp8-fused-kernels-compiled{suffix}"] = measure(
-                    f"ours fp8 + fused kernels + compiled{label}", fp8, peer_out=peer_out)[0]
+                    f"ours fp8 + fused kernels + compiled{label}", fp8, peer_out=peer_out, attend=fastest_attend)[0]
             del fp8
         peers = {"diffusers": peer_s}
         if not args.no_compile:

@@ -9,33 +9,115 @@ backends plug in without a reshape in the model.
 `key_mask` (batch, kv_seq) bool, True = attend, hides padded text tokens. It only
 masks keys: padded query rows still produce values, which the model never reads.
 With `key_mask=None` nothing is masked (batch 1 with text cropped to its length).
+
+Backends declare what they can do where they register (`register_backend`): exact or
+not, key mask or not, whether they can be split for sequence parallelism, the device
+types they run on and their place in `auto`'s preference. `auto` is a query over the
+registry (`choose_backend`): the most preferred exact backend available here that
+supports the call. `BACKEND_NAMES` are the registered names; the `attention` setting
+takes its choices from them.
+
+A job binds its choice once, as an `Attend`, and hands it to the transformer's
+forward, which hands it to every block: nothing under `models/` names a backend.
+
+The joint-attention seam. Every block attention in the model is one call,
+`attend.joint(q, k, v, n_latent, key_mask)`, on joint buffers whose first `n_latent`
+tokens are the latent stream ([4x, 2x, 1x clean context, noisy latents], RoPE) and
+whose remaining tokens are the context stream (729 SigLIP image tokens and at most 256
+text tokens). The eager and fused dual-stream blocks and the eager and fused
+single-stream blocks all call it. The fused dual-stream forward writes q and k straight
+into the joint buffers, so the seam costs no copy: the split point travels as an
+integer, not as separate tensors. The text refiner's attention (text tokens only, before
+the blocks) is `attend.local(...)` and is never split.
+
+Sequence parallelism over heads (Ulysses; not implemented yet) will use `Attend.group`.
+Each of the P ranks then holds 1/P of the latent tokens and the whole context,
+replicated: 729 + ≤256 tokens do not divide evenly over ranks and cost little to
+repeat. `joint` will
+  1. all-to-all the latent part `q/k/v[:, :n_latent]`, (B, n/P, H, D) -> (B, n, H/P, D);
+  2. take this rank's H/P heads of the context part, a view: no communication;
+  3. run the backend on [latents | context] over those H/P heads, a complete attention
+     problem, which is why every backend taking (batch, seq, heads, head_dim) can be split;
+  4. all-to-all the latent output back to (B, n/P, H, D) and all-gather the heads of the
+     context output, which every rank needs whole.
+A key mask is gathered over its latent part the same way.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from framepack_backend.settings import SettingsError
-
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
+    """A registered attention kernel and what it can do.
+
+    exact: softmax attention to the rounding of the input dtype (SageAttention
+      quantizes q and k to int8, about 1 % error: not exact).
+    key_mask: takes a key mask; without one the text must be cropped (batch 1).
+    sequence_parallel: can run on a head shard after a sequence-to-head all-to-all.
+    devices: the device types it runs on ("cpu", "cuda").
+    dtypes: the input dtypes it takes; None: any.
+    auto_rank: its place in `auto`'s preference, 0 first; None: `auto` never picks it.
+    auto_if: a further condition for `auto` to pick it (checked after availability).
+    """
+
     name: str
     run: AttentionFn
     is_available: Callable[[], bool]
+    exact: bool
+    key_mask: bool
+    sequence_parallel: bool
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] | None = None
+    auto_rank: int | None = None
+    auto_if: Callable[[], bool] = _always
+
+    def supports(
+        self, device: str | torch.device, dtype: torch.dtype | None = None, key_mask: bool = False,
+        sequence_parallel: bool = False,
+    ) -> bool:
+        """Whether a call with these properties can run on this backend (availability aside)."""
+        return (torch.device(device).type in self.devices
+                and (dtype is None or self.dtypes is None or dtype in self.dtypes)
+                and (self.key_mask or not key_mask)
+                and (self.sequence_parallel or not sequence_parallel))
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
 
 
-def register_backend(name: str, run: AttentionFn, is_available: Callable[[], bool] = lambda: True) -> None:
-    """Add a backend. `is_available` should be cheap (cache it): it is asked on every call."""
-    _BACKENDS[name] = AttentionBackend(name, run, is_available)
+def register_backend(
+    name: str,
+    run: AttentionFn,
+    is_available: Callable[[], bool] = _always,
+    *,
+    exact: bool,
+    key_mask: bool,
+    sequence_parallel: bool,
+    devices: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    auto_rank: int | None = None,
+    auto_if: Callable[[], bool] = _always,
+) -> AttentionBackend:
+    """Add a backend with its capabilities (see AttentionBackend).
+
+    `is_available` should be cheap (cache it): it is asked whenever a backend is chosen.
+    """
+    backend = AttentionBackend(name, run, is_available, exact, key_mask, sequence_parallel, tuple(devices),
+                               None if dtypes is None else tuple(dtypes), auto_rank, auto_if)
+    _BACKENDS[name] = backend
+    return backend
 
 
 def available_backends() -> list[str]:
@@ -51,46 +133,115 @@ def require_backend(name: str) -> AttentionBackend:
     return backend
 
 
-# What "auto" picks on a GPU: the fastest *exact* backend, fastest first. "flash" is
-# first only when flash-attn 3/4 is installed: on an H100 at the 640 bucket FA4 runs at
-# 693 TFLOP/s, cuDNN at 550-670, torch's own flash kernel at 360
-# (benchmarks/results/attention_*.json). "sage" quantizes q/k to int8 (about 1 % error),
-# so "auto" never picks it.
-AUTO_PREFERENCE = ("flash", "sdpa", "xformers")
+def choose_backend(
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    key_mask: bool = False,
+    sequence_parallel: bool = False,
+) -> AttentionBackend:
+    """What `auto` means: the most preferred exact backend available here that supports the call."""
+    candidates = [
+        backend for backend in _BACKENDS.values()
+        if backend.exact and backend.auto_rank is not None
+        and backend.supports(device, dtype, key_mask, sequence_parallel)
+        and backend.is_available() and backend.auto_if()
+    ]
+    if not candidates:
+        call = f"device {torch.device(device).type}, dtype {dtype}, key_mask {key_mask}, " \
+               f"sequence_parallel {sequence_parallel}"
+        raise ValueError(f"no exact attention backend supports this call ({call}); "
+                         f"available: {', '.join(available_backends())}")
+    return min(candidates, key=lambda backend: backend.auto_rank)
 
 
-def resolve_backend(requested: str, device: str | torch.device) -> str:
+def resolve_backend(requested: str, device: str | torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend name to use for the `attention` setting ("auto" or a backend name)."""
+    from framepack_backend.settings import SettingsError  # settings reads BACKEND_NAMES from here
+
     if requested == "auto":
-        if torch.device(device).type != "cuda":
-            return "sdpa"
-        available = available_backends()
-        if "flash" in available and _flash_attn_interface() is None:
-            available.remove("flash")
-        return next(name for name in AUTO_PREFERENCE if name in available)
-    if requested not in available_backends():
-        allowed = ", ".join(["auto", *available_backends()])
-        raise SettingsError("attention", requested, f"one of {allowed} on this machine")
+        return choose_backend(device, dtype).name
+    usable = [name for name in available_backends() if _BACKENDS[name].supports(device, dtype)]
+    if requested not in usable:
+        raise SettingsError("attention", requested, f"one of {', '.join(['auto', *usable])} on this machine")
     return requested
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    backend: str = "sdpa",
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(head_dim)) v over (batch, seq, heads, head_dim) tensors.
+@dataclass(frozen=True)
+class Attend:
+    """Attention bound for one job: the chosen backend and, later, a sequence-parallel group.
 
-    Returns (batch, q_seq, heads, head_dim) in the dtype of `q`.
+    Built once per job (`for_setting`, `named`, `default`) and passed to the
+    transformer's forward, which hands it to every block. `local` is plain attention;
+    `joint` is the seam every block attention goes through, given joint
+    [latent | context] buffers and the number of latent tokens (module docstring).
+
+    `group` (a torch.distributed process group) is where the head-sharded all-to-all
+    of sequence parallelism will come in: `joint` will exchange only the first
+    `n_latent` tokens over it and keep the context replicated. Until that exists, a
+    group is refused at the seam.
     """
-    # Availability is checked when a backend is chosen (set_attention_backend), not here:
-    # this runs 60 times per forward and inside compiled graphs.
-    entry = _BACKENDS.get(backend)
-    if entry is None:
-        require_backend(backend)  # raises, listing the available backends
-    return entry.run(q, k, v, key_mask)
+
+    backend: AttentionBackend
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.group is not None and not self.backend.sequence_parallel:
+            raise ValueError(f"attention backend {self.backend.name!r} cannot be split for sequence parallelism")
+
+    @classmethod
+    def named(cls, name: str, group: Any = None) -> "Attend":
+        """Bound to the backend called `name` (a ValueError lists the available ones)."""
+        return cls(require_backend(name), group)
+
+    @classmethod
+    def default(
+        cls, device: str | torch.device, dtype: torch.dtype | None = None, key_mask: bool = False
+    ) -> "Attend":
+        """The `auto` choice for a call on `device` (sdpa on a CPU)."""
+        return cls(choose_backend(device, dtype, key_mask))
+
+    @classmethod
+    def for_setting(
+        cls, requested: str, device: str | torch.device, dtype: torch.dtype | None = None
+    ) -> "Attend":
+        """For the `attention` setting ("auto" or a name); SettingsError if it cannot run here."""
+        return cls.named(resolve_backend(requested, device, dtype))
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def local(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(head_dim)) v over (batch, seq, heads, head_dim) tensors, on this rank only.
+
+        Returns (batch, q_seq, heads, head_dim) in the dtype of `q`.
+        """
+        # Availability was checked when the backend was bound, not here: this runs 60 times
+        # per forward and inside compiled graphs.
+        if key_mask is not None and not self.backend.key_mask:
+            raise ValueError(
+                f"attention backend {self.backend.name!r} does not take a key mask; crop the text (batch 1) instead"
+            )
+        return self.backend.run(q, k, v, key_mask)
+
+    def joint(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        n_latent: int,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention over joint [latent | context] buffers whose first `n_latent` tokens are latents.
+
+        Same result as `local`; the split point is where a sequence-parallel group will
+        exchange the latent part only (module docstring).
+        """
+        if self.group is not None:
+            raise NotImplementedError("sequence-parallel attention (head-sharded all-to-all) is not implemented yet")
+        return self.local(q, k, v, key_mask)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -140,9 +291,11 @@ def _flash_attn_interface():
     return None
 
 
+def _flash_attn_installed() -> bool:
+    return _flash_attn_interface() is not None
+
+
 def _flash(q, k, v, key_mask):
-    if key_mask is not None:
-        raise ValueError("attention backend 'flash' does not take a key mask; crop the text (batch 1) instead")
     func = _flash_attn_interface()
     if func is not None:
         out = func(q, k, v)
@@ -159,8 +312,6 @@ def _cuda_half_precision() -> bool:
 
 
 def _sage(q, k, v, key_mask):
-    if key_mask is not None:
-        raise ValueError("attention backend 'sage' does not take a key mask; crop the text (batch 1) instead")
     from sageattention import sageattn
 
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
@@ -202,7 +353,24 @@ def _xformers_available() -> bool:
     return True
 
 
-register_backend("sdpa", _sdpa_cuda_first, _sdpa_available)
-register_backend("flash", _flash, _cuda_half_precision)
-register_backend("sage", _sage, _sage_available)
-register_backend("xformers", _xformers, _xformers_available)
+# ------------------------------------------------------------------ the registry
+#
+# `auto_rank` is the order "auto" tries on a GPU, fastest first: "flash" leads only
+# when flash-attn 3/4 is installed (on an H100 at the 640 bucket FA4 runs at 693
+# TFLOP/s, cuDNN at 550-670, torch's own flash kernel, flash's fallback, at 360;
+# benchmarks/results/attention_*.json). "sage" has no rank: it is inexact. Every backend
+# takes (batch, seq, heads, head_dim), so every one can run on a head shard.
+
+HALF = (torch.float16, torch.bfloat16)
+
+register_backend("sdpa", _sdpa_cuda_first, _sdpa_available, exact=True, key_mask=True, sequence_parallel=True,
+                 devices=("cpu", "cuda"), auto_rank=1)
+register_backend("flash", _flash, _cuda_half_precision, exact=True, key_mask=False, sequence_parallel=True,
+                 devices=("cuda",), dtypes=HALF, auto_rank=0, auto_if=_flash_attn_installed)
+register_backend("sage", _sage, _sage_available, exact=False, key_mask=False, sequence_parallel=True,
+                 devices=("cuda",), dtypes=HALF)
+register_backend("xformers", _xformers, _xformers_available, exact=True, key_mask=True, sequence_parallel=True,
+                 devices=("cuda",), dtypes=(*HALF, torch.float32), auto_rank=2)
+
+# The built-in backends' names, in registration order: the `attention` setting's choices besides "auto".
+BACKEND_NAMES = tuple(_BACKENDS)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import conditioning, planner
-from .attention import resolve_backend
+from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
 from .events import GenerationResult, SectionFinished, StepProgress
@@ -65,6 +65,7 @@ class Pipeline:
         sampling: SamplingVariant | str | None = None,
         fused_kernels: bool | None = None,
         fp8: bool | None = None,
+        fp32_output: bool | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
@@ -78,20 +79,26 @@ class Pipeline:
         error ~1e-4 per forward against bf16). With the fused kernels the activations are
         quantized by one Triton kernel per shared input: 0.834 vs 0.925 s per forward on an
         H100 (benchmarks/results). Off by default: bf16 is the exact path.
+        `fp32_output` (default: on for a bf16/fp16 transformer) runs the final projection in
+        fp32, as the FramePack demo does (FramePackTransformer.set_fp32_output).
         Weights load into host memory; the memory manager then places them for the
         instance's memory mode (a job that overrides it moves them again).
         """
-        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8}
+        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output}
         options = (options or EngineOptions()).replace(**{k: v for k, v in shortcuts.items() if v is not None})
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if options.fp32_output is None:
+            options = options.replace(fp32_output=dtype in (torch.bfloat16, torch.float16))
         model_dir = Path(model_dir)
         components = load_components(
             model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
             transformer_subfolder=options.sampling.transformer_folder,
         )
-        fused = configure_transformer(components.transformer, device, options.fused_kernels, options.fp8)
+        fused = configure_transformer(
+            components.transformer, device, options.fused_kernels, options.fp8, options.fp32_output
+        )
         options = options.replace(fused_kernels=fused)
         pipeline = cls(components, device, dtype, model_dir, options)
         defaults = SamplingSettings()
@@ -115,18 +122,16 @@ class Pipeline:
         if request.image is None:
             raise ValueError("text-to-video is not built yet: the request has no start image")
         options = self.options.for_job(request.engine)
-        return self._locked_run(request, options, cancel)
+        attend = Attend.for_setting(options.attention, self.device, self.dtype)
+        return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
-    def _locked_run(self, request: GenerationRequest, options: EngineOptions, cancel) -> Iterator:
+    def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
         with self._job_lock:
-            backend = resolve_backend(options.attention, self.device)
-            self.components.transformer.set_attention_backend(backend)
-            yield from self._run(request.image, request.prompt, request.settings, options.replace(attention=backend),
-                                 cancel)
+            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
-             cancel) -> Iterator:
+             attend: Attend, cancel) -> Iterator:
         c = self.components
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -208,6 +213,7 @@ class Pipeline:
                     encoder_attention_mask=None,
                     pooled_projections=text_embedding.pooled,
                     teacache=teacache,
+                    attend=attend,
                     **context,
                 ).float()
 
@@ -284,12 +290,19 @@ class Pipeline:
         )
 
 
-def configure_transformer(transformer, device: torch.device, fused_kernels: bool | None, fp8: bool) -> bool:
-    """Apply the speed options; asking for one this machine cannot run is an error, not a fallback.
+def configure_transformer(
+    transformer, device: torch.device, fused_kernels: bool | None, fp8: bool, fp32_output: bool | None = None
+) -> bool:
+    """Apply the speed and precision options; asking for one this machine cannot run is an error, not a fallback.
 
     They are the instance's options, not a request's: a machine that cannot run one raises
-    ValueError when the instance loads. Returns whether the fused kernels run.
+    ValueError when the instance loads. Runs before the memory manager copies the weights to
+    host memory, which keeps each tensor in the dtype it has then (the fp32 proj_out of
+    `fp32_output` included). Returns whether the fused kernels run.
     """
+    if fp32_output is None:
+        fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
+    transformer.set_fp32_output(fp32_output)
     if fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("fp8=True is not allowed: expected a GPU with FP8 tensor cores "

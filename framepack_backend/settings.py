@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .attention import BACKEND_NAMES
 from .presets import FLOW_PRESETS, PRESETS
 from .variants import VARIANT_NAMES, SamplingVariant
 
@@ -45,7 +46,7 @@ def _spec(default: Any, kind: type, *, low=None, high=None, choices=None, doc: s
     return field(default=default, metadata={"kind": kind, "low": low, "high": high, "choices": choices, "doc": doc})
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "sage", "xformers")
+ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
 SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")
@@ -137,6 +138,9 @@ class EngineOptions(_FieldSpecs):
     fp8: bool = _spec(False, bool, doc="FP8 e4m3 linear layers in the transformer blocks (compute capability 8.9+)")
     fused_kernels: bool | None = _spec(
         None, bool, doc="run the blocks on the Triton kernels (default: on for CUDA when Triton is installed)"
+    )
+    fp32_output: bool | None = _spec(
+        None, bool, doc="final projection in fp32, as the FramePack demo (default: on for bf16/fp16 weights)"
     )
 
     def __post_init__(self) -> None:

@@ -439,3 +439,29 @@ def test_streamed_forward_on_the_gpu_equals_resident_with_less_memory():
     block_bytes = sum(b.nbytes for b in weights.blocks)
     assert all(torch.equal(g, expected) for g in got)
     assert torch.cuda.max_memory_allocated() < weights.rest.nbytes + 2 * streamer.slot_bytes + block_bytes // 2
+
+
+def test_the_fp32_output_projection_stays_fp32_in_every_memory_mode(tiny_bundle, image):
+    """A bf16 transformer gets the FramePack demo's fp32 proj_out by default; the memory manager's
+    host copies keep each tensor's dtype, so offload and stream run it in fp32 too."""
+    pipeline = Pipeline.from_pretrained(tiny_bundle, device="cpu", dtype=torch.bfloat16)
+    transformer = pipeline.components.transformer
+    seen = []
+    transformer.proj_out.register_forward_pre_hook(
+        lambda m, args: seen.append((m.weight.dtype, m.bias.dtype, args[0].dtype))
+    )
+    frames = {}
+    for mode in ("resident", "offload", "stream"):
+        seen.clear()
+        request = GenerationRequest.parse(image, "a robot waves", **{**FAST, "steps": 1, "memory_mode": mode})
+        result = list(pipeline.generate(request))[-1]
+        assert result.timings["memory"]["mode"] == mode
+        assert len(seen) == 2 and set(seen) == {(torch.float32, torch.float32, torch.float32)}, (mode, seen)
+        assert transformer.proj_out.weight.dtype == torch.float32  # between jobs too (host copy)
+        assert transformer.norm_out.linear.weight.dtype == transformer.x_embedder.proj.weight.dtype == torch.bfloat16
+        frames[mode] = result.frames
+    assert np.array_equal(frames["offload"], frames["resident"])
+    assert np.array_equal(frames["stream"], frames["resident"])
+
+    plain = Pipeline.from_pretrained(tiny_bundle, device="cpu", dtype=torch.bfloat16, fp32_output=False)
+    assert plain.components.transformer.proj_out.weight.dtype == torch.bfloat16

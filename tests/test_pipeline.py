@@ -212,7 +212,8 @@ def test_the_final_settings_report_the_job_s_effective_options(two_second_run, p
     from framepack_backend.settings import EngineOptions
 
     settings = two_second_run[-1].settings
-    assert pipeline.options == EngineOptions(fused_kernels=False)  # the CPU default: no Triton kernels
+    # the CPU defaults: no Triton kernels, an fp32 model needs no fp32 output projection
+    assert pipeline.options == EngineOptions(fused_kernels=False, fp32_output=False)
     assert {k: settings[k] for k in ("sampling", "attention", "memory_mode", "gpu_memory_preservation", "fp8",
                                      "fused_kernels")} == dict(sampling="inverted", attention="sdpa",
                                                                memory_mode="resident", gpu_memory_preservation=6.0,

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, torch
-from tests.test_transformer_parity import CASES, TINY, build_pair, section_inputs
-out = {}
+from framepack_backend.attention import Attend
+from tests.test_transformer_parity import CASES, TINY, RecordingAttend, build_pair, section_inputs
+out, calls = {}, None
 for name in ("tiny", "multi_section_batch1", "multi_section_masked"):
     overrides, batch, frames, height, width, padding, lengths, text_len = CASES[name]
     reference, ours = build_pair({**TINY, **overrides})
@@ -29,8 +30,12 @@ for name in ("tiny", "multi_section_batch1", "multi_section_masked"):
     with torch.no_grad():
         expected = reference(**inputs, return_dict=False)[0]
         got = ours(**inputs)
+        if name == "tiny":
+            recording = RecordingAttend(Attend.named("sdpa").backend)
+            ours(**inputs, attend=recording)
+            calls = recording.calls
     out[name] = float((got - expected).abs().max())
-print(json.dumps(out))
+print(json.dumps({"errors": out, "calls": calls}))
 """
 
 
@@ -41,9 +46,13 @@ def test_fused_kernels_match_diffusers_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = result["errors"]
     assert set(errors) == {"tiny", "multi_section_batch1", "multi_section_masked"}
     assert max(errors.values()) <= 1e-4, errors
+    # The fused blocks reach the same seam as the eager ones (test_transformer_parity):
+    # joint [21 latent | 11 context] buffers, the text refiner local.
+    assert result["calls"] == [["local", 6]] * 2 + [["joint", 32, 21]] * 4
 
 
 GPU_CONFIG = {**TINY, "num_attention_heads": 4, "attention_head_dim": 128, "rope_axes_dim": (16, 56, 56),

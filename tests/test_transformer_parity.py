@@ -1,9 +1,13 @@
 """Our FramePackTransformer against diffusers' HunyuanVideoFramepackTransformer3DModel (fp32, CPU)."""
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
+from framepack_backend.attention import Attend
 from framepack_backend.models.transformer import FramePackTransformer, TransformerConfig
 
 TOLERANCE = 1e-4
@@ -177,8 +181,11 @@ def test_return_dict_and_attention_backend():
     assert isinstance(plain, torch.Tensor)
     assert torch.equal(wrapped.sample, plain)
     with pytest.raises(ValueError, match="'flash-v9' is unknown; available: sdpa"):
-        ours.set_attention_backend("flash-v9")
-    assert ours.attention_backend == "sdpa"
+        Attend.named("flash-v9")
+    # The choice is an argument of the forward, not model state; the default on a CPU is sdpa.
+    assert not hasattr(ours, "attention_backend") and not hasattr(ours, "set_attention_backend")
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs, attend=Attend.named("sdpa")), plain)
 
 
 def test_from_config_ignores_private_keys_and_rejects_unknown_ones():
@@ -228,3 +235,78 @@ def test_bf16_on_gpu_is_as_close_to_fp32_as_diffusers():
     their_error = (their_bf16.float() - exact).abs().mean()
     our_error = (our_bf16.float() - exact).abs().mean()
     assert our_error <= 1.25 * their_error
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingAttend(Attend):
+    """Attend that records each call: ("local", tokens) or ("joint", tokens, latent tokens)."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def local(self, q, k, v, key_mask=None):
+        self.calls.append(("local", q.shape[1]))
+        return super().local(q, k, v, key_mask)
+
+    def joint(self, q, k, v, n_latent, key_mask=None):
+        self.calls.append(("joint", q.shape[1], n_latent))
+        return Attend.local(self, q, k, v, key_mask)
+
+
+def test_every_block_attention_goes_through_the_joint_seam_and_the_refiner_stays_local():
+    _, ours = build_pair(TINY, seed=4)
+    inputs = section_inputs(1, 2, 4, 4, 0, [6], 9, seed=1)
+    attend = RecordingAttend(Attend.named("sdpa").backend)
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs, attend=attend), ours(**inputs))
+    # Latents: 8 noisy (2x2x2) + 8 clean 1x + 1 at 2x + 4 at 4x = 21 tokens; context: 5 image
+    # tokens + 6 text tokens (cropped from 9).
+    assert attend.calls == [("local", 6)] * 2 + [("joint", 32, 21)] * (2 + 2)
+
+
+def test_no_model_function_takes_a_backend_name():
+    """The bound Attend travels instead: through the forward, the refiner, both kinds of block,
+    both attentions and both fused forwards."""
+    from framepack_backend.models import fp8, fused, loading, transformer
+
+    def functions(module):
+        yield from ((f"{module.__name__}.{name}", f) for name, f in inspect.getmembers(module, inspect.isfunction))
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__:
+                yield from ((f"{cls.__name__}.{name}", f) for name, f in vars(cls).items() if inspect.isfunction(f))
+
+    signatures = {name: inspect.signature(f).parameters for m in (transformer, fused, fp8, loading)
+                  for name, f in functions(m)}
+    assert [name for name, params in signatures.items() if "backend" in params] == []
+    assert len([name for name, params in signatures.items() if "attend" in params]) == 12
+
+
+def test_fp32_output_projects_the_final_norm_in_fp32_as_the_framepack_demo():
+    """bf16 model: norm_out runs in bf16 as before; its output is cast to fp32 and projected by an
+    fp32 proj_out, instead of rounding the projection to bf16."""
+    _, ours = build_pair(TINY, seed=8)
+    ours = ours.bfloat16()
+    inputs = {k: v.bfloat16() if v.is_floating_point() and v.ndim > 1 else v
+              for k, v in section_inputs(1, 3, 6, 10, 1, [6], 6, seed=9).items()}
+    weight, bias = ours.proj_out.weight.detach().clone(), ours.proj_out.bias.detach().clone()
+    normed = []
+    ours.norm_out.register_forward_hook(lambda module, args, out: normed.append(out))
+    with torch.no_grad():
+        all_bf16 = ours(**inputs)
+        ours.set_fp32_output(True)
+        fp32_output = ours(**inputs)
+        ours.set_fp32_output(False)
+        back_off = ours(**inputs)
+    grid = (3, 3, 5)
+    by_hand_fp32 = ours.unpatchify(torch.nn.functional.linear(normed[1].float(), weight.float(), bias.float()), grid)
+    by_hand_bf16 = ours.unpatchify(torch.nn.functional.linear(normed[0], weight, bias), grid)
+
+    assert normed[0].dtype == normed[1].dtype == torch.bfloat16 and torch.equal(normed[0], normed[1])
+    assert fp32_output.dtype == torch.float32 and all_bf16.dtype == torch.bfloat16
+    assert torch.equal(fp32_output, by_hand_fp32)
+    assert torch.equal(all_bf16, by_hand_bf16) and torch.equal(back_off, all_bf16)
+    # On a CPU a bf16 GEMM accumulates in fp32 and rounds once, so here the option removes
+    # exactly that last rounding: up to half a bf16 ulp (2^-8 relative), and not zero.
+    rounding = (fp32_output - all_bf16.float()).abs()
+    assert torch.equal(fp32_output.bfloat16(), all_bf16)
+    assert rounding.max() > 0 and (rounding <= fp32_output.abs() * 2**-8).all()
+    assert ours.proj_out.weight.dtype == torch.bfloat16 and torch.equal(ours.proj_out.weight, weight)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from framepack_kernels import adaln_layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, qk_rmsnorm_rope
 
-from ..attention import attention
+from ..attention import Attend
 from .fp8 import Fp8Linear, quantize_activation
 
 
@@ -76,7 +76,7 @@ def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return down(linear_gelu(up, x))
 
 
-def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
+def dual_stream_forward(block, x, context, temb, rope, key_mask, attend: Attend):
     shift, scale, gate_attn, shift_ff, scale_ff, gate_ff = modulation(block.norm1, temb)
     c_shift, c_scale, c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff = modulation(block.norm1_context, temb)
     attn, heads = block.attn, block.attn.heads
@@ -92,7 +92,8 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
     qk_rmsnorm_rope(_heads(attn.add_q_proj(c_in), heads), attn.norm_added_q.weight, None, None, out=q[:, n:])
     qk_rmsnorm_rope(_heads(attn.add_k_proj(c_in), heads), attn.norm_added_k.weight, None, None, out=k[:, n:])
     v = torch.cat([_heads(attn.to_v(x_in), heads), _heads(attn.add_v_proj(c_in), heads)], dim=1)
-    out = attention(q, k, v, backend, key_mask).flatten(2)
+    # The joint buffers go to the seam whole; `n` marks where the latents end.
+    out = attend.joint(q, k, v, n, key_mask).flatten(2)
 
     x, ff_in = gated_residual_layernorm_modulate(x, attn.to_out[0](out[:, :n]), gate_attn, shift_ff, scale_ff)
     x = gated_residual(x, feed_forward(block.ff, ff_in), gate_ff, out=x)
@@ -103,7 +104,7 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, backend):
     return x, context
 
 
-def single_stream_forward(block, x, temb, n_latent, rope, key_mask, backend):
+def single_stream_forward(block, x, temb, n_latent, rope, key_mask, attend: Attend):
     shift, scale, gate = modulation(block.norm, temb)
     attn, heads = block.attn, block.attn.heads
     fp8 = isinstance(block.proj_out, Fp8Linear)
@@ -113,7 +114,7 @@ def single_stream_forward(block, x, temb, n_latent, rope, key_mask, backend):
 
     q = qk_rmsnorm_rope(_heads(attn.to_q(x_in), heads), attn.norm_q.weight, rope.cos, rope.sin, rope_tokens=n_latent)
     k = qk_rmsnorm_rope(_heads(attn.to_k(x_in), heads), attn.norm_k.weight, rope.cos, rope.sin, rope_tokens=n_latent)
-    out = attention(q, k, _heads(attn.to_v(x_in), heads), backend, key_mask).flatten(2)
+    out = attend.joint(q, k, _heads(attn.to_v(x_in), heads), n_latent, key_mask).flatten(2)
     if fp8:
         projected = block.proj_out(quantize_activation(out, mlp, gelu_extra=True))
     else:

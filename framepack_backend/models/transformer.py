@@ -10,6 +10,12 @@ Token layout inside the model (SPEC §5):
   context stream = [SigLIP image tokens, refined text tokens]                 (no RoPE)
 Dual-stream blocks keep the two streams in separate weights and attend jointly;
 single-stream blocks run on their concatenation. Only the noisy tokens are projected out.
+
+Attention is the job's `Attend` (framepack_backend/attention.py), an argument of
+`forward` handed to every block: each block attention is `attend.joint` on the
+[latents | context] sequence with the number of latent tokens, the point where sequence
+parallelism will split the latents and keep the context whole; the text refiner's
+attention is `attend.local`.
 """
 
 import json
@@ -23,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_backend.attention import attention, require_backend
+from framepack_backend.attention import Attend
 from framepack_backend.models.loading import (
     check_state_dict_matches,
     load_safetensors_state_dict,
@@ -299,9 +305,10 @@ class RefinerAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, attend: Attend) -> torch.Tensor:
         q, k, v = (split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
-        return self.to_out[0](attention(q, k, v, backend, key_mask).flatten(2))
+        # Text tokens only, before the blocks: always local, never split for sequence parallelism.
+        return self.to_out[0](attend.local(q, k, v, key_mask).flatten(2))
 
 
 class RefinerGates(nn.Module):
@@ -324,9 +331,11 @@ class RefinerBlock(nn.Module):
         self.ff = FeedForward(dim, int(dim * REFINER_MLP_RATIO), F.silu)
         self.norm_out = RefinerGates(dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, key_mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, key_mask: torch.Tensor | None, attend: Attend
+    ) -> torch.Tensor:
         gate_attn, gate_ff = self.norm_out(temb)
-        x = torch.addcmul(x, self.attn(self.norm1(x), key_mask, backend), gate_attn)
+        x = torch.addcmul(x, self.attn(self.norm1(x), key_mask, attend), gate_attn)
         return torch.addcmul(x, self.ff(self.norm2(x)), gate_ff)
 
 
@@ -343,7 +352,7 @@ class TextTokenRefiner(nn.Module):
         self.token_refiner = nn.ModuleDict({"refiner_blocks": blocks})
 
     def forward(
-        self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None, backend: str
+        self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor | None, attend: Attend
     ) -> torch.Tensor:
         key_mask = None
         if mask is None:
@@ -357,7 +366,7 @@ class TextTokenRefiner(nn.Module):
         temb = self.time_text_embed(timestep, pooled)
         x = self.proj_in(text)
         for block in self.token_refiner["refiner_blocks"]:
-            x = block(x, temb, key_mask, backend)
+            x = block(x, temb, key_mask, attend)
         return x
 
 
@@ -429,7 +438,7 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, rope: Rope, key_mask: torch.Tensor | None, backend: str
+        self, x: torch.Tensor, context: torch.Tensor, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.heads
         q = apply_rope(self.norm_q(split_heads(self.to_q(x), h)), rope)
@@ -438,9 +447,9 @@ class JointAttention(nn.Module):
         cq = self.norm_added_q(split_heads(self.add_q_proj(context), h))
         ck = self.norm_added_k(split_heads(self.add_k_proj(context), h))
         cv = split_heads(self.add_v_proj(context), h)
-        out = attention(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), backend, key_mask)
-        out = out.flatten(2)
         n = x.shape[1]
+        out = attend.joint(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), n, key_mask)
+        out = out.flatten(2)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
@@ -466,15 +475,15 @@ class DualStreamBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: Rope,
-        key_mask: torch.Tensor | None, backend: str,
+        key_mask: torch.Tensor | None, attend: Attend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused_kernels:
             from . import fused  # imports Triton, so only on this path
 
-            return fused.dual_stream_forward(self, x, context, temb, rope, key_mask, backend)
+            return fused.dual_stream_forward(self, x, context, temb, rope, key_mask, attend)
         x_in, (gate_attn, shift_ff, scale_ff, gate_ff) = self.norm1(x, temb)
         c_in, (c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff) = self.norm1_context(context, temb)
-        x_attn, c_attn = self.attn(x_in, c_in, rope, key_mask, backend)
+        x_attn, c_attn = self.attn(x_in, c_in, rope, key_mask, attend)
 
         x = torch.addcmul(x, x_attn, gate_attn)
         x = torch.addcmul(x, self.ff(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff)
@@ -495,7 +504,7 @@ class SingleStreamAttention(nn.Module):
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=NORM_EPS), nn.RMSNorm(head_dim, eps=NORM_EPS)
 
     def forward(
-        self, x: torch.Tensor, n_latent: int, rope: Rope, key_mask: torch.Tensor | None, backend: str
+        self, x: torch.Tensor, n_latent: int, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> torch.Tensor:
         q = self.norm_q(split_heads(self.to_q(x), self.heads))
         k = self.norm_k(split_heads(self.to_k(x), self.heads))
@@ -504,7 +513,7 @@ class SingleStreamAttention(nn.Module):
         # writing into them avoids a concatenated copy of the whole sequence.
         q[:, :n_latent] = apply_rope(q[:, :n_latent], rope)
         k[:, :n_latent] = apply_rope(k[:, :n_latent], rope)
-        return attention(q, k, v, backend, key_mask).flatten(2)
+        return attend.joint(q, k, v, n_latent, key_mask).flatten(2)
 
 
 class SingleStreamBlock(nn.Module):
@@ -522,15 +531,15 @@ class SingleStreamBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, n_latent: int, rope: Rope,
-        key_mask: torch.Tensor | None, backend: str,
+        key_mask: torch.Tensor | None, attend: Attend,
     ) -> torch.Tensor:
         if self.fused_kernels:
             from . import fused
 
-            return fused.single_stream_forward(self, x, temb, n_latent, rope, key_mask, backend)
+            return fused.single_stream_forward(self, x, temb, n_latent, rope, key_mask, attend)
         x_in, (gate,) = self.norm(x, temb)
         mlp = gelu_tanh(self.proj_mlp(x_in))
-        attn = self.attn(x_in, n_latent, rope, key_mask, backend)
+        attn = self.attn(x_in, n_latent, rope, key_mask, attend)
         return torch.addcmul(x, self.proj_out(torch.cat([attn, mlp], dim=-1)), gate)
 
 
@@ -557,7 +566,6 @@ class FramePackTransformer(nn.Module):
         super().__init__()
         cfg = self.config = TransformerConfig.from_dict(config)
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
-        self.attention_backend = "sdpa"
 
         self.x_embedder = PatchEmbed(cfg.in_channels, dim, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
         self.clean_x_embedder = ContextPatchEmbed(cfg.in_channels, dim) if cfg.has_clean_x_embedder else None
@@ -606,10 +614,6 @@ class FramePackTransformer(nn.Module):
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         save_sharded_safetensors(self.state_dict(), folder, max_shard_bytes)
 
-    def set_attention_backend(self, name: str) -> None:
-        require_backend(name)
-        self.attention_backend = name
-
     def blocks(self) -> list[nn.Module]:
         return [*self.transformer_blocks, *self.single_transformer_blocks]
 
@@ -619,6 +623,18 @@ class FramePackTransformer(nn.Module):
             from . import fused  # noqa: F401 - fails here, not mid-forward, when Triton is missing
         for block in self.blocks():
             block.fused_kernels = enabled
+
+    def set_fp32_output(self, enabled: bool) -> None:
+        """Run the final projection (proj_out) in fp32, as the FramePack demo does for a bf16 model.
+
+        The demo's `high_quality_fp32_output_for_inference`: the final AdaLN (norm_out)
+        still runs in the model dtype on the model-dtype conditioning vector; its output
+        is cast to fp32 and projected by an fp32 copy of proj_out, so the predicted flow
+        is rounded once, in fp32, instead of to bf16. Off: proj_out back in norm_out's
+        dtype. Apply before a memory manager copies the weights to host memory (it
+        records each tensor's dtype then), as with `quantize_fp8`.
+        """
+        self.proj_out.to(torch.float32 if enabled else self.norm_out.linear.weight.dtype)
 
     def quantize_fp8(self) -> int:
         """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
@@ -656,15 +672,23 @@ class FramePackTransformer(nn.Module):
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = False,
         teacache: TeaCacheHook | None = None,
+        attend: Attend | None = None,
     ) -> torch.Tensor | TransformerOutput:
         """Flow prediction for the noisy latents `hidden_states` (B, C, T, H, W).
 
         encoder_hidden_states (B, L, text_embed_dim) with encoder_attention_mask (B, L)
         (right-padded, 1 = real token) or None when the text is already cropped.
         indices_* are 1-D frame positions (or (1, frames)) for RoPE, one per latent frame.
+        `attend` is the job's attention (framepack_backend/attention.py); by default the
+        `auto` choice for the input's device and dtype. The result is in the dtype of
+        proj_out's weights (fp32 after `set_fp32_output(True)`).
         """
         if attention_kwargs:
             raise ValueError(f"attention_kwargs {sorted(attention_kwargs)} are not supported (no LoRA scaling)")
+        if attend is None:
+            # A mask reaches attention only with batch > 1 (batch 1 crops its text instead).
+            masked = encoder_attention_mask is not None and hidden_states.shape[0] > 1
+            attend = Attend.default(hidden_states.device, hidden_states.dtype, key_mask=masked)
         cfg = self.config
         frames, height, width = hidden_states.shape[2:]
         grid = (frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size)
@@ -677,12 +701,13 @@ class FramePackTransformer(nn.Module):
         )
         temb = self.time_text_embed(timestep, pooled_projections, guidance)
         context, key_mask = self.embed_context(
-            encoder_hidden_states, encoder_attention_mask, timestep, image_embeds, latents.shape[1]
+            encoder_hidden_states, encoder_attention_mask, timestep, image_embeds, latents.shape[1], attend
         )
-        latents = self.run_blocks(latents, context, temb, rope, key_mask, teacache)
+        latents = self.run_blocks(latents, context, temb, rope, key_mask, teacache, attend)
 
-        noisy = latents[:, -math.prod(grid):]
-        sample = self.unpatchify(self.proj_out(self.norm_out(noisy, temb)), grid)
+        normed = self.norm_out(latents[:, -math.prod(grid):], temb)
+        # proj_out's input follows its weights: cast to fp32 after set_fp32_output, else a no-op.
+        sample = self.unpatchify(self.proj_out(normed.to(self.proj_out.weight.dtype)), grid)
         return TransformerOutput(sample) if return_dict else sample
 
     def embed_latents(
@@ -749,13 +774,14 @@ class FramePackTransformer(nn.Module):
         timestep: torch.Tensor,
         image_embeds: torch.Tensor | None,
         n_latent: int,
+        attend: Attend,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[image tokens, refined text tokens] and the key mask over [latents, context] (None: attend all)."""
         if text_mask is not None and text.shape[0] == 1:
             # Batch 1: crop the padding (one host sync) so no attention in the model needs a mask.
             text = text[:, : int(text_mask.sum())]
             text_mask = None
-        context = self.context_embedder(text, timestep, text_mask, self.attention_backend)
+        context = self.context_embedder(text, timestep, text_mask, attend)
 
         if image_embeds is not None:
             if self.image_projection is None:
@@ -778,6 +804,7 @@ class FramePackTransformer(nn.Module):
         rope: Rope,
         key_mask: torch.Tensor | None,
         teacache: TeaCacheHook | None,
+        attend: Attend,
     ) -> torch.Tensor:
         """All dual- then single-stream blocks; returns the latent stream. TeaCache may skip them all."""
         if teacache is not None:
@@ -786,14 +813,13 @@ class FramePackTransformer(nn.Module):
                 return teacache.apply_cached(latents)
             before = latents
 
-        backend = self.attention_backend
         for block in self.transformer_blocks:
-            latents, context = block(latents, context, temb, rope, key_mask, backend)
+            latents, context = block(latents, context, temb, rope, key_mask, attend)
         # The single-stream blocks share one sequence: concatenate once, not once per block.
         n_latent = latents.shape[1]
         joint = torch.cat([latents, context], dim=1)
         for block in self.single_transformer_blocks:
-            joint = block(joint, temb, n_latent, rope, key_mask, backend)
+            joint = block(joint, temb, n_latent, rope, key_mask, attend)
         latents = joint[:, :n_latent]
 
         if teacache is not None:
