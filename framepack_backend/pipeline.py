@@ -190,7 +190,9 @@ class Pipeline:
 
         for plan in plans:
             t_section = time.perf_counter()
-            noise = torch.randn((1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32)
+            noise = torch.randn(
+                (1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32
+            )
             clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, sampling)
             context = dict(
                 image_embeds=image_embeds,

@@ -229,9 +229,9 @@ def _preset_values(name: object) -> dict[str, object]:
     if name in ("", None):
         return {}
     spec = SamplingSettings.__dataclass_fields__["preset"]
-    name = _coerce(spec, name)
-    _check(spec, name)
-    return PRESETS[name].as_settings()
+    preset = _coerce(spec, name)
+    _check(spec, preset)
+    return PRESETS[str(preset)].as_settings()
 
 
 def _describe(f: dataclasses.Field) -> dict[str, object]:
@@ -266,12 +266,16 @@ def _check(f: dataclasses.Field, value: object) -> None:
         type_ok = True
     if not type_ok:
         raise SettingsError(f.name, value, _allowed(f))
-    if kind is float and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise SettingsError(f.name, value, "a finite " + _allowed(f))
     if m["low"] is not None and not (m["low"] <= value <= m["high"]):
         raise SettingsError(f.name, value, _allowed(f))
     if m["choices"] and value not in m["choices"]:
         raise SettingsError(f.name, value, _allowed(f))
+
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def _coerce(f: dataclasses.Field, value: object) -> object:
@@ -281,8 +285,8 @@ def _coerce(f: dataclasses.Field, value: object) -> object:
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return value.strip().lower() in ("true", "1", "yes", "on")
+            if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.strip().lower() in TRUE_WORDS
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
         elif kind is int:

@@ -17,7 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from framepack_kernels.adaln_norm import adaln_layernorm_modulate_reference, check_modulation_args, modulated_layernorm_row
+from framepack_kernels.adaln_norm import (
+    adaln_layernorm_modulate_reference,
+    check_modulation_args,
+    modulated_layernorm_row,
+)
 from framepack_kernels.gated_residual import check_gated_residual_args, gated_residual_reference
 from framepack_kernels.validation import check_launchable, check_unit_last_stride, output_like, row_block, warps_for_row
 

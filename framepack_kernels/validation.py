@@ -46,7 +46,9 @@ def check_launchable(op: str, kernel: object, **tensors: torch.Tensor) -> None:
     first_name, first_device = next(iter(devices.items()))
     for name, device in devices.items():
         if device != first_device:
-            raise ValueError(f"{op}: {name} is on {device} but {first_name} is on {first_device}; all must share one device")
+            raise ValueError(
+                f"{op}: {name} is on {device} but {first_name} is on {first_device}; all must share one device"
+            )
     interpreted = not isinstance(kernel, triton.runtime.JITFunction)
     if first_device.type != "cuda" and not interpreted:
         raise ValueError(

@@ -116,24 +116,24 @@ class WireResponse:
 
 def to_wire(event: StepProgress | SectionFinished | GenerationResult) -> WireResponse:
     if isinstance(event, StepProgress):
-        meta = ProgressMeta(
+        progress = ProgressMeta(
             section=event.section, sections=event.sections, step=event.step, steps=event.steps,
             elapsed_s=round(event.elapsed_s, 4), computed=event.computed,
         )
         tensors = {} if event.preview is None else {PREVIEW_OUTPUT: _rgb(event.preview, 3)}
-        return WireResponse(meta.to_json(), tensors)
+        return WireResponse(progress.to_json(), tensors)
     if isinstance(event, SectionFinished):
-        meta = SectionMeta(
+        section = SectionMeta(
             section=event.section, sections=event.sections, start_frame=event.start_frame,
             frame_count=len(event.frames), total_frames=event.total_frames, fps=event.fps,
         )
-        return WireResponse(meta.to_json(), {FRAMES_OUTPUT: _rgb(event.frames, 4)})
+        return WireResponse(section.to_json(), {FRAMES_OUTPUT: _rgb(event.frames, 4)})
     if isinstance(event, GenerationResult):
-        meta = FinalMeta(
+        final = FinalMeta(
             frame_count=len(event.frames), fps=event.fps, width=event.width, height=event.height,
             seed=event.seed, settings=_jsonable(event.settings), timings=_jsonable(event.timings),
         )
-        return WireResponse(meta.to_json(), {}, final=True)
+        return WireResponse(final.to_json(), {}, final=True)
     raise TypeError(f"not a generation event: {type(event).__name__}")
 
 
@@ -143,6 +143,6 @@ def _rgb(array: np.ndarray, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _jsonable(value: object) -> object:
-    """Settings and timings as plain JSON (numpy scalars and tuples included)."""
+def _jsonable(value: dict) -> dict:
+    """A dict of settings, timings or a description as plain JSON (numpy scalars and tuples included)."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

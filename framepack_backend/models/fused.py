@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framepack_kernels import adaln_layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, qk_rmsnorm_rope
+from framepack_kernels import (
+    adaln_layernorm_modulate,
+    gated_residual,
+    gated_residual_layernorm_modulate,
+    qk_rmsnorm_rope,
+)
 
 from ..attention import Attend
 from .fp8 import Fp8Linear, quantize_activation

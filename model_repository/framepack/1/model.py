@@ -29,22 +29,30 @@ def _put_launcher_packages_first() -> None:
 
 _put_launcher_packages_first()
 
-import itertools  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import itertools
+import json
+import time
 
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import torch
+import triton_python_backend_utils as pb_utils
 
-from framepack_backend.memory import peak_memory  # noqa: E402
-from framepack_backend.pipeline import Pipeline  # noqa: E402
-from framepack_backend.settings import EngineOptions, SettingsError  # noqa: E402
-from framepack_server.faults import take_fault  # noqa: E402
-from framepack_server.instance import InstanceConfig  # noqa: E402
-from framepack_server.jobs import Job, JobQueue, Outcome  # noqa: E402
-from framepack_server.protocol import EVENT_OUTPUT, IMAGE_INPUT, Status, WireResponse, error_message  # noqa: E402
-from framepack_server.protocol import describe_response, is_describe_request, parse_request  # noqa: E402
-from framepack_server.protocol import request_parameters  # noqa: E402
+from framepack_backend.memory import peak_memory
+from framepack_backend.pipeline import Pipeline
+from framepack_backend.settings import EngineOptions, SettingsError
+from framepack_server.faults import take_fault
+from framepack_server.instance import InstanceConfig
+from framepack_server.jobs import Job, JobQueue, Outcome
+from framepack_server.protocol import (
+    EVENT_OUTPUT,
+    IMAGE_INPUT,
+    Status,
+    WireResponse,
+    describe_response,
+    error_message,
+    is_describe_request,
+    parse_request,
+    request_parameters,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Names of pb_utils.TritonError codes; looked up late: the stub adds TritonError to
@@ -102,7 +110,9 @@ class JobMetrics:
         self._families = (jobs, seconds, peak)  # a family must outlive its metrics
         self._jobs = {o: jobs.Metric(labels={"instance": instance, "outcome": o.name.lower()}) for o in Outcome}
         self._seconds = seconds.Metric(labels={"instance": instance})
-        self._peak = {kind: peak.Metric(labels={"instance": instance, "kind": kind}) for kind in ("allocated", "reserved")}
+        self._peak = {
+            kind: peak.Metric(labels={"instance": instance, "kind": kind}) for kind in ("allocated", "reserved")
+        }
         self._device = device
 
     def observe(self, outcome: Outcome, seconds: float) -> None:
