@@ -145,6 +145,11 @@ def main() -> None:
         fastest = min(fused_s, key=fused_s.get)
         suffix, label = ("", "") if fastest == "sdpa" else (f"-{fastest}", f" ({fastest})")
         fastest_attend = Attend.named(fastest)
+        # The FramePack demo's fp32 final projection (the engine's default for bf16 weights).
+        ours.set_fp32_output(True)
+        ours_runs[f"fused-kernels-fp32-output{suffix}"] = measure(f"ours fused kernels + fp32 output{label}", ours,
+                                                                  peer_out=peer_out, attend=fastest_attend)[0]
+        ours.set_fp32_output(False)
         if not args.no_compile:
             # Inductor keeps the Triton kernels and fuses what is left around them.
             ours.compile_blocks()
