@@ -230,7 +230,8 @@ class Pipeline:
             x0 = None
             with self.memory.phase("sampling"):
                 for step_index, x0 in iterate_unipc(
-                    flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel
+                    flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel,
+                    model_dtype=self.dtype,
                 ):
                     yield StepProgress(
                         section=plan.index + 1,

@@ -123,6 +123,7 @@ def iterate_unipc(
     sigmas: torch.Tensor | Sequence[float],
     variant: Variant = "bh1",
     cancel: Callable[[], bool] | None = None,
+    model_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Integrate the flow ODE from `noise` at sigmas[0], yielding (step_index, x0 estimate).
 
@@ -130,10 +131,15 @@ def iterate_unipc(
     result. Runs in fp32 (fp64 if `noise` is fp64). `cancel` is polled before every
     model evaluation; when it returns True, GenerationCancelled is raised. Bad
     arguments raise here, before anything is evaluated.
+
+    `model_dtype` is the precision the model reads x in (bf16 for a bf16 transformer).
+    The x0 estimate then subtracts the flow from x rounded to it, m = x̃ - v·σ, as the
+    FramePack demo's flow wrapper does: the model predicts the flow of the x it saw.
+    None (or a dtype at least as wide as the solver's) leaves x as it is.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return _unipc_steps(flow_fn, noise, _noise_levels(sigmas), variant, cancel)
+    return _unipc_steps(flow_fn, noise, _noise_levels(sigmas), variant, cancel, model_dtype)
 
 
 def _unipc_steps(
@@ -142,15 +148,18 @@ def _unipc_steps(
     levels: list[float],
     variant: Variant,
     cancel: Callable[[], bool] | None,
+    model_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     steps = len(levels) - 1
     max_order = max(min(MAX_ORDER, steps - 1), 1)
     dtype = torch.promote_types(noise.dtype, torch.float32)
+    rounds_input = model_dtype is not None and torch.promote_types(model_dtype, dtype) == dtype and model_dtype != dtype
 
     def x0_estimate(x: torch.Tensor, sigma: float, step_index: int) -> torch.Tensor:
         if cancel is not None and cancel():
             raise GenerationCancelled(f"cancelled before model evaluation {step_index + 1} of {steps}")
-        return x - flow_fn(x, sigma, step_index).to(dtype) * sigma
+        seen = x.to(model_dtype).to(dtype) if rounds_input else x
+        return seen - flow_fn(x, sigma, step_index).to(dtype) * sigma
 
     x = noise.to(dtype)
     estimates = [x0_estimate(x, levels[0], 0)]  # newest first, at most max_order kept

@@ -238,3 +238,21 @@ def test_rescale_with_offset_uncond_by_hand():
 def test_cfg_without_uncond_names_the_field():
     with pytest.raises(ValueError, match="pred_uncond"):
         guided_flow(torch.ones(1, 2), None, cfg=2.0)
+
+
+def test_x0_is_taken_from_x_in_the_model_precision_as_the_framepack_demo_does():
+    """A bf16 model sees x rounded to bf16 and predicts the flow of that x: m = bf16(x) - v·σ."""
+    torch.manual_seed(0)
+    noise = torch.randn(1, 4, 2, 8, 8)
+    sigmas = [1.0, 0.5, 0.0]
+
+    def flow(x, sigma, step_index):
+        return 0.25 * x.to(torch.bfloat16).float()
+
+    _, x0 = next(iterate_unipc(flow, noise, sigmas, model_dtype=torch.bfloat16))
+    rounded = noise.to(torch.bfloat16).float()
+    assert torch.equal(x0, rounded - flow(noise, 1.0, 0) * 1.0)
+    _, plain = next(iterate_unipc(flow, noise, sigmas))
+    assert not torch.equal(x0, plain) and torch.equal(plain, noise - flow(noise, 1.0, 0))
+    for same in (None, torch.float32, torch.float64):  # no narrower than the solver: x as it is
+        assert torch.equal(next(iterate_unipc(flow, noise, sigmas, model_dtype=same))[1], plain)
