@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--runs", default="exact-off,exact-on",
                         help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "
                              "quantizing is irreversible)")
-    parser.add_argument("--blend-latents", type=int, help="latents re-decoded for the cross-fade (default: engine's)")
+    parser.add_argument("--blend-latents", type=int, nargs="*", default=[None],
+                        help="latents re-decoded for the cross-fade, one run each (default: the engine's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     wanted = args.runs.split(",")
@@ -135,22 +136,23 @@ def main() -> None:
         precision, teacache = name.split("-")
         if precision == "fp8" and not any(r["precision"] == "fp8" for r in runs):
             components.transformer.quantize_fp8()
-        settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache == "on",
-                    "teacache_threshold": 0.15, "memory_mode": "resident", "preview": True}
-        if args.blend_latents is not None:
-            settings["blend_latents"] = args.blend_latents
-        run = dict(precision=precision, teacache=teacache == "on", **generate_once(pipeline, image, settings))
-        runs.append(run)
-        print(json.dumps(run, default=str), flush=True)
+        for blend in args.blend_latents:
+            settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache == "on",
+                        "teacache_threshold": 0.15, "memory_mode": "resident", "preview": True}
+            if blend is not None:
+                settings["blend_latents"] = blend
+            run = dict(precision=precision, teacache=teacache == "on", blend_latents=blend,
+                       **generate_once(pipeline, image, settings))
+            runs.append(run)
+            print(json.dumps(run, default=str), flush=True)
 
     gpu = torch.cuda.get_device_name()
-    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}, "
-          f"blend latents {args.blend_latents or 'default'}")
+    print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}")
     for run in runs:
-        print(f"{run['precision']:5s} TeaCache {'0.15' if run['teacache'] else 'off ':4s}: {run['frames']} frames "
+        print(f"{run['precision']:5s} TeaCache {'0.15' if run['teacache'] else 'off ':4s} "
+              f"blend {run['blend_latents'] or 'default'}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
     record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fused_kernels=not args.no_kernels,
-                  blend_latents=args.blend_latents,
                   versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
