@@ -1,7 +1,9 @@
 """FramePack image-to-video engine: image + prompt in, video out, section by section.
 
 The heavy modules (torch models, transformers, diffusers) load on first use, so that
-`framepack_backend.settings` and `framepack_backend.presets` stay cheap to import.
+`framepack_backend.variants` and `framepack_backend.presets` stay cheap to import (the
+server's launcher reads the variants without torch). `settings` imports torch: its
+attention choices come from the backend registry.
 """
 
 from importlib import import_module
