@@ -1,0 +1,240 @@
+"""The launcher's lifecycle: its tritonserver dies with it (closed terminal, SIGKILL), a
+port held by another server is named as such, and start-up failures name their cause."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from framepack_server import server as server_module
+from framepack_server.cli import main as server_main
+from framepack_server.processes import exited, spawn, wait_unreaped
+from framepack_server.server import free_ports, model_load_error
+from framepack_server.supervisor import backend_stub_pids
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def children(pid: int, name: str) -> set[int]:
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1: stat.rindex(")")]
+        if int(stat.rpartition(")")[2].split()[1]) == pid and comm == name:
+            found.add(int(entry.name))
+    return found
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def launcher_command(tiny_bundle: Path, ports: list[int], log: Path, *extra: str) -> list[str]:
+    grpc, http, metrics = ports
+    return [
+        sys.executable, "-m", "framepack_server.cli", "--model-dir", str(tiny_bundle), "--device", "cpu",
+        "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics),
+        "--log-file", str(log), "--startup-timeout", "240", *extra,
+    ]
+
+
+def start_launcher(tiny_bundle: Path, tmp_path: Path) -> tuple[subprocess.Popen, list[int], Path]:
+    """`framepack-server` in a session of its own (as `setsid` does), ready; its stdout and stderr in a file."""
+    ports = free_ports(3)
+    output = tmp_path / "launcher.out"
+    launcher = subprocess.Popen(
+        launcher_command(tiny_bundle, ports, tmp_path / "server.log", "--quiet"),
+        stdin=subprocess.DEVNULL, stdout=output.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    ready = wait_for(lambda: "framepack-server: ready" in output.read_text() or launcher.poll() is not None, 240)
+    assert ready and launcher.poll() is None, output.read_text()
+    return launcher, ports, output
+
+
+def server_processes(launcher: subprocess.Popen) -> tuple[int, set[int]]:
+    [triton] = children(launcher.pid, "tritonserver")
+    stubs = backend_stub_pids(triton)
+    assert len(stubs) == 1
+    return triton, stubs
+
+
+# ------------------------------------------------------------------ parent-death signal, without a server
+
+
+def test_a_child_outlives_the_thread_that_started_it():
+    """PR_SET_PDEATHSIG fires when the forking *thread* ends: a restart from the supervisor's
+    thread must not kill the new server when that thread ends."""
+    started: list[subprocess.Popen] = []
+    thread = threading.Thread(target=lambda: started.append(spawn(["sleep", "60"])))
+    thread.start()
+    thread.join()
+    [child] = started
+    try:
+        time.sleep(0.5)
+        assert alive(child.pid) and not exited(child)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_child_dies_when_its_launcher_is_killed(tmp_path):
+    script = ("import sys, time; from framepack_server.processes import spawn; "
+              "print(spawn(['sleep', '60']).pid, flush=True); time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    child = int(launcher.stdout.readline())
+    assert alive(child)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert wait_for(lambda: not alive(child), 5), f"sleep {child} outlived its killed launcher"
+
+
+def test_waiting_for_a_child_leaves_it_unreaped_until_wait():
+    """stop() kills the stubs while tritonserver is still a zombie (see processes.py)."""
+    child = spawn(["true"])
+    assert wait_unreaped(child, 10)
+    assert exited(child) and Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    assert child.wait() == 0
+    assert not Path(f"/proc/{child.pid}").exists()
+
+
+# ------------------------------------------------------------------ start-up checks, without a server
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(tiny_bundle, monkeypatch, capsys):
+    ports = [str(p) for p in free_ports(3)]
+    arguments = ["--model-dir", str(tiny_bundle), "--grpc-port", ports[0], "--http-port", ports[1],
+                 "--metrics-port", ports[2], "--quiet"]
+    monkeypatch.setattr(server_module, "nvidia_gpu_count", lambda: 0)
+    assert server_main([*arguments, "--device", "cuda:0"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "framepack-server: error: --device cuda:0: no NVIDIA GPU on this machine (nvidia-smi -L lists none): "
+        "use --device cpu or auto"
+    )
+    monkeypatch.setattr(server_module, "nvidia_gpu_count", lambda: 2)
+    assert server_main([*arguments, "--device", "cuda:2"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "framepack-server: error: --device cuda:2: this machine has 2 GPU(s), cuda:0 to cuda:1"
+    )
+    assert all(port_free(int(p)) for p in ports)
+
+
+LOAD_FAILURE = (
+    'E1206 17:13:08.011707 29368 model_lifecycle.cc:642] "failed to load \'framepack\' version 1: Internal: '
+    "ValueError: fp8=True is not allowed: expected a GPU with FP8 tensor cores (compute capability 8.9 or "
+    'newer), not cpu\\n\\nAt:\\n  /x/framepack_backend/pipeline.py(310): configure_transformer\\n"'
+)
+
+
+def test_the_model_load_error_is_found_in_the_log():
+    log = f'I1206 model_lifecycle.cc:472] "loading: framepack:1"\n{LOAD_FAILURE}\nError: Failed to initialize NVML\n'
+    assert model_load_error(log) == (
+        "ValueError: fp8=True is not allowed: expected a GPU with FP8 tensor cores (compute capability 8.9 or "
+        "newer), not cpu"
+    )
+    assert model_load_error("error: creating server: Internal - failed to load all models") is None
+
+
+# ------------------------------------------------------------------ real servers
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_sighup_stops_the_launcher_its_server_and_stubs_and_frees_the_ports(tiny_bundle, tmp_path):
+    launcher, ports, output = start_launcher(tiny_bundle, tmp_path)
+    try:
+        triton, stubs = server_processes(launcher)
+
+        # A second launcher on the same gRPC port names the server that holds it.
+        second = subprocess.run(
+            launcher_command(tiny_bundle, [ports[0], *free_ports(2)], tmp_path / "second.log", "--quiet"),
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert second.returncode == 1
+        assert second.stderr.splitlines()[-1] == (
+            f"framepack-server: error: a tritonserver (pid {triton}, ready) is already serving on "
+            f"127.0.0.1:{ports[0]} (grpc); stop it (kill {triton}) or choose --grpc-port"
+        )
+
+        launcher.send_signal(signal.SIGHUP)  # what closing its terminal sends
+        assert launcher.wait(60) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert output.read_text().splitlines()[-1] == "framepack-server: stopped"
+    assert not alive(triton) and not any(alive(stub) for stub in stubs)
+    assert wait_for(lambda: all(port_free(p) for p in ports), 5), ports
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_no_server_and_frees_the_ports(tiny_bundle, tmp_path):
+    launcher, ports, _ = start_launcher(tiny_bundle, tmp_path)
+    triton, stubs = server_processes(launcher)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert wait_for(lambda: not alive(triton), 5), f"tritonserver {triton} outlived its killed launcher"
+    # Each stub sees its parent gone within 0.3 s and exits (1.7 s measured while idle).
+    assert wait_for(lambda: not any(alive(stub) for stub in stubs), 15), f"backend stubs {stubs} left behind"
+    assert wait_for(lambda: all(port_free(p) for p in ports), 5), ports
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_named_first_and_gpu_warnings_stay_in_the_log(tiny_bundle, tmp_path):
+    log = tmp_path / "server.log"
+    ports = free_ports(3)
+    launcher = subprocess.run(
+        launcher_command(tiny_bundle, ports, log, "--fp8"), capture_output=True, text=True, timeout=240,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert launcher.returncode == 1
+    [error] = [line for line in launcher.stderr.splitlines() if line.startswith("framepack-server: error:")]
+    assert error == (
+        "framepack-server: error: the framepack model failed to load: ValueError: fp8=True is not allowed: "
+        "expected a GPU with FP8 tensor cores (compute capability 8.9 or newer), not cpu"
+    )
+    # The echo leaves out the expected warnings of a machine without a GPU, and says so once; the log keeps them.
+    echoed = launcher.stderr.split(error)[0]
+    assert "Failed to initialize NVML" not in echoed and "DCGM unable to start" not in echoed
+    assert echoed.count("warnings are expected (kept in the log file only)") == 1
+    assert "Failed to initialize NVML" in log.read_text() and "DCGM unable to start" in log.read_text()
+    assert all(port_free(p) for p in ports)
