@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from client import stream
+from client.cli import load_image
+from framepack_backend.settings import EngineOptions, EngineOverrides, SettingsError
 from framepack_server import server as server_module
 from framepack_server.cli import main as server_main
+from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 from framepack_server.processes import exited, spawn, wait_unreaped
 from framepack_server.server import free_ports, model_load_error
 from framepack_server.supervisor import backend_stub_pids
+from framepack_wire import WireRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,3 +243,28 @@ def test_a_model_that_fails_to_load_is_named_first_and_gpu_warnings_stay_in_the_
     assert echoed.count("warnings are expected (kept in the log file only)") == 1
     assert "Failed to initialize NVML" in log.read_text() and "DCGM unable to start" in log.read_text()
     assert all(port_free(p) for p in ports)
+
+
+# ------------------------------------------------------------------ memory modes on a CPU server
+
+
+def test_a_cpu_server_refuses_offload_and_stream_naming_the_field():
+    options = EngineOptions()
+    for mode in ("offload", "stream"):
+        with pytest.raises(SettingsError) as caught:
+            options.for_job(EngineOverrides(memory_mode=mode), device_type="cpu")
+        assert caught.value.field == "memory_mode" and caught.value.value == mode
+        assert str(caught.value).startswith(f"memory_mode='{mode}' is not allowed: expected 'auto' or 'resident'")
+        assert options.for_job(EngineOverrides(memory_mode=mode), device_type="cuda").memory_mode == mode
+        assert options.for_job(EngineOverrides(memory_mode=mode)).memory_mode == mode  # the engine's own CPU runs
+    for mode in ("auto", "resident", None):
+        assert options.for_job(EngineOverrides(memory_mode=mode), device_type="cpu").memory_mode == (mode or "auto")
+
+
+@pytest.mark.server
+def test_a_stream_request_to_a_cpu_server_is_an_invalid_argument(triton_server):
+    request = WireRequest(load_image(SAMPLE), "x", {"memory_mode": "stream"})
+    with pytest.raises(stream.ServerError) as caught:
+        list(stream.generate(triton_server.grpc_address, request))
+    assert caught.value.status == "INVALID_ARGUMENT"
+    assert caught.value.message.startswith("memory_mode='stream' is not allowed: expected 'auto' or 'resident'")
