@@ -189,4 +189,8 @@ class TritonPythonModel:
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
     def finalize(self):
+        # Triton calls this only once every request has had its final response, so no job
+        # runs a decode here; the worker's clean-up after a job is joined. A job still
+        # running at the exit timeout never gets here: tritonserver exits and the launcher
+        # kills the stubs before reaping it (framepack_server/processes.py says why).
         self._jobs.close()
