@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from framepack_server import server as server_module
 from framepack_server.cli import main as server_main
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 from framepack_server.processes import exited, spawn, wait_unreaped
-from framepack_server.server import free_ports, model_load_error
+from framepack_server.server import TritonServer, free_ports, model_load_error
 from framepack_server.supervisor import backend_stub_pids
 from framepack_wire import WireRequest
 
@@ -139,6 +140,41 @@ def test_waiting_for_a_child_leaves_it_unreaped_until_wait():
     assert exited(child) and Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
     assert child.wait() == 0
     assert not Path(f"/proc/{child.pid}").exists()
+
+
+CRASHING_SERVER = """
+import os, sys
+parent = os.getpid()
+child = os.fork()
+if child == 0:  # a backend stub: watches its parent as pb_stub.cc does, but without pause
+    while True:
+        try:
+            os.kill(parent, 0)  # succeeds while the parent is an unreaped zombie
+        except ProcessLookupError:
+            open(sys.argv[1], "w").write("the stub saw its parent gone")
+            os._exit(1)
+print(child, flush=True)
+os._exit(3)  # the server crashes
+"""
+
+
+def test_a_crashed_server_stays_unreaped_until_its_stubs_are_killed(tmp_path):
+    """A stub that sees tritonserver gone exits through C++ destructors, possibly under a
+    running job thread (a heap corruption seen once): the supervisor's and the launcher's
+    checks must not reap tritonserver, and stop() kills the stubs before reaping it."""
+    flag = tmp_path / "flag"
+    server = TritonServer(log_path=tmp_path / "server.log")
+    server._run_dir = tmp_path / "run"
+    server._run_dir.mkdir()
+    server._process = spawn([sys.executable, "-c", CRASHING_SERVER, str(flag)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stub = int(server._process.stdout.readline())
+    assert wait_for(lambda: not server.running(), 10)
+    time.sleep(0.5)
+    assert alive(stub) and not flag.exists()  # its parent is a zombie: still there
+    assert server.stop(timeout_s=10) == 3
+    assert wait_for(lambda: not alive(stub), 5)
+    assert not flag.exists()
 
 
 # ------------------------------------------------------------------ start-up checks, without a server
@@ -268,3 +304,33 @@ def test_a_stream_request_to_a_cpu_server_is_an_invalid_argument(triton_server):
         list(stream.generate(triton_server.grpc_address, request))
     assert caught.value.status == "INVALID_ARGUMENT"
     assert caught.value.message.startswith("memory_mode='stream' is not allowed: expected 'auto' or 'resident'")
+
+
+# ------------------------------------------------------------------ restarts
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_server_restarted_by_the_supervisor_survives_the_supervisor_thread(tiny_bundle, tmp_path):
+    grpc, http, metrics = free_ports(3)
+    with TritonServer(tiny_bundle, grpc_port=grpc, http_port=http, metrics_port=metrics, device="cpu",
+                      log_path=tmp_path / "server.log", startup_timeout_s=240) as server:
+        first, [stub] = server.pid, server.backend_stub_pids()
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: server.supervisor.restarts and server.running() and server.pid != first
+                        and server_ready(server), 240), server.log_text()[-2000:]
+        # Its stub was killed before tritonserver was reaped, so it never took its own
+        # exit path (C++ destructors under a possibly running job thread).
+        assert not alive(stub) and "Non-graceful termination" not in server.log_text()
+        server.supervisor.stop()  # the thread that restarted the server ends
+        time.sleep(1)
+        assert server.running() and server_ready(server) and len(server.backend_stub_pids()) == 1
+    assert not server.running() and all(port_free(p) for p in (grpc, http, metrics))
+
+
+def server_ready(server: TritonServer) -> bool:
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
