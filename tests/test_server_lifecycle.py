@@ -247,6 +247,30 @@ def test_sighup_stops_the_launcher_its_server_and_stubs_and_frees_the_ports(tiny
 
 @pytest.mark.server
 @pytest.mark.slow
+def test_sighup_while_starting_stops_at_once(tiny_bundle, tmp_path):
+    ports = free_ports(3)
+    output = tmp_path / "launcher.out"
+    launcher = subprocess.Popen(
+        launcher_command(tiny_bundle, ports, tmp_path / "server.log", "--quiet"),
+        stdin=subprocess.DEVNULL, stdout=output.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert wait_for(lambda: children(launcher.pid, "tritonserver"), 120), output.read_text()
+        [triton] = children(launcher.pid, "tritonserver")
+        launcher.send_signal(signal.SIGHUP)
+        assert launcher.wait(60) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert output.read_text().splitlines()[-1] == "framepack-server: stopped while starting"
+    assert "ready" not in output.read_text()
+    assert not alive(triton) and not backend_stub_pids(triton)
+    assert wait_for(lambda: all(port_free(p) for p in ports), 5), ports
+
+
+@pytest.mark.server
+@pytest.mark.slow
 def test_a_killed_launcher_leaves_no_server_and_frees_the_ports(tiny_bundle, tmp_path):
     launcher, ports, _ = start_launcher(tiny_bundle, tmp_path)
     triton, stubs = server_processes(launcher)
