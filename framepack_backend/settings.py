@@ -147,16 +147,26 @@ class EngineOptions(_FieldSpecs):
         super().__post_init__()
         object.__setattr__(self, "sampling", SamplingVariant(self.sampling))
 
-    def for_job(self, overrides: EngineOverrides) -> EngineOptions:
+    def for_job(self, overrides: EngineOverrides, device_type: str | None = None) -> EngineOptions:
         """These options with a job's overrides applied (a new value; this one is unchanged).
 
         The sampling variant picks the loaded transformer, so a job may only name it
-        ("auto" or the loaded one), never change it.
+        ("auto" or the loaded one), never change it. Given `device_type` "cpu" (a server
+        checking a request), a job may not ask for "offload" or "stream" either: they move
+        weights between host and GPU memory, and on a CPU they would only make a second
+        copy of every weight, kept after the job (twice the model's memory for the
+        instance's life). The engine itself still runs them on a CPU when asked, which is
+        how their placement logic is tested without a GPU.
         """
         if overrides.sampling not in ("auto", self.sampling):
             raise SettingsError(
                 "sampling", overrides.sampling,
                 f"'{self.sampling}': this pipeline was loaded with {self.sampling.transformer_folder}/",
+            )
+        if device_type == "cpu" and overrides.memory_mode in ("offload", "stream"):
+            raise SettingsError(
+                "memory_mode", overrides.memory_mode,
+                "'auto' or 'resident': this server runs on the CPU, where offload and stream only copy the weights",
             )
         given = {name: value for name, value in overrides.to_dict().items() if name != "sampling" and value is not None}
         return self.replace(**given)

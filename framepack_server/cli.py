@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from framepack_backend.variants import VARIANT_NAMES
 
@@ -58,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
 
     stop_requested = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_requested.set())
+    server: TritonServer | None = None
+
+    def request_stop(*_) -> None:
+        stop_requested.set()
+        if server is not None:
+            server.request_stop()  # also while it is still starting
+
+    # SIGHUP: the terminal was closed. The server must not outlive its launcher.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     try:
         tls = None
         if args.grpc_server_cert:
@@ -84,23 +93,34 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready()
     except (ServerStartError, TritonNotFound) as e:
         server.stop()
-        print(f"framepack-server: error: {e}", file=sys.stderr)
+        if stop_requested.is_set():
+            _say("framepack-server: stopped while starting")
+            return 0
+        _say(f"framepack-server: error: {e}")
         return 1
     server.supervise()
     scheme = " (TLS)" if tls else ""
-    print(
+    _say(
         f"framepack-server: ready, gRPC{scheme} at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
-        flush=True,
+        sys.stdout,
     )
     code = server.wait(stop_requested)
     if stop_requested.is_set():
-        print("framepack-server: stopped", file=sys.stderr)
+        _say("framepack-server: stopped")
         return 0
     if server.supervisor is not None and server.supervisor.gave_up is not None:
-        print(f"framepack-server: error: restart failed: {server.supervisor.gave_up}", file=sys.stderr)
+        _say(f"framepack-server: error: restart failed: {server.supervisor.gave_up}")
         return 1
-    print(f"framepack-server: tritonserver exited with code {code}", file=sys.stderr)
+    _say(f"framepack-server: tritonserver exited with code {code}")
     return 1 if not code else code
+
+
+def _say(line: str, stream: TextIO | None = None) -> None:
+    """Print a line; after SIGHUP the terminal may be gone, which must not stop the shutdown."""
+    try:
+        print(line, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ command line around this class.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from .instance import ENV_OVERRIDES, SHUTDOWN_FILE_ENV, InstanceOverrides, check_device
+from .processes import command_line, exited, kill_group, listening_pid, spawn, wait_unreaped
 from .supervisor import Supervisor, backend_stub_pids
 from .tiny_model import ensure_tiny_bundle
 from .triton_install import (
@@ -150,7 +152,8 @@ class TritonServer:
         return f"http://{_reachable(self.host)}:{self.ports['metrics']}/metrics"
 
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        # Not Popen.poll(): that would reap tritonserver before stop() kills its stubs (processes.py).
+        return self._process is not None and not exited(self._process)
 
     def backend_stub_pids(self) -> set[int]:
         """The model's Python-backend stub processes (one per model instance)."""
@@ -177,6 +180,10 @@ class TritonServer:
         if self.restart_on_failure and self.supervisor is None:
             self.supervisor = Supervisor(self, self._note)
             self.supervisor.start()
+
+    def request_stop(self) -> None:
+        """Make a `wait_ready` in progress give up (from a signal handler); `stop()` still stops."""
+        self._stop_requested.set()
 
     def restart(self, reason: str) -> None:
         with self._lifecycle:
@@ -207,6 +214,8 @@ class TritonServer:
             raise ServerStartError(f"--model-dir {model_dir}: no such directory")
         for name, port in self.ports.items():
             _check_port_free(self.host, port, name)
+        if self.device.startswith("cuda:"):
+            _check_gpu(int(self.device[5:]))
         install = self._install()
         command = [
             str(install.binary),
@@ -229,7 +238,9 @@ class TritonServer:
             log.write(f"# restarted: {restart_reason}\n")
         log.write(f"# {' '.join(command)}\n# model dir: {model_dir}\n")
         log.flush()
-        self._process = subprocess.Popen(
+        # Dies with this process (processes.py), so a closed terminal or a killed
+        # launcher leaves no server behind holding the ports.
+        self._process = spawn(
             command,
             env=self._environment(install, model_dir),
             stdin=subprocess.DEVNULL,
@@ -237,7 +248,8 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # our Ctrl-C reaches the server only through stop()
         )
-        self._pump = threading.Thread(target=_pump_log, args=(self._process.stdout, log, self.echo_log), daemon=True)
+        echo = _Echo(gpu_expected=self.device != "cpu" and nvidia_gpu_count() > 0) if self.echo_log else None
+        self._pump = threading.Thread(target=_pump_log, args=(self._process.stdout, log, echo), daemon=True)
         self._pump.start()
 
     def wait_ready(self) -> None:
@@ -249,11 +261,16 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self._stop_requested.is_set():
                 raise ServerStartError("stopped while starting")
-            if process.poll() is not None:
+            if exited(process):
+                kill_group(process.pid)  # a stub it left, before reaping (processes.py)
+                code = process.wait()
                 pump.join(5)
+                log = self.log_text()
+                failure = model_load_error(log)
+                cause = f"the framepack model failed to load: {failure}\n" if failure else ""
                 raise ServerStartError(
-                    f"tritonserver exited with code {process.returncode} while starting; "
-                    f"last lines of {self.log_path}:\n{_tail(self.log_text())}"
+                    f"{cause}tritonserver exited with code {code} while starting; "
+                    f"last lines of {self.log_path}:\n{_tail(log)}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
@@ -279,21 +296,19 @@ class TritonServer:
         process = self._process
         if process is None:
             return None
-        if process.poll() is None:
+        if not exited(process):
             # Triton tells the model nothing on shutdown; jobs poll this file and stop.
             self._shutdown_file().touch()
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            os.kill(process.pid, signal.SIGTERM)  # not send_signal(): it polls, which reaps
+            if not wait_unreaped(process, timeout_s):
+                kill_group(process.pid)
+                wait_unreaped(process, 10)
         # When Triton gives up waiting for the model ("Exit timeout expired"), it exits and
-        # leaves the backend stub behind; the stubs share the server's process group.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # leaves the backend stub behind; the stubs share the server's process group. Kill
+        # them while tritonserver is still an unreaped zombie: a stub that sees its parent
+        # gone exits through C++ destructors under a running job thread (processes.py).
+        kill_group(process.pid)
+        process.wait()
         if self._pump is not None:
             self._pump.join(5)
         if self._run_dir is not None:
@@ -351,19 +366,116 @@ def _check_port_free(host: str, port: int, name: str) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServerStartError(
-                f"{name} port {host}:{port} is not free ({e.strerror}): choose --{name}-port"
-            ) from None
+            raise ServerStartError(_port_taken(host, port, name, e.strerror)) from None
 
 
-def _pump_log(stream: IO[bytes], log: IO[str], echo: bool) -> None:
+def _port_taken(host: str, port: int, name: str, why: str | None) -> str:
+    """Why a port is not free, naming the process that holds it when we can see it."""
+    pid = listening_pid(port)
+    command = command_line(pid) if pid is not None else []
+    if command and os.path.basename(command[0]) == "tritonserver":
+        http = next((a.split("=", 1)[1] for a in command if a.startswith("--http-port=")), None)
+        address = next((a.split("=", 1)[1] for a in command if a.startswith("--http-address=")), host)
+        state = ""
+        if http is not None:
+            state = ", ready" if _ready(f"http://{_reachable(address)}:{http}") else ", not ready"
+        return (
+            f"a tritonserver (pid {pid}{state}) is already serving on {host}:{port} ({name}); "
+            f"stop it (kill {pid}) or choose --{name}-port"
+        )
+    if name == "http" and _ready(f"http://{_reachable(host)}:{port}"):
+        return f"a Triton server is already serving on {host}:{port} ({name}); stop it or choose --{name}-port"
+    holder = f"; held by pid {pid} ({os.path.basename(command[0])})" if command else ""
+    return f"{name} port {host}:{port} is not free ({why}{holder}): choose --{name}-port"
+
+
+def _ready(http_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{http_url}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def nvidia_gpu_count() -> int:
+    """NVIDIA GPUs on this machine, found without CUDA or torch (the launcher imports neither)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        if listing.returncode == 0:
+            return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    folder = Path("/proc/driver/nvidia/gpus")
+    if folder.is_dir():
+        return len(list(folder.iterdir()))
+    return len([d for d in Path("/dev").glob("nvidia*") if d.name[6:].isdigit()])
+
+
+def _check_gpu(index: int) -> None:
+    count = nvidia_gpu_count()
+    if count == 0:
+        raise ServerStartError(
+            f"--device cuda:{index}: no NVIDIA GPU on this machine (nvidia-smi -L lists none): use --device cpu or auto"
+        )
+    if index >= count:
+        raise ServerStartError(
+            f"--device cuda:{index}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        )
+
+
+def model_load_error(log: str) -> str | None:
+    """The framepack model's load error in a tritonserver log (its first line), or None."""
+    for line in log.splitlines():
+        found = re.search(r"failed to load 'framepack' version \d+: (?:\w+: )?(.*)", line)
+        if found:
+            # Triton quotes the message, writing its newlines as "\n"; keep the first line.
+            return found.group(1).split("\\n", 1)[0].rstrip('"').strip()
+    return None
+
+
+# What tritonserver logs on a machine without a GPU; harmless there (it runs on the CPU).
+NO_GPU_NOISE = (
+    "Unable to allocate pinned system memory",
+    "CUDA memory pool disabled",
+    "CudaDriverHelper has not been initialized",
+    "Failed to initialize NVML",
+    "DCGM unable to start",
+)
+
+
+class _Echo:
+    """Copies the server log to stderr; without a GPU, tritonserver's CUDA/NVML/DCGM
+    warnings are expected, so they stay in the log file and one line says so."""
+
+    def __init__(self, gpu_expected: bool):
+        self._filter = not gpu_expected
+        self._noted = False
+        self._broken = False
+
+    def write(self, line: str) -> None:
+        if self._broken:
+            return
+        text = line
+        if self._filter and any(noise in line for noise in NO_GPU_NOISE):
+            if self._noted:
+                return
+            self._noted = True
+            text = ("framepack-server: running without a GPU: tritonserver's CUDA, NVML and DCGM warnings "
+                    "are expected (kept in the log file only)\n")
+        try:
+            sys.stderr.write(text)
+        except (OSError, ValueError):  # the terminal is gone (closed window): keep logging to the file
+            self._broken = True
+
+
+def _pump_log(stream: IO[bytes], log: IO[str], echo: _Echo | None) -> None:
     with log:
         for raw in stream:
             line = raw.decode("utf-8", errors="replace")
             log.write(line)
             log.flush()
-            if echo:
-                sys.stderr.write(line)
+            if echo is not None:
+                echo.write(line)
 
 
 def _tail(text: str, lines: int = 30) -> str:

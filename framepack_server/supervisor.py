@@ -86,6 +86,8 @@ class Supervisor:
             self.restarts.append(reason)
             self._log(f"{reason}; restarting the server")
             try:
+                # The new server is forked by processes.spawn's long-lived thread, not this
+                # one: its parent-death signal must not fire when this thread ends.
                 self._server.restart(reason)
             except Exception as e:
                 if not self._stopping.is_set():

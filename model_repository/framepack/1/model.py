@@ -153,6 +153,7 @@ class TritonPythonModel:
         if config.fault_injection:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
+        self._options, self._device = pipeline.options, pipeline.device
         self._fault_injection = config.fault_injection
         self._metrics = JobMetrics(args["model_instance_name"], pipeline.device)
         self._jobs = JobQueue(
@@ -182,8 +183,14 @@ class TritonPythonModel:
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
         job = Job(job_id, parse_request(_input_image(request), parameters), sender, fault)
+        # The job's overrides of this instance's options, refused now rather than when it runs.
+        self._options.for_job(job.request.engine, device_type=self._device.type)
         if not self._jobs.submit(job):
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
     def finalize(self):
+        # Triton calls this only once every request has had its final response, so no job
+        # runs a decode here; the worker's clean-up after a job is joined. A job still
+        # running at the exit timeout never gets here: tritonserver exits and the launcher
+        # kills the stubs before reaping it (framepack_server/processes.py says why).
         self._jobs.close()
