@@ -17,7 +17,8 @@ import pytest
 from conftest import FAST_SETTINGS
 
 from client import stream
-from client.cli import load_image, main
+from client.cli import main
+from client.images import load_image
 from client.video import FrameAssembler
 from client.webui_job import StopSignals, progress_text, run_job
 from framepack_backend.presets import PRESETS
@@ -83,7 +84,8 @@ def test_the_video_so_far_is_the_run_of_frames_received():
 @pytest.mark.slow
 def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
     (port,) = free_ports(1)
-    updates = list(run_job(f"127.0.0.1:{port}", WireRequest(load_image(SAMPLE), "x", {}), tmp_path, lambda: False))
+    job = WireRequest(load_image(SAMPLE).pixels, "x", {})
+    updates = list(run_job(f"127.0.0.1:{port}", job, tmp_path, lambda: False))
     assert updates[-1].status.startswith(f"Error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}")
     assert updates[-1].final is None and list(tmp_path.iterdir()) == []
 
