@@ -190,19 +190,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_ui(args: argparse.Namespace) -> int:
     try:
-        from .webui import serve  # gradio is an optional extra
-    except ImportError as e:
-        print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
         server = endpoint(args)
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # Before anything slow (importing Gradio, asking the server): a URL is printed only
+    # once the page can be served there.
     problem = port_problem(args.host, args.port)
     if problem is not None:
         print(f"framepack: error: --host {args.host} --port {args.port}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        from .webui import serve  # gradio is an optional extra
+    except ImportError as e:
+        print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
+              file=sys.stderr)
         return EXIT_USAGE
     return serve(server, args.host, args.port, args.output_dir)
 
