@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import av
@@ -339,3 +341,35 @@ def test_ui_takes_the_same_tls_options_and_refuses_inconsistent_ones(tmp_path, c
     args = cli.build_parser().parse_args(["ui", "--ssl", "--root-certificates", str(ca), "--connect-timeout", "5"])
     endpoint = cli.endpoint(args)
     assert (endpoint.ssl, endpoint.root_certificates, endpoint.connect_timeout_s) == (True, ca, 5.0)
+
+
+UI_WITH_A_DESCRIBED_SERVER = """
+import sys
+from client import cli, stream
+from framepack_server.protocol import describe_response
+from framepack_wire import event_from_json
+stream.describe = lambda server: event_from_json(describe_response().event)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_framepack_ui_prints_its_url_once_it_serves_there(tmp_path):
+    pytest.importorskip("gradio")
+    (port,) = free_ports(1)
+    environment = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+    ui = subprocess.Popen(
+        [sys.executable, "-c", UI_WITH_A_DESCRIBED_SERVER, "ui", "--server", "127.0.0.1", "--port", str(port),
+         "--output-dir", str(tmp_path)],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**environment, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = ui.stderr.readline()
+        assert line.strip() == (
+            f"framepack: web UI for 127.0.0.1:8001 at http://127.0.0.1:{port}, videos under {tmp_path}"
+        )
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "FramePack" in page
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(30)
