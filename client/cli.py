@@ -273,7 +273,7 @@ def _shown(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[Path, stream.Final]:
+def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[SavedFile, stream.Final]:
     assembler = FrameAssembler()
     final = None
     bar = None
