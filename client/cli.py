@@ -1,33 +1,45 @@
 """`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
 
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+    framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
 Only the settings given on the command line are sent; the server applies its defaults,
 validates everything and reports the values it used. A bad value comes back as one line
 naming the setting and what is allowed. `--crf` (the MP4's quality) is the client's own
 option: it is checked and used here, never sent.
+
+Before a job is sent, the start image is read as the server wants it (client/images.py:
+upright, 8-bit RGB, opaque, within the server's pixel limit) and the output paths are
+checked (client/outputs.py); a video that cannot be written at the end goes to a
+fallback file, and the message says where.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import signal
+import socket
 import sys
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from framepack_wire import WireRequest
 
 from . import stream
-from .connection import Endpoint
+from .connection import DEFAULT_GRPC_PORT, Endpoint
+from .images import load_image
+from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 
-DEFAULT_SERVER = "localhost:8001"
-EXIT_SERVER_ERROR = 1
+DEFAULT_SERVER = f"localhost:{DEFAULT_GRPC_PORT}"
+SERVER_HELP = f"gRPC address HOST[:PORT] (default %(default)s; port {DEFAULT_GRPC_PORT} when none is given)"
+EXIT_SERVER_ERROR = 1  # also: the video could not be written where asked (it is in a fallback file)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -66,21 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", type=Path, required=True, help="start image (PNG, JPEG, ...)")
     generate.add_argument("--prompt", required=True, help="what should happen in the video")
     generate.add_argument("--output", type=Path, required=True, help="MP4 to write (replaced atomically)")
-    generate.add_argument("--server", default=DEFAULT_SERVER, help="gRPC address HOST:PORT (default %(default)s)")
+    generate.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
     generate.add_argument("--save-sections", type=Path, metavar="DIR", help="save each section as an MP4 clip")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     add_connection_options(generate)
-    settings = generate.add_argument_group("settings", "omitted settings take the server's defaults")
+    settings = generate.add_argument_group(
+        "settings",
+        "omitted settings take the server's defaults; `framepack settings --server HOST[:PORT]` lists each "
+        "setting's default and allowed values, as that server checks them",
+    )
     for name, text in SETTINGS.items():
         settings.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", metavar="VALUE", help=text)
     settings.add_argument("--crf", metavar="VALUE",
                           help=f"{CRF_SPEC['doc']}, {CRF_SPEC['low']}..{CRF_SPEC['high']} (default {CRF_DEFAULT}; "
                           "applied by this client)")
+    described = commands.add_parser("settings", help="list the server's settings: defaults, ranges, choices")
+    described.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
+    add_connection_options(described)
     ui = commands.add_parser("ui", help="serve the web UI (needs the 'ui' extra: gradio)")
-    ui.add_argument("--server", default=DEFAULT_SERVER, help="gRPC address HOST:PORT (default %(default)s)")
+    ui.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
-    ui.add_argument("--port", type=int, default=7860, help="port of the web UI (default %(default)s)")
+    ui.add_argument("--port", type=tcp_port, default=7860, help="port of the web UI (default %(default)s)")
     ui.add_argument("--output-dir", type=Path, metavar="DIR", help="where MP4s go (default: a temporary folder)")
     add_connection_options(ui)
     return parser
@@ -92,8 +111,30 @@ def add_connection_options(command: argparse.ArgumentParser) -> None:
     connection.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA of the server's certificate")
     connection.add_argument("--private-key", type=Path, metavar="PEM", help="client key, if the server asks for one")
     connection.add_argument("--certificate-chain", type=Path, metavar="PEM", help="client certificate chain")
-    connection.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
+    connection.add_argument("--connect-timeout", type=positive_seconds, default=30.0, metavar="S",
                             help="wait this long for a (re)starting server (default %(default)s)")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: expected a number of seconds > 0")
+    return value
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: expected a port in [1, 65535]")
+    return value
 
 
 def endpoint(args: argparse.Namespace) -> Endpoint:
@@ -108,20 +149,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "ui":
         return run_ui(args)
+    if args.command == "settings":
+        return run_settings(args)
     # SIGTERM cancels like Ctrl-C: the job stops on the server and no MP4 is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        image = load_image(args.image)
         args.endpoint = endpoint(args)
         crf = CRF_DEFAULT if args.crf is None else parse_crf(args.crf)
+        check_output_paths(args.output, args.save_sections, args.save_previews)
+        loaded = load_image(args.image, label="--image")
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if loaded.message:
+        print(f"framepack: {loaded.message}", file=sys.stderr)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
-    request = WireRequest(image, args.prompt, {name: value for name, value in settings.items() if value is not None})
+    request = WireRequest(loaded.pixels, args.prompt,
+                          {name: value for name, value in settings.items() if value is not None})
     try:
-        path, final = run_generate(args, request, crf)
+        saved, final = run_generate(args, request, crf)
     except stream.ServerError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except VideoWriteError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_SERVER_ERROR
     except KeyboardInterrupt:
@@ -132,36 +182,98 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {final.seed}, {final.timings.get('total_s', 0.0):.1f} s on the server",
         file=sys.stderr,
     )
-    print(path)
-    return 0
+    if saved.fell_back:
+        print(f"framepack: error: {saved.message}", file=sys.stderr)
+    print(saved.path)
+    return EXIT_SERVER_ERROR if saved.fell_back else 0
 
 
 def run_ui(args: argparse.Namespace) -> int:
+    try:
+        server = endpoint(args)
+    except ValueError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    # Before anything slow (importing Gradio, asking the server): a URL is printed only
+    # once the page can be served there.
+    problem = port_problem(args.host, args.port)
+    if problem is not None:
+        print(f"framepack: error: --host {args.host} --port {args.port}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         from .webui import serve  # gradio is an optional extra
     except ImportError as e:
         print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
               file=sys.stderr)
         return EXIT_USAGE
-    try:
-        server = endpoint(args)
-    except ValueError as e:
-        print(f"framepack: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     return serve(server, args.host, args.port, args.output_dir)
 
 
-def load_image(path: Path) -> np.ndarray:
+def port_problem(host: str, port: int) -> str | None:
+    """Why the web UI could not listen on host:port (in use, not an address of this
+    machine, not allowed), or None when it can; checked by binding it for a moment."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise ValueError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot resolve the host ({e.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn does, so a port left in TIME_WAIT by a previous run counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "the port is in use; choose another with --port"
+            return f"cannot listen there ({e.strerror or e})"
+    return None
 
 
-def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[Path, stream.Final]:
+def run_settings(args: argparse.Namespace) -> int:
+    """Print the server's settings (its describe answer) as a table."""
+    try:
+        description = stream.describe(endpoint(args))
+    except ValueError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except stream.ServerError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    print(settings_table(description.settings, description.presets))
+    return 0
+
+
+def settings_table(specs: dict[str, dict], presets: dict[str, dict]) -> str:
+    """One row per setting (the option, its default, what is allowed, what it does), then the
+    presets; the client's own --crf is listed too."""
+    rows = [("option", "default", "allowed", "meaning")]
+    for name, spec in {**specs, "crf": CRF_SPEC}.items():
+        if spec["choices"]:
+            allowed = ", ".join(str(choice) for choice in spec["choices"] if choice != "")
+        elif spec["low"] is not None:
+            allowed = f"{spec['type']} in [{spec['low']}, {spec['high']}]"
+        elif spec["type"] == "bool":
+            allowed = "on, off"
+        else:
+            allowed = spec["type"]
+        rows.append((f"--{name.replace('_', '-')}", _shown(spec["default"]), allowed, spec["doc"]))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    if presets:
+        lines += ["", "presets (--preset NAME sets these; settings given on the command line win):"]
+        for name, values in presets.items():
+            lines.append(f"  {name}: " + ", ".join(f"{key}={_shown(value)}" for key, value in values.items()))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _shown(value: object) -> str:
+    """A value as the command line takes it: on/off for booleans, nothing for none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None else str(value)
+
+
+def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[SavedFile, stream.Final]:
     assembler = FrameAssembler()
     final = None
     bar = None
@@ -177,8 +289,7 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
             elif isinstance(event, stream.Section):
                 assembler.add(event.start_frame, event.frames, event.total_frames)
                 if args.save_sections is not None:
-                    clip = args.save_sections / f"section_{event.section:02d}.mp4"
-                    write_mp4(clip, event.frames, event.fps, crf)
+                    save_section(args.save_sections, event, crf)
             elif isinstance(event, stream.Final):
                 final = event
     finally:
@@ -189,13 +300,34 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    return write_mp4(args.output, video, final.fps, crf), final
+    return write_video_safely(args.output, video, final.fps, crf, write_mp4), final
 
 
-def save_preview(folder: Path, event: stream.Progress) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def save_section(folder: Path, event: stream.Section, crf: int) -> SavedFile:
+    """The section as an MP4 clip in `folder`; in a fallback file, with a message, when
+    that cannot be written (VideoWriteError when nothing could be)."""
+    clip = folder / f"section_{event.section:02d}.mp4"
+    saved = write_video_safely(clip, event.frames, event.fps, crf, write_mp4)
+    _tell(saved)
+    return saved
+
+
+def save_preview(folder: Path, event: stream.Progress) -> SavedFile:
+    """The step's preview as a PNG in `folder`, as save_section."""
     path = folder / f"preview_s{event.section:02d}_{event.step:03d}.png"
-    Image.fromarray(event.preview).save(path)
+    saved = write_file_safely(path, partial(_write_png, event.preview), what="preview")
+    _tell(saved)
+    return saved
+
+
+def _write_png(pixels, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def _tell(saved: SavedFile) -> None:
+    if saved.fell_back:
+        tqdm.write(f"framepack: warning: {saved.message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

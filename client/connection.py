@@ -9,16 +9,19 @@ is the caller's decision.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from framepack_wire import MODEL_NAME
 
+# Triton's gRPC port. An address without a port would otherwise go to gRPC's own default, 443.
+DEFAULT_GRPC_PORT = 8001
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 4.0
 # One readiness question; a server that accepts the connection but never answers counts
@@ -32,7 +35,8 @@ class Unreachable(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A FramePack server's gRPC address; TLS when `ssl` (the files are PEM)."""
+    """A FramePack server's gRPC address (HOST or HOST:PORT, port 8001 when none is given);
+    TLS when `ssl` (the files are PEM)."""
 
     address: str
     ssl: bool = False
@@ -42,6 +46,12 @@ class Endpoint:
     connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "address", with_default_port(self.address))
+        timeout = self.connect_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0
+        ):
+            raise ValueError(f"connect timeout {timeout!r} is not allowed: expected a number of seconds > 0")
         files = {"root_certificates": self.root_certificates, "private_key": self.private_key,
                  "certificate_chain": self.certificate_chain}
         given = {name: path for name, path in files.items() if path is not None}
@@ -63,6 +73,20 @@ class Endpoint:
         )
 
 
+def with_default_port(address: str) -> str:
+    """`address` with DEFAULT_GRPC_PORT added when it names only a host: "gpu-box" ->
+    "gpu-box:8001", "::1" or "[::1]" -> "[::1]:8001". gRPC target URIs (unix:, dns:///, ...)
+    are left as they are."""
+    address = address.strip()
+    if not address or "/" in address or address.startswith("unix:"):
+        return address
+    if address.startswith("["):  # [IPv6] or [IPv6]:port
+        return address if "]:" in address else f"{address}:{DEFAULT_GRPC_PORT}"
+    if address.count(":") > 1:  # a bare IPv6 address
+        return f"[{address}]:{DEFAULT_GRPC_PORT}"
+    return address if ":" in address else f"{address}:{DEFAULT_GRPC_PORT}"
+
+
 def as_endpoint(server: str | Endpoint) -> Endpoint:
     return server if isinstance(server, Endpoint) else Endpoint(server)
 
@@ -74,6 +98,30 @@ def ready_client(
 
     Raises Unreachable naming the address, the attempts and the last answer.
     """
+    attempts = connect_attempts(endpoint, sleep)
+    while True:
+        try:
+            next(attempts)
+        except StopIteration as done:
+            return done.value
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """One connection attempt that found no ready server; another follows after `retry_in_s`."""
+
+    problem: str  # the server's answer, or why there was none
+    waited_s: float  # since the first attempt
+    retry_in_s: float
+    left_s: float  # of the connect timeout
+
+
+def connect_attempts(
+    endpoint: Endpoint, sleep: Callable[[float], None] = time.sleep
+) -> Generator[FailedAttempt, None, grpcclient.InferenceServerClient]:
+    """`ready_client` step by step: yields each failed attempt before waiting for the next,
+    so a front end can show the problem at once; returns the ready client (the generator's
+    value) or raises Unreachable once the connect timeout is spent."""
     started = time.monotonic()
     delay = FIRST_RETRY_S
     attempts = 0
@@ -91,6 +139,7 @@ def ready_client(
         if waited + delay > endpoint.connect_timeout_s:
             tries = f"{attempts} attempt{'s' if attempts > 1 else ''} over {waited:.1f} s"
             raise Unreachable(f"cannot reach the server at {endpoint.address} ({tries}): {problem}")
+        yield FailedAttempt(problem, waited, delay, endpoint.connect_timeout_s - waited)
         sleep(delay)
         delay = min(2 * delay, MAX_RETRY_S)
 

@@ -1,6 +1,6 @@
 """Start images as the server wants them: upright, 8-bit RGB, opaque, within its pixel limit.
 
-    loaded = load_image("IMG_2041.jpg", max_pixels=SERVER_MAX_IMAGE_PIXELS)
+    loaded = load_image("IMG_2041.jpg", max_pixels=MAX_IMAGE_PIXELS)
     loaded.pixels        # uint8 H×W×3 RGB
     loaded.message       # one line saying what was done to the photo, or "" when nothing was
 
@@ -40,9 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Mirrors the server's limit on the start image (framepack_backend/settings.py:
-# MAX_IMAGE_PIXELS = 4096 * 4096); to be replaced by the shared wire module's constant.
-SERVER_MAX_IMAGE_PIXELS = 4096 * 4096
+from framepack_wire import MAX_IMAGE_PIXELS
 
 WHITE = (255, 255, 255)
 
@@ -101,7 +99,7 @@ class LoadedImage:
 
 def load_image(
     path: Path | str,
-    max_pixels: int = SERVER_MAX_IMAGE_PIXELS,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     *,
     background: tuple[int, int, int] = WHITE,
     label: str | None = None,
@@ -159,7 +157,7 @@ def load_image(
 
 def prepare_array(
     array: np.ndarray,
-    max_pixels: int = SERVER_MAX_IMAGE_PIXELS,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     *,
     background: tuple[int, int, int] = WHITE,
     source: str = "image",

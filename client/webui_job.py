@@ -16,7 +16,7 @@ import numpy as np
 from framepack_wire import WireRequest
 
 from . import stream
-from .connection import Endpoint, as_endpoint
+from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
 from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
@@ -65,10 +65,37 @@ def run_job(
     crf: int = CRF_DEFAULT,
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
-    ended (never raises ServerError)."""
-    yield JobUpdate(f"Sent to {as_endpoint(server).address}; waiting for the first step…")
+    ended (never raises ServerError).
+
+    Connecting comes first, on its own: a server that does not answer is shown at once,
+    with the retries left, instead of a job that seems to wait for its first step. Each
+    section's MP4 of the video so far replaces the previous one, which is deleted once the
+    page shows the new one; the finished MP4 replaces the last.
+    """
+    endpoint = as_endpoint(server)
+    yield JobUpdate(f"Connecting to {endpoint.address}…")
+    attempts = connect_attempts(endpoint)
+    try:
+        while True:
+            try:
+                failed = next(attempts)
+            except StopIteration as ready:
+                ready.value.close()
+                break
+            if stop_requested():
+                yield JobUpdate("Cancelled before the job was sent; no video was written.")
+                return
+            yield JobUpdate(
+                f"Cannot reach the server at {endpoint.address} ({failed.problem}); "
+                f"retrying for up to {failed.left_s:.0f} s…"
+            )
+    except Unreachable as e:
+        yield JobUpdate(f"Error: {stream.ServerError('UNAVAILABLE', str(e))}")
+        return
+    yield JobUpdate(f"Sent to {endpoint.address}; waiting for the first step…")
     assembler = FrameAssembler()
     final = None
+    shown: Path | None = None  # the partial MP4 on the page
     try:
         for event in stream.generate(server, request, cancel=stop_requested):
             if isinstance(event, stream.Progress):
@@ -80,6 +107,8 @@ def run_job(
                     folder / f"partial_{event.section:02d}.mp4", assembler.received(), event.fps, crf
                 )
                 yield JobUpdate(section_text(event, len(assembler.received())), video=partial)
+                _discard(shown)
+                shown = partial
             elif isinstance(event, stream.Final):
                 final = event
         if final is None:
@@ -99,6 +128,13 @@ def run_job(
         return
     path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf)
     yield JobUpdate(done_text(final), video=path, final=path)
+    _discard(shown)
+
+
+def _discard(partial: Path | None) -> None:
+    """Delete a superseded partial MP4 (the frames are in the next one)."""
+    if partial is not None:
+        partial.unlink(missing_ok=True)
 
 
 def progress_text(event: stream.Progress) -> str:

@@ -23,16 +23,9 @@ from typing import Mapping
 
 import numpy as np
 
-from framepack_wire import PROMPT_PARAMETER
+from framepack_wire import MAX_IMAGE_ASPECT, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, PROMPT_PARAMETER
 
 from .settings import EngineOverrides, SamplingSettings, SettingsError, split_settings, validate_prompt
-
-MAX_IMAGE_PIXELS = 4096 * 4096
-MIN_IMAGE_SIDE = 16
-# The image is scaled to cover its bucket (aspect ratios up to about 2.4), so a thin
-# strip is upscaled along its long side too: 16×1048576 pixels would become a
-# 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
-MAX_IMAGE_ASPECT = 16
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,7 +1,7 @@
 """The wire contract of the `framepack` Triton model, imported by the server and the client.
 
 Torch-free and engine-free (numpy and the standard library only), so the thin client can
-import it. It names the model, its tensors and request parameters (`contract.py`), the
+import it. It names the model, its tensors and request parameters and the start image's limits (`contract.py`), the
 status words that start an error message (`contract.py`), the JSON metadata of each
 streamed event (`events.py`) and the client's request value (`request.py`). The
 protocol itself is described in framepack_server/protocol.py.
@@ -12,6 +12,9 @@ from .contract import (
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
     IMAGE_INPUT,
+    MAX_IMAGE_ASPECT,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
     MODEL_NAME,
     PREVIEW_OUTPUT,
     PROMPT_PARAMETER,
@@ -23,7 +26,8 @@ from .events import DescribeMeta, EventKind, EventMeta, FinalMeta, ProgressMeta,
 from .request import WireRequest
 
 __all__ = [
-    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
     "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "ProgressMeta", "SectionMeta", "event_from_json",
     "WireRequest",

@@ -1,4 +1,5 @@
-"""Names both sides must agree on: the model, its tensors, its request parameters, status words."""
+"""Names both sides must agree on: the model, its tensors, its request parameters, the start
+image's limits, status words."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
 PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
 PROMPT_PARAMETER = "prompt"
 DESCRIBE_PARAMETER = "describe"
+
+# The start image the server accepts (checked in framepack_backend/request.py); the client
+# downscales a larger photo to MAX_IMAGE_PIXELS before sending it (client/images.py).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MIN_IMAGE_SIDE = 16
+# The image is scaled to cover its bucket (aspect ratios up to about 2.4), so a thin
+# strip is upscaled along its long side too: 16×1048576 pixels would become a
+# 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
+MAX_IMAGE_ASPECT = 16
 
 
 class Status(str, Enum):

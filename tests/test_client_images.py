@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 from client.images import (
-    SERVER_MAX_IMAGE_PIXELS,
     ImageLoadError,
     LoadedImage,
     fit_size,
     load_image,
     prepare_array,
 )
+from framepack_wire import MAX_IMAGE_PIXELS
 
 RED = (255, 0, 0)
 
@@ -195,9 +195,9 @@ def test_cmyk_and_other_modes(tmp_path):
 def test_a_5000_square_photo_is_downscaled_to_the_limit(tmp_path):
     path = tmp_path / "big.png"
     Image.new("RGB", (5000, 5000), (200, 100, 50)).save(path, compress_level=1)
-    loaded = load_image(path, max_pixels=SERVER_MAX_IMAGE_PIXELS)
+    loaded = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
     height, width = loaded.pixels.shape[:2]
-    assert width * height <= SERVER_MAX_IMAGE_PIXELS and (width, height) == (4096, 4096)
+    assert width * height <= MAX_IMAGE_PIXELS and (width, height) == (4096, 4096)
     assert loaded.downscaled_from == (5000, 5000) and loaded.downscaled_to == (4096, 4096)
     assert np.all(np.abs(loaded.pixels[::512, ::512].astype(int) - (200, 100, 50)) <= 1)
     assert "downscaled from 5000×5000 (25,000,000 pixels) to 4096×4096" in loaded.message

@@ -27,8 +27,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
 from client import stream
-from client.cli import load_image
 from client.connection import Endpoint
+from client.images import load_image
 from client.video import FrameAssembler
 from framepack_backend.buckets import bucket_for
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
@@ -45,7 +45,7 @@ QUEUED_JOBS = 4
 JOB_LIMIT_S = 8.0
 # One section of 37 frames at the smallest bucket: about 1.5 s on two CPU cores.
 FAST = {"resolution": 128, "steps": 2, "seconds": 0.5}
-GOOD_VIDEO_SHAPE = (37, *bucket_for(*load_image(SAMPLE).shape[:2], FAST["resolution"]), 3)
+GOOD_VIDEO_SHAPE = (37, *bucket_for(*load_image(SAMPLE).pixels.shape[:2], FAST["resolution"]), 3)
 MEMORY_LINE = re.compile(
     r"request (?P<id>.+?): (?P<outcome>[a-z ]+); memory after the job: tensors (?P<bytes>\d+) bytes in "
     r"(?P<tensors>\d+) tensors, RSS (?P<rss>[\d.]+) MiB, CUDA allocated (?P<cuda_allocated>[\d.]+) MiB, "
@@ -78,7 +78,7 @@ def server(tiny_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return load_image(SAMPLE)
+    return load_image(SAMPLE).pixels
 
 
 def generate(server, image, settings, prompt="a person waves", **options) -> list[stream.Event]:

@@ -18,7 +18,7 @@ import pytest
 from conftest import FAST_SETTINGS
 
 from client import stream
-from client.cli import load_image
+from client.images import load_image
 from framepack_backend.buckets import bucket_for
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 from framepack_server.instance import InstanceOverrides
@@ -60,7 +60,7 @@ def test_cli_writes_the_planned_mp4(triton_server, tmp_path):
     assert len(frames) == 36 * sections + 1
     assert video.average_rate == 30
     assert video.codec_context.name == "h264" and video.format.name == "yuv420p"
-    height, width = bucket_for(*load_image(SAMPLE).shape[:2], FAST_SETTINGS["resolution"])
+    height, width = bucket_for(*load_image(SAMPLE).pixels.shape[:2], FAST_SETTINGS["resolution"])
     assert (video.height, video.width) == (height, width)
     # Random weights make noise, but it must move: frames differ from each other.
     assert frames.std() > 5
@@ -71,7 +71,7 @@ def test_cli_writes_the_planned_mp4(triton_server, tmp_path):
 
 
 def test_responses_stream_before_the_final_one_and_other_requests_are_answered(triton_server):
-    image = load_image(SAMPLE)
+    image = load_image(SAMPLE).pixels
     arrivals: list[tuple[float, stream.Event]] = []
     refusal: dict[str, object] = {}
 
@@ -117,7 +117,7 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
 )
 def test_bad_settings_are_invalid_arguments_naming_the_field(triton_server, settings, field, allowed):
     with pytest.raises(stream.ServerError) as caught:
-        list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE), "x", settings)))
+        list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE).pixels, "x", settings)))
     assert caught.value.status == "INVALID_ARGUMENT"
     assert caught.value.message.startswith(f"{field}=")
     assert allowed in caught.value.message
@@ -175,7 +175,7 @@ def test_ctrl_c_cancels_the_job_writes_no_mp4_and_the_next_request_succeeds(trit
     assert steps_done < 4 * FAST_SETTINGS["steps"]  # stopped early, not run to the end
 
     next_job = {**FAST_SETTINGS, "seconds": 1}
-    events = list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE), "next", next_job)))
+    events = list(stream.generate(triton_server.grpc_address, WireRequest(load_image(SAMPLE).pixels, "next", next_job)))
     assert isinstance(events[-1], stream.Final) and events[-1].frame_count == 37
 
     # The server's metrics count the cancelled job and the one after it.
@@ -203,7 +203,7 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
 
     with server:
         events = stream.generate(server.grpc_address,
-                                 WireRequest(load_image(SAMPLE), "x", {**FAST_SETTINGS, "seconds": 10}))
+                                 WireRequest(load_image(SAMPLE).pixels, "x", {**FAST_SETTINGS, "seconds": 10}))
         assert isinstance(next(events), stream.Progress)
         reader = threading.Thread(target=keep_reading, args=(events,))
         reader.start()
@@ -227,11 +227,11 @@ def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
                           overrides=InstanceOverrides(sampling="f1"))
     with server:
         events = list(stream.generate(server.grpc_address,
-                                      WireRequest(load_image(SAMPLE), "f1", {**FAST_SETTINGS, "seconds": 2})))
+                                      WireRequest(load_image(SAMPLE).pixels, "f1", {**FAST_SETTINGS, "seconds": 2})))
         refused = None
         try:
             inverted = {**FAST_SETTINGS, "sampling": "inverted"}
-            list(stream.generate(server.grpc_address, WireRequest(load_image(SAMPLE), "x", inverted)))
+            list(stream.generate(server.grpc_address, WireRequest(load_image(SAMPLE).pixels, "x", inverted)))
         except stream.ServerError as e:
             refused = str(e)
     final = events[-1]

@@ -6,18 +6,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from conftest import FAST_SETTINGS
+from PIL import Image
 
 from client import stream
-from client.cli import load_image, main
+from client.cli import main
+from client.images import load_image
 from client.video import FrameAssembler
 from client.webui_job import StopSignals, progress_text, run_job
 from framepack_backend.presets import PRESETS
@@ -83,18 +88,47 @@ def test_the_video_so_far_is_the_run_of_frames_received():
 @pytest.mark.slow
 def test_a_server_that_is_down_gives_a_clear_message(tmp_path):
     (port,) = free_ports(1)
-    updates = list(run_job(f"127.0.0.1:{port}", WireRequest(load_image(SAMPLE), "x", {}), tmp_path, lambda: False))
+    job = WireRequest(load_image(SAMPLE).pixels, "x", {})
+    updates = list(run_job(f"127.0.0.1:{port}", job, tmp_path, lambda: False))
     assert updates[-1].status.startswith(f"Error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}")
     assert updates[-1].final is None and list(tmp_path.iterdir()) == []
+
+
+def test_a_job_shows_a_server_that_is_down_at_once(tmp_path):
+    (port,) = free_ports(1)
+    job = WireRequest(load_image(SAMPLE).pixels, "x", {})
+    started = time.monotonic()
+    updates = run_job(f"127.0.0.1:{port}", job, tmp_path, lambda: False)
+    assert next(updates).status == f"Connecting to 127.0.0.1:{port}…"
+    retrying = next(updates).status
+    assert time.monotonic() - started < 2  # not after the whole connect timeout
+    assert re.fullmatch(rf"Cannot reach the server at 127\.0\.0\.1:{port} \(.+\); retrying for up to \d+ s…",
+                        retrying), retrying
+    updates.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ui_refuses_a_busy_port_in_one_line_before_serving(capsys):
+    (server_port,) = free_ports(1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        code = main(["ui", "--server", f"127.0.0.1:{server_port}", "--port", str(port)])
+    assert code == 2 and time.monotonic() - started < 2  # before asking any server
+    assert capsys.readouterr().err.splitlines() == [
+        f"framepack: error: --host 127.0.0.1 --port {port}: the port is in use; choose another with --port"
+    ]
 
 
 @pytest.mark.slow
 def test_framepack_ui_exits_with_the_error_when_the_server_is_down(capsys):
     pytest.importorskip("gradio")
-    (port,) = free_ports(1)
-    assert main(["ui", "--server", f"127.0.0.1:{port}", "--port", "1"]) == 1
+    server_port, ui_port = free_ports(2)
+    assert main(["ui", "--server", f"127.0.0.1:{server_port}", "--port", str(ui_port)]) == 1
     assert capsys.readouterr().err.startswith(
-        f"framepack: error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{port}"
+        f"framepack: error: UNAVAILABLE: cannot reach the server at 127.0.0.1:{server_port}"
     )
 
 
@@ -124,12 +158,20 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def web_ui(triton_server, tmp_path_factory) -> str:
-    """The page for the test server, served on a free port; its URL."""
-    pytest.importorskip("gradio")
-    from client.webui import build_app
+def webui_output_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("webui")
 
-    output_dir = tmp_path_factory.mktemp("webui")
+
+@pytest.fixture(scope="module")
+def web_ui(triton_server, webui_output_dir) -> str:
+    """The page for the test server, served on a free port as `framepack ui` serves it; its URL."""
+    pytest.importorskip("gradio")
+    from client.webui import build_app, use_as_gradio_cache
+
+    output_dir = webui_output_dir
+    cache_before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ.pop("GRADIO_TEMP_DIR", None)
+    use_as_gradio_cache(output_dir)
     app = build_app(triton_server.grpc_address, stream.describe(triton_server.grpc_address), output_dir)
     (port,) = free_ports(1)
     app.queue().launch(
@@ -138,6 +180,9 @@ def web_ui(triton_server, tmp_path_factory) -> str:
     )
     yield f"http://127.0.0.1:{port}/"
     app.close()
+    os.environ.pop("GRADIO_TEMP_DIR", None)
+    if cache_before is not None:
+        os.environ["GRADIO_TEMP_DIR"] = cache_before
 
 
 @pytest.fixture
@@ -183,11 +228,22 @@ def test_dance_preset_fills_the_settings(page):
     assert float(field(page, "Distilled guidance (gs)").input_value()) == dance.gs
     assert field(page, "TeaCache").is_checked() is dance.teacache
     assert field(page, "Flow preset").input_value() == dance.flow_preset
+    page.get_by_role("button", name="Advanced").click()  # folded: its fields are made when opened
     assert float(field(page, "GPU memory preservation (GB)").input_value()) == dance.gpu_memory_preservation
 
 
 @pytest.mark.server
-def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path):
+def test_start_is_above_the_fold_and_the_advanced_settings_are_folded(page):
+    start = page.get_by_role("button", name="Start").bounding_box()
+    assert start["y"] + start["height"] <= page.viewport_size["height"]
+    assert field(page, "Steps").is_visible()
+    assert not field(page, "Attention backend").is_visible()
+    page.get_by_role("button", name="Advanced").click()
+    field(page, "Attention backend").wait_for(state="visible")
+
+
+@pytest.mark.server
+def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path, webui_output_dir):
     field(page, "Prompt").fill("The person dances gracefully, with clear movements, full of charm.")
     set_fields(page, {"Video length (seconds)": 2, "Steps": FAST_SETTINGS["steps"],
                       "Resolution": FAST_SETTINGS["resolution"]})
@@ -215,10 +271,37 @@ def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path)
     assert len(frames) == 73  # 2 s → 2 sections of 36 frames + the start frame
     assert np.stack(frames).std() > 5  # the random model paints moving noise, not a blank
 
+    # Each section's partial MP4 was deleted once the next one showed; Gradio copied none.
+    finals = sorted(webui_output_dir.rglob("*.mp4"))
+    assert finals and all(path.name == "framepack_seed31337.mp4" for path in finals), finals
+
     page.screenshot(path=tmp_path / "webui.png", full_page=True)
     assert (tmp_path / "webui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("FRAMEPACK_UPDATE_SCREENSHOT"):  # refresh the README's picture
         shutil.copyfile(tmp_path / "webui.png", SCREENSHOT)
+
+
+@pytest.mark.server
+def test_an_uploaded_phone_photo_is_turned_upright_and_the_status_says_so(page, tmp_path, webui_output_dir):
+    stored = np.zeros((96, 192, 3), np.uint8)  # landscape as stored; portrait once turned
+    stored[:, :96] = (220, 40, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "IMG_2041.jpg"
+    Image.fromarray(stored).save(photo, quality=95, exif=exif.tobytes())
+    page.locator("input[type=file]").first.set_input_files(photo)
+    time.sleep(1)  # the upload replaces the sample image
+    set_fields(page, {"Video length (seconds)": 1, "Steps": 1, "Resolution": FAST_SETTINGS["resolution"]})
+    before = set(webui_output_dir.rglob("*.mp4"))
+    page.get_by_role("button", name="Start").click()
+    done = wait_for_status(page, "Done")
+    assert done.splitlines()[1] == (
+        "Start image IMG_2041.jpg: turned upright (rotated 90° clockwise) per its EXIF orientation 6."
+    )
+    [video] = set(webui_output_dir.rglob("*.mp4")) - before
+    with av.open(str(video)) as container:
+        stream_info = container.streams.video[0]
+        assert stream_info.height > stream_info.width  # portrait, as the photo is shown
 
 
 @pytest.mark.server
@@ -258,3 +341,35 @@ def test_ui_takes_the_same_tls_options_and_refuses_inconsistent_ones(tmp_path, c
     args = cli.build_parser().parse_args(["ui", "--ssl", "--root-certificates", str(ca), "--connect-timeout", "5"])
     endpoint = cli.endpoint(args)
     assert (endpoint.ssl, endpoint.root_certificates, endpoint.connect_timeout_s) == (True, ca, 5.0)
+
+
+UI_WITH_A_DESCRIBED_SERVER = """
+import sys
+from client import cli, stream
+from framepack_server.protocol import describe_response
+from framepack_wire import event_from_json
+stream.describe = lambda server: event_from_json(describe_response().event)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_framepack_ui_prints_its_url_once_it_serves_there(tmp_path):
+    pytest.importorskip("gradio")
+    (port,) = free_ports(1)
+    environment = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+    ui = subprocess.Popen(
+        [sys.executable, "-c", UI_WITH_A_DESCRIBED_SERVER, "ui", "--server", "127.0.0.1", "--port", str(port),
+         "--output-dir", str(tmp_path)],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**environment, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = ui.stderr.readline()
+        assert line.strip() == (
+            f"framepack: web UI for 127.0.0.1:8001 at http://127.0.0.1:{port}, videos under {tmp_path}"
+        )
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "FramePack" in page
+    finally:
+        ui.send_signal(signal.SIGINT)
+        ui.wait(30)
