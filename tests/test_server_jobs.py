@@ -279,7 +279,8 @@ def test_every_invalid_argument_refusal_is_counted_as_an_invalid_job():
             break
         threading.Event().wait(0.05)
     jobs.close()
-    assert refused_on_arrival.failures == [(Status.INVALID_ARGUMENT, "steps=0 is not allowed: expected int in [1, 100]")]
+    assert refused_on_arrival.failures == [
+        (Status.INVALID_ARGUMENT, "steps=0 is not allowed: expected int in [1, 100]")]
     assert refused_in_job.failures[0][0] is Status.INVALID_ARGUMENT
     assert seen == [Outcome.INVALID, Outcome.INVALID]
 

@@ -18,8 +18,8 @@ from conftest import FAST_SETTINGS
 
 from client import stream
 from client.cli import load_image, main
-from client.video import FrameAssembler
 from client.progress import JobClock, plan_text, queued_text
+from client.video import FrameAssembler
 from client.webui_job import StopSignals, progress_text, run_job
 from framepack_backend.presets import PRESETS
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
