@@ -189,7 +189,8 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
                     bar.update(1)
                     if args.save_previews is not None and event.preview is not None:
                         save_preview(args.save_previews, event)
-                bar.set_description(job_clock.phase_text(), refresh=False)
+                phase = job_clock.phase_text()
+                bar.set_description(phase[:1].lower() + phase[1:], refresh=False)
                 eta = job_clock.eta_text()
                 bar.set_postfix_str(eta, refresh=False)
                 bar.refresh()

@@ -203,5 +203,5 @@ def test_the_cli_prints_the_planned_video_before_sampling_and_names_the_phase(tm
     assert lines[:2] == ["framepack: queued on the server (next in line), waiting for 0:00",
                          "framepack: video: 37 frames = 1.23 s (1 section of 9 latent frames) at 144×112"]
     err = capsys.readouterr().err
-    assert "Section 1/1 · step 2/2" in err and "Section 1/1 · decoding" in err and "ETA" in err
+    assert "section 1/1 · step 2/2" in err and "section 1/1 · decoding" in err and "ETA" in err
     assert output.exists() and "framepack: 37 frames, 144×112 at 30 fps" in err
