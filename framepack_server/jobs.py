@@ -241,10 +241,12 @@ class JobQueue:
         busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
         with self._lock:
             recent, running_since = list(self._recent_s), self._running_since
-        if not recent or running_since is None:
+        if not recent:
             return f"{busy}; retry later"
         mean = sum(recent) / len(recent)
-        left = max(math.ceil(mean - (time.perf_counter() - running_since)), 1)
+        # No job running: the worker is taking the next one up, which frees a slot at once.
+        ran = mean if running_since is None else time.perf_counter() - running_since
+        left = max(math.ceil(mean - ran), 1)
         jobs = "the last job" if len(recent) == 1 else f"the last {len(recent)} jobs"
         return f"{busy}; retry in about {left} s (an estimate from how long {jobs} ran)"
 
