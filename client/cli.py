@@ -35,6 +35,7 @@ from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
 from .images import load_image
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
+from .progress import JobClock, plan_text, queued_text
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_GRPC_PORT}"
@@ -277,15 +278,34 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
     assembler = FrameAssembler()
     final = None
     bar = None
+    job_clock = JobClock()
+    queued_position = None
     try:
         for event in stream.generate(args.endpoint, request):
-            if isinstance(event, stream.Progress):
+            job_clock.update(event)
+            if isinstance(event, stream.Queued):
+                if event.position != queued_position and not args.quiet:
+                    print(f"framepack: {queued_text(event)[:1].lower()}{queued_text(event)[1:]}", file=sys.stderr)
+                queued_position = event.position
+            elif isinstance(event, stream.Plan):
+                if not args.quiet:
+                    print(f"framepack: {plan_text(event)}", file=sys.stderr)
+            elif isinstance(event, (stream.Phase, stream.Progress)):
                 if bar is None:
-                    bar = tqdm(total=event.sections * event.steps, unit="step", disable=args.quiet, file=sys.stderr)
-                bar.set_description(f"section {event.section}/{event.sections}")
-                bar.update(1)
-                if args.save_previews is not None and event.preview is not None:
-                    save_preview(args.save_previews, event)
+                    # tqdm's own remaining time knows only steps; the postfix's ETA counts decodes too.
+                    bar = tqdm(unit="step", disable=args.quiet, file=sys.stderr,
+                               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+                if isinstance(event, stream.Progress):
+                    if bar.total is None:
+                        bar.total = event.sections * event.steps
+                    bar.update(1)
+                    if args.save_previews is not None and event.preview is not None:
+                        save_preview(args.save_previews, event)
+                phase = job_clock.phase_text()
+                bar.set_description(phase[:1].lower() + phase[1:], refresh=False)
+                eta = job_clock.eta_text()
+                bar.set_postfix_str(eta, refresh=False)
+                bar.refresh()
             elif isinstance(event, stream.Section):
                 assembler.add(event.start_frame, event.frames, event.total_frames)
                 if args.save_sections is not None:

@@ -4,7 +4,9 @@ The wire protocol (names and event metadata in framepack_wire, which the server 
 too; described in framepack_server/protocol.py): input `image` UINT8 H×W×3; `prompt` and
 settings as request parameters (a `WireRequest`); every response carries `event` (JSON
 bytes) and, for progress and section events, `preview` or `frames`. Errors arrive as one
-message `STATUS: text` (the stream carries no status code).
+message `STATUS: text` (the stream carries no status code). Events of a kind this client
+does not know (from a newer server) are skipped; older servers send no `queued`, `plan`
+or `phase` events.
 `server` is an address `HOST:PORT` or a `connection.Endpoint` (TLS, connect timeout);
 connecting waits for a (re)starting server with backoff (connection.py).
 A request with the parameter `describe` (and no image) is answered by one `describe`
@@ -32,9 +34,13 @@ from framepack_wire import (
     PREVIEW_OUTPUT,
     DescribeMeta,
     FinalMeta,
+    PhaseMeta,
+    PlanMeta,
     ProgressMeta,
+    QueuedMeta,
     SectionMeta,
     Status,
+    UnknownEventKind,
     WireRequest,
     event_from_json,
     parse_error_message,
@@ -52,6 +58,41 @@ TRITON_INPUT_ERROR = re.compile(r"input.*for model '|model '[^']*' expects")
 TRITON_STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
 # How often the waiting loop wakes up, so Ctrl-C and `cancel` are handled promptly.
 POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The job waits on the server: `position` jobs run or wait before it (1: it is next)."""
+
+    position: int
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The video the job will make (whole sections, so often longer than the seconds asked for)."""
+
+    sections: int
+    window: int  # latent frames per section
+    latent_frames: int
+    frame_count: int
+    fps: int
+    width: int
+    height: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frame_count / self.fps
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase begins: "text", "image" (section 0), then "sampling" and "decode" of each section."""
+
+    phase: str
+    section: int
+    sections: int
+    elapsed_s: float
 
 
 @dataclass(frozen=True)
@@ -85,7 +126,7 @@ class Final:
     timings: dict
 
 
-Event = Progress | Section | Final
+Event = Queued | Plan | Phase | Progress | Section | Final
 # What the server accepts: settings (name -> type, default, low, high, choices, doc),
 # presets (name -> the settings it sets) and flow_presets.
 Description = DescribeMeta
@@ -127,9 +168,12 @@ def _server_error(error: InferenceServerException, address: str) -> ServerError:
     return ServerError("UNKNOWN", text)
 
 
-def _parse(result) -> Event:
+def _parse(result) -> Event | None:
+    """The response's event; None for a kind this client does not know (skipped)."""
     try:
         return _parse_event(result)
+    except UnknownEventKind:
+        return None
     except (KeyError, TypeError, ValueError) as e:
         raise ServerError("UNKNOWN", f"unexpected response from the server ({type(e).__name__}: {e})") from None
 
@@ -142,6 +186,13 @@ def _parse_event(result) -> Event:
     """The event of one response; the metadata's numbers are checked by framepack_wire
     (integers only: they end up in file names, so they must not carry a path)."""
     meta = event_from_json(_event_meta(result))
+    if isinstance(meta, QueuedMeta):
+        return Queued(meta.position, meta.waited_s)
+    if isinstance(meta, PlanMeta):
+        return Plan(meta.sections, meta.window, meta.latent_frames, meta.frame_count, meta.fps, meta.width,
+                    meta.height)
+    if isinstance(meta, PhaseMeta):
+        return Phase(meta.phase, meta.section, meta.sections, meta.elapsed_s)
     if isinstance(meta, ProgressMeta):
         return Progress(meta.section, meta.sections, meta.step, meta.steps, meta.elapsed_s,
                         result.as_numpy(PREVIEW_OUTPUT))
@@ -170,7 +221,9 @@ def generate(
     image_input = grpcclient.InferInput(IMAGE_INPUT, list(image.shape), "UINT8")
     image_input.set_data_from_numpy(image)
     for result in _responses(server, [image_input], request.request_parameters(), request_id, cancel):
-        yield _parse(result)
+        event = _parse(result)
+        if event is not None:
+            yield event
 
 
 def describe(server: str | Endpoint) -> Description:

@@ -17,6 +17,7 @@ from framepack_wire import WireRequest
 
 from . import stream
 from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
+from .progress import JobClock, plan_text, queued_text
 from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
@@ -96,17 +97,27 @@ def run_job(
     assembler = FrameAssembler()
     final = None
     shown: Path | None = None  # the partial MP4 on the page
+    job_clock = JobClock()
+    plan = ""
     try:
         for event in stream.generate(server, request, cancel=stop_requested):
-            if isinstance(event, stream.Progress):
-                yield JobUpdate(progress_text(event), preview=event.preview)
+            job_clock.update(event)
+            if isinstance(event, stream.Queued):
+                yield JobUpdate(queued_text(event) + "…")
+            elif isinstance(event, stream.Plan):
+                plan = plan_text(event)
+                yield JobUpdate(f"Planned {plan}; starting…")
+            elif isinstance(event, stream.Phase):
+                yield JobUpdate(_with_plan(job_clock.text(), plan))
+            elif isinstance(event, stream.Progress):
+                yield JobUpdate(_with_plan(progress_text(event, job_clock), plan), preview=event.preview)
             elif isinstance(event, stream.Section):
                 assembler.add(event.start_frame, event.frames, event.total_frames)
                 # A new name each time: the browser and Gradio's cache treat it as a new video.
                 partial = write_mp4(
                     folder / f"partial_{event.section:02d}.mp4", assembler.received(), event.fps, crf
                 )
-                yield JobUpdate(section_text(event, len(assembler.received())), video=partial)
+                yield JobUpdate(section_text(event, len(assembler.received()), job_clock), video=partial)
                 _discard(shown)
                 shown = partial
             elif isinstance(event, stream.Final):
@@ -137,32 +148,31 @@ def _discard(partial: Path | None) -> None:
         partial.unlink(missing_ok=True)
 
 
-def progress_text(event: stream.Progress) -> str:
-    done = (event.section - 1) * event.steps + event.step
-    total = event.sections * event.steps
-    # The server's clock started with the job, so the rate includes encoding the inputs.
-    left = event.elapsed_s / done * (total - done)
-    return (
-        f"Section {event.section}/{event.sections} · step {event.step}/{event.steps} · "
-        f"{_clock(event.elapsed_s)} elapsed · ETA {_clock(left)}"
-    )
+def progress_text(event: stream.Progress, job_clock: JobClock | None = None) -> str:
+    """The status of a step: where the job is, the time elapsed on the server and the ETA
+    (steps and decodes left, see progress.JobClock; `job_clock` has seen the event)."""
+    if job_clock is None:
+        job_clock = JobClock()
+        job_clock.update(event)
+    return job_clock.text()
 
 
-def section_text(event: stream.Section, frames_so_far: int) -> str:
-    return (
+def section_text(event: stream.Section, frames_so_far: int, job_clock: JobClock | None = None) -> str:
+    text = (
         f"Section {event.section}/{event.sections} done · {frames_so_far} of {event.total_frames} frames "
         f"({frames_so_far / event.fps:.1f} s of video)"
     )
+    eta = job_clock.eta_text() if job_clock is not None and event.section < event.sections else ""
+    return f"{text} · {eta}" if eta else text
 
 
 def done_text(final: stream.Final) -> str:
     return (
-        f"Done: {final.frame_count} frames, {final.width}×{final.height} at {final.fps} fps, seed {final.seed}, "
-        f"{final.timings.get('total_s', 0.0):.1f} s on the server."
+        f"Done: {final.frame_count} frames = {final.frame_count / final.fps:.2f} s, {final.width}×{final.height} "
+        f"at {final.fps} fps, seed {final.seed}, {final.timings.get('total_s', 0.0):.1f} s on the server."
     )
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+def _with_plan(text: str, plan: str) -> str:
+    return f"{text}\n{plan[:1].upper()}{plan[1:]}" if plan else text
+

@@ -6,10 +6,14 @@ encoder runs in its own dtype on `device` and the result is returned in `dtype`.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+
+from .errors import GenerationCancelled
 
 # The HunyuanVideo prompt template; the text encoder was trained to read prompts in it.
 # The user prompt replaces "{}". Its tokens before the prompt (the "prefix") are dropped
@@ -138,15 +142,42 @@ def encode_image_latent(
     return (latent * vae.config.scaling_factor).to(dtype)
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latents (1, 16, T, h, w) → pixels (1, 3, 4(T−1)+1, 8h, 8w) in about [−1, 1] (float32)."""
+def decode_latents(
+    vae,
+    latents: torch.Tensor,
+    tiled: bool | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Decode latents (1, 16, T, h, w) → pixels (1, 3, 4(T−1)+1, 8h, 8w) in about [−1, 1] (float32).
+
+    `tiled` turns the VAE's spatial tiling on or off for this decode (None: as the VAE is
+    set). `cancel` is polled before every call of the VAE's decoder: diffusers' HunyuanVideo
+    VAE already decodes in overlapping temporal chunks (and spatial tiles when tiling is on),
+    one decoder call each, so a long decode stops within one chunk (GenerationCancelled)
+    and the pixels are exactly those of an uncancellable decode.
+    """
     if latents.ndim != 5:
         raise ValueError(
             f"latents of shape {tuple(latents.shape)}: expected a 5-d tensor (batch, channels, frames, height, width)"
         )
     scaled = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-    with torch.no_grad():
-        return vae.decode(scaled).sample.float()
+    with ExitStack() as stack:
+        if tiled is not None and hasattr(vae, "use_tiling"):
+            was_tiled = vae.use_tiling
+            vae.use_tiling = tiled
+            stack.callback(setattr, vae, "use_tiling", was_tiled)
+        if cancel is not None:
+            stack.callback(vae.decoder.register_forward_pre_hook(_cancel_check(cancel)).remove)
+        with torch.no_grad():
+            return vae.decode(scaled).sample.float()
+
+
+def _cancel_check(cancel: Callable[[], bool]) -> Callable[..., None]:
+    def check(module, args) -> None:
+        if cancel():
+            raise GenerationCancelled("cancelled during the VAE decode")
+
+    return check
 
 
 def frames_to_uint8(pixels: torch.Tensor) -> np.ndarray:

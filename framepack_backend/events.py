@@ -8,6 +8,42 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class VideoPlanned:
+    """The job's first event: the video it will make, before any model runs.
+
+    Sections are whole, so the video is usually longer than the seconds asked for
+    (0.5 s asks for 15 frames and gets one section: 37 frames = 1.23 s).
+    """
+
+    sections: int
+    window: int  # latent frames each section generates
+    latent_frames: int
+    frames: int
+    fps: int
+    width: int
+    height: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+# What a job is doing, in the order it happens: the prompt and the image are encoded once,
+# then each section is sampled and decoded.
+PHASES = ("text", "image", "sampling", "decode")
+
+
+@dataclass(frozen=True)
+class PhaseStarted:
+    """A phase of the job begins; `section` is 1-based for sampling and decode, 0 before the sections."""
+
+    phase: str  # one of PHASES
+    section: int
+    sections: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
 class StepProgress:
     section: int  # 1-based, in generation order
     sections: int
@@ -45,4 +81,4 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
 
 
-Event = StepProgress | SectionFinished | GenerationResult
+Event = VideoPlanned | PhaseStarted | StepProgress | SectionFinished | GenerationResult

@@ -15,14 +15,16 @@ from . import conditioning, planner
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
-from .events import GenerationResult, SectionFinished, StepProgress
+from .errors import GenerationCancelled
+from .events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
 from .memory import MemoryManager, peak_memory, reset_peak_memory
+from .memory.footprint import GIB
 from .presets import FLOW_PRESETS
 from .preview import latent_preview
 from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
-from .settings import EngineOptions, SamplingSettings
+from .settings import EngineOptions, SamplingSettings, SettingsError
 from .teacache import TeaCache
 from .variants import SamplingVariant
 
@@ -110,12 +112,15 @@ class Pipeline:
         self,
         request: GenerationRequest,
         cancel: Callable[[], bool] | None = None,
-    ) -> Iterator[StepProgress | SectionFinished | GenerationResult]:
-        """Yield a StepProgress per step, a SectionFinished per section, then the GenerationResult.
+    ) -> Iterator[Event]:
+        """Yield the VideoPlanned, a PhaseStarted per phase, a StepProgress per step, a
+        SectionFinished per section, then the GenerationResult.
 
         The request was checked when it was parsed (`request.parse_request`); its overrides
-        of this instance's options are checked here, before any model runs (SettingsError).
-        Jobs run one at a time: the iteration holds the pipeline's job lock.
+        of this instance's options are checked here, before any model runs (SettingsError),
+        and so is whether its VAE decodes fit the memory there is (tiled if only that fits).
+        `cancel` is polled before every model evaluation and every chunk of a VAE decode
+        (GenerationCancelled). Jobs run one at a time: the iteration holds the pipeline's job lock.
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
@@ -137,14 +142,34 @@ class Pipeline:
         t_start = time.perf_counter()
 
         height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
+        sampling = options.sampling
+        window = settings.window
+        plans = planner.plan_sections(settings.seconds, window, sampling)
+        sections = len(plans)
+        total_frames = planner.video_frame_count(sections, window)
         reset_peak_memory(self.device)
         mode = self.memory.prepare(
-            options.memory_mode, options.gpu_memory_preservation, height, width, settings.window
+            options.memory_mode, options.gpu_memory_preservation, height, width, window,
+            decode_latents=planner.max_decode_latents(sections, window, sampling, settings.blend_latents),
         )
+        decode_plan = self.memory.decode
+        if decode_plan is not None and not decode_plan.fits:
+            raise SettingsError(
+                "resolution", settings.resolution,
+                f"a size whose VAE decode fits this server's memory: at {width}×{height} "
+                f"(seconds={settings.seconds:g}) one section's decode needs about "
+                f"{decode_plan.needed_bytes / GIB:.1f} GiB even in tiles, {decode_plan.budget / GIB:.1f} GiB "
+                f"are available on {self.device.type}; ask for a lower resolution",
+            )
+        decode_tiled = decode_plan.tiled if decode_plan is not None else None
         options = options.replace(memory_mode=mode)
-        sampling = options.sampling
         timings["placement_s"] = time.perf_counter() - t_start
+        yield VideoPlanned(
+            sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),
+            frames=total_frames, fps=planner.FPS, width=width, height=height,
+        )
         pixels = resize_and_center_crop(image, width, height)
+        yield PhaseStarted("text", 0, sections, time.perf_counter() - t_start)
         with self.memory.phase("text"):
             text = conditioning.encode_prompt(
                 c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
@@ -156,17 +181,14 @@ class Pipeline:
                     c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, settings.negative_prompt,
                     self.device, self.dtype,
                 ).cropped()
+        yield PhaseStarted("image", 0, sections, time.perf_counter() - t_start)
         with self.memory.phase("image"):
             start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
             image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
         image_embeds = image_embeds.to(self.dtype)
         timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
 
-        window = settings.window
         lh, lw = height // planner.VAE_SPATIAL_STRIDE, width // planner.VAE_SPATIAL_STRIDE
-        plans = planner.plan_sections(settings.seconds, window, sampling)
-        sections = len(plans)
-        total_frames = planner.video_frame_count(sections, window)
         flow = FLOW_PRESETS[settings.flow_preset]
         sigmas = schedule_for(settings.steps, window, lh, lw, mu_offset=flow.mu_offset, sigma=flow.sigma)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -228,6 +250,7 @@ class Pipeline:
 
             computed_before = teacache.computed_steps
             x0 = None
+            yield PhaseStarted("sampling", plan.index + 1, sections, time.perf_counter() - t_start)
             with self.memory.phase("sampling"):
                 for step_index, x0 in iterate_unipc(
                     flow_fn, noise.to(self.device), sigmas, variant=settings.solver, cancel=cancel,
@@ -246,11 +269,15 @@ class Pipeline:
             sampling_s += time.perf_counter() - t_section
 
             t_decode = time.perf_counter()
+            yield PhaseStarted("decode", plan.index + 1, sections, t_decode - t_start)
             history = planner.append_section(history, x0.cpu(), start_latent, plan.is_last, sampling)
             first, count = planner.decode_range(plan, history, window, sampling, blend)
             decoded_latents += count
+            _check_cancel(cancel, "before the VAE decode")
             with self.memory.phase("decode"):
-                decoded = conditioning.decode_latents(c.vae, history[:, :, first : first + count].to(self.device))
+                decoded = conditioning.decode_latents(
+                    c.vae, history[:, :, first : first + count].to(self.device), tiled=decode_tiled, cancel=cancel
+                )
                 decoded = decoded.float().cpu()
             overlap = planner.blend_frames(blend)
             if seam is None:
@@ -276,12 +303,19 @@ class Pipeline:
                 fps=planner.FPS,
             )
 
+        _check_cancel(cancel, "after the last VAE decode")
         frames = video
         timings.update(sampling_s=sampling_s, decode_s=decode_s, total_s=time.perf_counter() - t_start)
         timings["computed_steps"] = teacache.computed_steps
         timings["skipped_steps"] = teacache.skipped_steps
         timings["decoded_latents"] = decoded_latents
         timings["memory"] = {"mode": mode, **peak_memory(self.device)}
+        if decode_plan is not None:
+            # Which decode ran and why: tiled only where the whole one was estimated not to fit.
+            timings["memory"]["decode"] = {
+                "tiled": decode_plan.tiled, "estimate_bytes": decode_plan.needed_bytes,
+                "untiled_estimate_bytes": decode_plan.untiled_bytes, "available_bytes": decode_plan.budget,
+            }
         yield GenerationResult(
             frames=frames,
             fps=planner.FPS,
@@ -291,6 +325,11 @@ class Pipeline:
             settings={**settings.to_dict(), **options.to_dict(), "sampling": sampling.value},
             timings=timings,
         )
+
+
+def _check_cancel(cancel: Callable[[], bool] | None, where: str) -> None:
+    if cancel is not None and cancel():
+        raise GenerationCancelled(f"cancelled {where}")
 
 
 def configure_transformer(

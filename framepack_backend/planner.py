@@ -243,6 +243,17 @@ def decode_range(
     return first, count
 
 
+def max_decode_latents(sections: int, window: int, variant: Variant = "inverted",
+                       blend_latents: int | None = None) -> int:
+    """The most latent frames one decode_range of a job with `sections` sections asks for."""
+    _check_variant(variant)
+    first = window + (1 if variant == "f1" or sections == 1 else 0)
+    if sections == 1:
+        return first
+    later = window + blend_latent_count(window, blend_latents) + (1 if variant == "inverted" else 0)
+    return max(first, later)
+
+
 def soft_append(
     history_pixels: torch.Tensor, new_pixels: torch.Tensor, overlap: int, variant: Variant = "inverted"
 ) -> torch.Tensor:

@@ -313,10 +313,19 @@ def _coerce(f: dataclasses.Field, value: object) -> object:
                 return float(value.strip())
         elif kind is str:
             if isinstance(value, str):
-                return value
+                return _canonical_choice(f, value)
     except ValueError:
         pass
     raise SettingsError(f.name, value, _allowed(f))
+
+
+def _canonical_choice(f: dataclasses.Field, value: str) -> str:
+    """A named choice in any case (`dance`, `DANCE` → the preset `Dance`): the spelling the engine uses."""
+    choices = f.metadata["choices"]
+    if not choices or value in choices:
+        return value
+    matches = [choice for choice in choices if choice.casefold() == value.strip().casefold()]
+    return matches[0] if len(matches) == 1 else value
 
 
 def validate_prompt(prompt: object, field_name: str = "prompt") -> str:

@@ -11,6 +11,10 @@ job kept the server alive until it ended). So the queue also polls `shutdown_req
 (the launcher's shutdown file): running jobs stop at their next step and answer
 UNAVAILABLE, and new ones are refused.
 
+A job that waits behind others is told so: a `queued` response with its position and
+how long it has waited, at once and then every few seconds until it starts. A refused
+job's retry hint comes from how long recent jobs ran.
+
 A job that runs longer than the instance's time limit stops the same way and answers
 DEADLINE_EXCEEDED, so one oversized request cannot hold the instance indefinitely.
 After every job the worker gives back the memory the job used and logs what is left
@@ -27,6 +31,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Protocol
@@ -37,7 +42,10 @@ from framepack_backend.settings import SettingsError
 
 from .faults import Fault
 from .job_memory import release_memory
-from .protocol import Status, WireResponse, to_wire
+from .protocol import Status, WireResponse, queued_response, to_wire
+
+QUEUED_EVENT_INTERVAL_S = 5.0  # how often a waiting job hears its position again
+RECENT_JOBS = 5  # finished jobs whose durations make the busy server's retry hint
 
 
 class ResponseSink(Protocol):
@@ -90,8 +98,9 @@ def run_job(
 ) -> Outcome:
     """Run one job to its end and stream every event; never raises.
 
-    The engine polls `stop` before every model evaluation, so a cancelled, shut down or
-    overdue job stops before its next one (a section's VAE decode runs to its end).
+    The engine polls `stop` before every model evaluation and every chunk of a VAE decode,
+    so a cancelled, shut down or overdue job stops before its next one. A client gone by
+    the time the final response is ready counts as a cancel too: nobody receives the video.
     """
     sink = job.sink
     steps_done = 0
@@ -110,6 +119,8 @@ def run_job(
         for event in pipeline.generate(job.request, cancel=poll):
             response = to_wire(event)
             steps_done += response.event["kind"] == "progress"
+            if response.final and sink.is_cancelled():
+                raise GenerationCancelled()
             sink.send(response)
         log.info(f"request {job.request_id}: done in {time.perf_counter() - start:.1f} s ({steps_done} steps)")
         return Outcome.DONE
@@ -170,8 +181,10 @@ class JobQueue:
         shutdown_requested: Callable[[], bool] = _never,
         time_limit_s: float | None = None,
         observe: Callable[[Outcome, float], None] | None = None,
+        queued_interval_s: float = QUEUED_EVENT_INTERVAL_S,
     ):
-        """`observe(outcome, seconds)` is called after every job (server metrics)."""
+        """`observe(outcome, seconds)` is called after every job (server metrics) and every
+        INVALID_ARGUMENT refusal (`refuse_invalid`)."""
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
         self.capacity = capacity
@@ -179,29 +192,63 @@ class JobQueue:
         self._pipeline = pipeline
         self._log = log
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
-        self._last_job_s: float | None = None  # how long the last finished job ran, for retry hints
+        # The waiting jobs in order with the time each arrived, and when the running one
+        # started; one lock orders `queued` responses before a job's own.
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[Job, float]] = []
+        self._running_since: float | None = None
+        self._recent_s: deque[float] = deque(maxlen=RECENT_JOBS)  # durations of finished jobs, for retry hints
         self._stopping = threading.Event()
         self._shutdown_requested = shutdown_requested
         self._observe = observe
+        self._queued_interval_s = queued_interval_s
         self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
         self._worker.start()
+        self._ticker = threading.Thread(target=self._tell_waiting, name="framepack-queue", daemon=True)
+        self._ticker.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full or shutting down (the caller says UNAVAILABLE)."""
+        """Queue a job; False when the queue is full or shutting down (the caller says UNAVAILABLE).
+
+        A job that has to wait is told its position at once (a `queued` response).
+        """
         if self.shutting_down():
             return False
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            return False
+        with self._lock:
+            try:
+                self._jobs.put_nowait(job)
+            except queue.Full:
+                return False
+            now = time.perf_counter()
+            self._waiting.append((job, now))
+            position = len(self._waiting) - 1 + (self._running_since is not None)
+            if position > 0:
+                _quietly(job.sink.send, queued_response(position, 0.0))
         return True
 
+    def refuse_invalid(self, sink: ResponseSink, error: SettingsError) -> None:
+        """Refuse a request that failed its checks on arrival (INVALID_ARGUMENT), counted like an invalid job."""
+        _quietly(sink.fail, Status.INVALID_ARGUMENT, str(error))
+        self._count(Outcome.INVALID, 0.0)
+
     def refusal(self) -> str:
-        """Why `submit` refused a job, with a retry hint: a queue slot frees when the running job ends."""
+        """Why `submit` refused a job, with a retry hint: a queue slot frees when the running job ends.
+
+        The hint is the recent jobs' mean duration less what the running job has already run.
+        """
         if self.shutting_down():
             return "the server is shutting down; retry later"
-        wait = f"in about {math.ceil(self._last_job_s)} s" if self._last_job_s is not None else "later"
-        return f"the server is busy ({self.capacity} jobs already wait for this model instance); retry {wait}"
+        busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
+        with self._lock:
+            recent, running_since = list(self._recent_s), self._running_since
+        if not recent:
+            return f"{busy}; retry later"
+        mean = sum(recent) / len(recent)
+        # No job running: the worker is taking the next one up, which frees a slot at once.
+        ran = mean if running_since is None else time.perf_counter() - running_since
+        left = max(math.ceil(mean - ran), 1)
+        jobs = "the last job" if len(recent) == 1 else f"the last {len(recent)} jobs"
+        return f"{busy}; retry in about {left} s (an estimate from how long {jobs} ran)"
 
     def shutting_down(self) -> bool:
         return self._stopping.is_set() or self._shutdown_requested()
@@ -215,23 +262,48 @@ class JobQueue:
             except queue.Empty:
                 break
             if job is not _STOP:
+                self._leave_waiting(job, runs=False)
                 _quietly(job.sink.fail, Status.UNAVAILABLE, "the model is shutting down")
         self._jobs.put(_STOP)
         self._worker.join(timeout_s)
+        self._ticker.join(timeout_s)
+
+    def _leave_waiting(self, job: Job, runs: bool) -> None:
+        """`job` leaves the waiting list, to run or to be refused; no `queued` response follows."""
+        with self._lock:
+            self._waiting = [(waiting, since) for waiting, since in self._waiting if waiting is not job]
+            if runs:
+                self._running_since = time.perf_counter()
+
+    def _tell_waiting(self) -> None:
+        while not self._stopping.wait(self._queued_interval_s):
+            with self._lock:
+                now = time.perf_counter()
+                ahead = self._running_since is not None
+                for index, (job, since) in enumerate(self._waiting):
+                    # Position 0: the worker is taking it up between two jobs.
+                    if index + ahead and not job.sink.is_cancelled():
+                        _quietly(job.sink.send, queued_response(index + ahead, now - since))
+
+    def _count(self, outcome: Outcome, seconds: float) -> None:
+        if self._observe is not None:
+            try:
+                self._observe(outcome, seconds)
+            except Exception as e:  # metrics must never stop the worker
+                self._log.error(f"job metrics not updated: {type(e).__name__}: {e}")
 
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is _STOP:
                 return
+            self._leave_waiting(job, runs=True)
             started = time.perf_counter()
             outcome = run_job(self._pipeline, job, self._log, self.shutting_down, self.time_limit_s)
             seconds = time.perf_counter() - started
-            if outcome is Outcome.DONE:
-                self._last_job_s = seconds
-            if self._observe is not None:
-                try:
-                    self._observe(outcome, seconds)
-                except Exception as e:  # metrics must never stop the worker
-                    self._log.error(f"job metrics not updated: {type(e).__name__}: {e}")
+            with self._lock:
+                self._running_since = None
+                if outcome is Outcome.DONE:
+                    self._recent_s.append(seconds)
+            self._count(outcome, seconds)
             self._log.info(f"request {job.request_id}: {outcome.value}; {release_memory().log_text()}")

@@ -16,6 +16,13 @@ Python-backend stub under numpy 2.
 Responses (decoupled, one request → many responses), each with output `event`: UTF-8
 JSON bytes as a UINT8 vector, `{"kind": ...}` (framepack_wire.events):
 
+- `queued` (sent by the job queue, not the engine; repeated every few seconds while the
+  job waits behind others): position (1 = next), waited_s;
+- `plan` (a job's first event from the engine, before any model runs): sections, window,
+  latent_frames, frame_count, fps, width, height — the video the job will make (sections
+  are whole, so it is often longer than the seconds asked for);
+- `phase`: phase ("text", "image", then "sampling" and "decode" of each section),
+  section (0 before the sections), sections, elapsed_s;
 - `progress`: section, sections, step, steps, elapsed_s, computed — plus output
   `preview` (UINT8 h×w×3) when the engine made one;
 - `section`: section, sections, start_frame, frame_count, total_frames, fps — plus output
@@ -44,7 +51,7 @@ from typing import Mapping
 
 import numpy as np
 
-from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
 from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import SettingsError, describe_settings
@@ -58,7 +65,10 @@ from framepack_wire import (
     PROMPT_PARAMETER,
     DescribeMeta,
     FinalMeta,
+    PhaseMeta,
+    PlanMeta,
     ProgressMeta,
+    QueuedMeta,
     SectionMeta,
     Status,
     error_message,
@@ -67,7 +77,7 @@ from framepack_wire import (
 __all__ = [
     "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "Status", "error_message", "GenerationRequest", "parse_request", "request_parameters",
-    "is_describe_request", "describe_response", "WireResponse", "to_wire",
+    "is_describe_request", "describe_response", "WireResponse", "to_wire", "queued_response",
 ]
 
 
@@ -114,7 +124,22 @@ class WireResponse:
         return np.frombuffer(bytearray(json.dumps(self.event).encode("utf-8")), dtype=np.uint8)
 
 
-def to_wire(event: StepProgress | SectionFinished | GenerationResult) -> WireResponse:
+def queued_response(position: int, waited_s: float) -> WireResponse:
+    """A waiting job's news: `position` jobs run or wait before it."""
+    return WireResponse(QueuedMeta(position=position, waited_s=round(waited_s, 1)).to_json(), {})
+
+
+def to_wire(event: Event) -> WireResponse:
+    if isinstance(event, VideoPlanned):
+        plan = PlanMeta(
+            sections=event.sections, window=event.window, latent_frames=event.latent_frames,
+            frame_count=event.frames, fps=event.fps, width=event.width, height=event.height,
+        )
+        return WireResponse(plan.to_json(), {})
+    if isinstance(event, PhaseStarted):
+        phase = PhaseMeta(phase=event.phase, section=event.section, sections=event.sections,
+                          elapsed_s=round(event.elapsed_s, 4))
+        return WireResponse(phase.to_json(), {})
     if isinstance(event, StepProgress):
         progress = ProgressMeta(
             section=event.section, sections=event.sections, step=event.step, steps=event.steps,

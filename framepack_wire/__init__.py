@@ -22,13 +22,26 @@ from .contract import (
     error_message,
     parse_error_message,
 )
-from .events import DescribeMeta, EventKind, EventMeta, FinalMeta, ProgressMeta, SectionMeta, event_from_json
+from .events import (
+    DescribeMeta,
+    EventKind,
+    EventMeta,
+    FinalMeta,
+    PhaseMeta,
+    PlanMeta,
+    ProgressMeta,
+    QueuedMeta,
+    SectionMeta,
+    UnknownEventKind,
+    event_from_json,
+)
 from .request import WireRequest
 
 __all__ = [
     "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
-    "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "ProgressMeta", "SectionMeta", "event_from_json",
+    "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "PhaseMeta", "PlanMeta", "ProgressMeta", "QueuedMeta",
+    "SectionMeta", "UnknownEventKind", "event_from_json",
     "WireRequest",
 ]

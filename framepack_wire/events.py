@@ -5,7 +5,13 @@ Every response carries its event's metadata in the `event` output; `progress` an
 the metadata. `from_json` checks what it reads: integers must be integers (not floats,
 booleans or strings), because the client puts them into file names (section clips,
 previews, the MP4 named after the seed) and a string could carry a path. Unknown keys
-are ignored, so a newer server may add fields.
+are ignored, so a newer server may add fields; an unknown kind raises UnknownEventKind,
+which a client skips, so a newer server may add kinds.
+
+A job's responses, in order: `queued` (repeated while it waits behind others), `plan`
+(the video it will make), `phase` before each phase (encoding the prompt, the image;
+sampling and decoding each section), `progress` per step, `section` per decoded
+section, `final`. Servers older than `plan`, `phase` and `queued` send only the rest.
 """
 
 from __future__ import annotations
@@ -20,9 +26,23 @@ class EventKind(str, Enum):
     SECTION = "section"  # one decoded section's frames
     FINAL = "final"  # the job's last response
     DESCRIBE = "describe"  # the answer to a describe request
+    QUEUED = "queued"  # the job waits behind others
+    PLAN = "plan"  # the video the job will make, before any model runs
+    PHASE = "phase"  # a phase of the job begins
 
     def __str__(self) -> str:
         return self.value
+
+
+class UnknownEventKind(ValueError):
+    """An event kind this side does not know (from a newer server): skip it."""
+
+
+def _str(meta: Mapping[str, Any], key: str) -> str:
+    value = meta[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key}={value!r} is not a string")
+    return value
 
 
 def _int(meta: Mapping[str, Any], key: str) -> int:
@@ -66,6 +86,57 @@ class _Meta:
     def to_json(self) -> dict[str, Any]:
         """The JSON object sent in the `event` output: `kind` and every field."""
         return {"kind": self.kind.value, **{f.name: getattr(self, f.name) for f in fields(self)}}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class QueuedMeta(_Meta):
+    """The job waits: `position` jobs run or wait before it (1: it is next); sent every few seconds."""
+
+    kind: ClassVar[EventKind] = EventKind.QUEUED
+    position: int
+    waited_s: float
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> QueuedMeta:
+        return cls(_int(meta, "position"), _float(meta, "waited_s"))
+
+
+@dataclass(frozen=True)
+class PlanMeta(_Meta):
+    """The video the job makes: whole sections of `window` latent frames, so often longer than asked."""
+
+    kind: ClassVar[EventKind] = EventKind.PLAN
+    sections: int
+    window: int
+    latent_frames: int
+    frame_count: int
+    fps: int
+    width: int
+    height: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frame_count / self.fps
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> PlanMeta:
+        return cls(*(_int(meta, key) for key in (
+            "sections", "window", "latent_frames", "frame_count", "fps", "width", "height")))
+
+
+@dataclass(frozen=True)
+class PhaseMeta(_Meta):
+    """A phase begins: "text" and "image" (encoding, section 0), "sampling" and "decode" of section i/n."""
+
+    kind: ClassVar[EventKind] = EventKind.PHASE
+    phase: str
+    section: int
+    sections: int
+    elapsed_s: float  # since the job started on the server
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> PhaseMeta:
+        return cls(_str(meta, "phase"), _int(meta, "section"), _int(meta, "sections"), _float(meta, "elapsed_s"))
 
 
 @dataclass(frozen=True)
@@ -137,15 +208,20 @@ class DescribeMeta(_Meta):
         return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"))
 
 
-EventMeta = ProgressMeta | SectionMeta | FinalMeta | DescribeMeta
-_BY_KIND: dict[str, type] = {m.kind.value: m for m in (ProgressMeta, SectionMeta, FinalMeta, DescribeMeta)}
+EventMeta = QueuedMeta | PlanMeta | PhaseMeta | ProgressMeta | SectionMeta | FinalMeta | DescribeMeta
+_BY_KIND: dict[str, type] = {
+    m.kind.value: m for m in (QueuedMeta, PlanMeta, PhaseMeta, ProgressMeta, SectionMeta, FinalMeta, DescribeMeta)
+}
 
 
 def event_from_json(meta: object) -> EventMeta:
-    """The event a JSON object describes; ValueError (or KeyError for a missing field) otherwise."""
+    """The event a JSON object describes; UnknownEventKind for a kind this version does not
+    know, ValueError (or KeyError for a missing field) for anything else wrong."""
     if not isinstance(meta, dict):
         raise ValueError(f"event={meta!r} is not a JSON object")
     kind = meta.get("kind")
+    if not isinstance(kind, str):
+        raise ValueError(f"event kind {kind!r} is not a string")
     if kind not in _BY_KIND:
-        raise ValueError(f"unexpected event kind {kind!r}")
+        raise UnknownEventKind(f"unexpected event kind {kind!r}")
     return _BY_KIND[kind].from_json(meta)

@@ -177,3 +177,31 @@ def test_crf_is_used_locally_and_never_sent(tmp_path, monkeypatch, capsys):
     assert len(sent) == 1 and "crf='99' is not allowed" in capsys.readouterr().err
     # The backend names come from the server's describe answer, not from a copy here.
     assert "sdpa" not in cli.SETTINGS["attention"] and "describe answer" in cli.SETTINGS["attention"]
+
+
+def test_the_cli_prints_the_planned_video_before_sampling_and_names_the_phase(tmp_path, monkeypatch, capsys):
+    frames = np.zeros((37, 112, 144, 3), np.uint8)
+    printed_before_sampling = []
+
+    def fake_generate(server, request):
+        yield cli.stream.Queued(1, 0.0)
+        yield cli.stream.Queued(1, 5.0)  # the same position again: not printed again
+        yield cli.stream.Plan(1, 9, 10, 37, 30, 144, 112)
+        yield cli.stream.Phase("text", 0, 1, 0.1)
+        yield cli.stream.Phase("sampling", 1, 1, 0.5)
+        printed_before_sampling.append(capsys.readouterr().err)
+        for step in (1, 2):
+            yield cli.stream.Progress(1, 1, step, 2, 0.5 + step, None)
+        yield cli.stream.Phase("decode", 1, 1, 2.5)
+        yield cli.stream.Section(1, 1, 0, 37, 30, frames)
+        yield cli.stream.Final(37, 30, 144, 112, 7, {}, {"total_s": 3.0})
+
+    monkeypatch.setattr(cli.stream, "generate", fake_generate)
+    output = tmp_path / "o.mp4"
+    assert cli.main(["generate", "--image", str(SAMPLE), "--prompt", "p", "--output", str(output)]) == 0
+    lines = printed_before_sampling[0].splitlines()
+    assert lines[:2] == ["framepack: queued on the server (next in line), waiting for 0:00",
+                         "framepack: video: 37 frames = 1.23 s (1 section of 9 latent frames) at 144×112"]
+    err = capsys.readouterr().err
+    assert "section 1/1 · step 2/2" in err and "section 1/1 · decoding" in err and "ETA" in err
+    assert output.exists() and "framepack: 37 frames, 144×112 at 30 fps" in err

@@ -8,15 +8,18 @@ from framepack_backend.memory import (
     Acquire,
     BlockStreamer,
     ComponentWeights,
+    DecodePlan,
     MemoryFootprint,
     Prefetch,
     Release,
     Restart,
     RingSchedule,
     StreamPlan,
+    available_host_bytes,
     choose_memory_mode,
     memory_needed,
     peak_memory,
+    plan_decode,
     plan_stream,
     streamable_blocks,
 )
@@ -94,6 +97,36 @@ def test_auto_picks_the_fastest_mode_that_fits(budget_gib, preserve_gb, expected
     assert all(memory_needed(m, footprint) > budget for m in faster)
     if mode != "stream":
         assert memory_needed(mode, footprint) <= budget
+
+
+def test_the_decode_runs_whole_when_it_fits_tiled_when_only_that_fits_and_nowhere_below():
+    f = full_model_at_640()
+    whole, tiles = decode_work_bytes(640, 640, 9, tiled=False), decode_work_bytes(640, 640, 9, tiled=True)
+    vae = f.component_bytes["vae"]
+    # offload: the VAE's weights beside the decode; resident: every weight stays on the GPU
+    assert plan_decode("offload", f, vae + whole, True, whole, tiles) == DecodePlan(
+        False, True, vae + whole, vae + whole, vae + whole)
+    assert plan_decode("offload", f, vae + whole - 1, True, whole, tiles).tiled
+    assert plan_decode("resident", f, vae + whole, True, whole, tiles) == DecodePlan(
+        True, False, f.weights + tiles, f.weights + whole, vae + whole)
+    refused = plan_decode("offload", f, vae + tiles - 1, True, whole, tiles)
+    assert (refused.tiled, refused.fits, refused.needed_bytes) == (True, False, vae + tiles)
+    # a CPU: the weights are already out of MemAvailable
+    assert not plan_decode("resident", f, whole, False, whole, tiles).tiled
+    # stream mode always tiles; unknown memory (None) checks nothing
+    assert plan_decode("stream", f, 10 * whole, True, whole, tiles).tiled
+    assert plan_decode("resident", f, None, False, whole, tiles) == DecodePlan(False, True, whole, whole, None)
+    # the untiled estimate at 640 is the measured 22.6–23 GiB; tiles need a fraction
+    assert 22 * GIB < whole < 25 * GIB and tiles < 5 * GIB
+
+
+def test_available_host_memory_is_read_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   23000000 kB\n")
+    assert available_host_bytes(meminfo) == 23_000_000 * 1024
+    meminfo.write_text("MemTotal: 1 kB\n")
+    assert available_host_bytes(meminfo) is None
+    assert available_host_bytes(tmp_path / "missing") is None
 
 
 def test_stream_mode_fits_a_6_gib_card_with_the_whole_job():
@@ -396,7 +429,10 @@ def runs(seen) -> list[str]:
 @pytest.mark.slow
 def test_offload_and_stream_jobs_equal_resident_and_move_each_component_only_for_its_phase(tiny_pipeline, image):
     resident, _ = generate_recording_placement(tiny_pipeline, image, "auto")  # auto on a CPU: resident
-    assert resident.timings["memory"] == {"mode": "resident", "peak_allocated_bytes": None, "peak_reserved_bytes": None}
+    memory = resident.timings["memory"]
+    assert {k: memory[k] for k in ("mode", "peak_allocated_bytes", "peak_reserved_bytes")} == {
+        "mode": "resident", "peak_allocated_bytes": None, "peak_reserved_bytes": None}
+    assert memory["decode"]["tiled"] is False  # the whole decode fits this machine's RAM at 144×112
     for mode in ("offload", "stream"):
         result, seen = generate_recording_placement(tiny_pipeline, image, mode)
         assert np.array_equal(result.frames, resident.frames), mode

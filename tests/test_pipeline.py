@@ -7,7 +7,8 @@ import torch
 from framepack_backend import conditioning
 from framepack_backend.buckets import bucket_for
 from framepack_backend.errors import GenerationCancelled
-from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.events import GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
+from framepack_backend.memory.footprint import decode_work_bytes
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.planner import section_count, soft_append, video_frame_count
 from framepack_backend.request import GenerationRequest
@@ -47,13 +48,25 @@ def test_two_seconds_give_the_planned_frames_at_the_bucket_size(two_second_run, 
     assert result.frames.std() > 1.0  # not a constant picture
 
 
-def test_events_arrive_per_step_and_per_section_in_order(two_second_run):
-    order = [
-        (e.section, e.step) if isinstance(e, StepProgress) else (e.section, "done")
-        for e in two_second_run[:-1]
+def describe_event(e):
+    if isinstance(e, VideoPlanned):
+        return ("planned", e.sections, e.frames)
+    if isinstance(e, PhaseStarted):
+        return (e.phase, e.section, e.sections)
+    if isinstance(e, StepProgress):
+        return (e.section, e.step)
+    return (e.section, "done")
+
+
+def test_events_arrive_per_phase_step_and_section_in_order(two_second_run):
+    order = [describe_event(e) for e in two_second_run[:-1]]
+    expected = [("planned", 2, 73), ("text", 0, 2), ("image", 0, 2)] + [
+        item for s in (1, 2)
+        for item in [("sampling", s, 2), *[(s, k) for k in [1, 2, 3, 4]], ("decode", s, 2), (s, "done")]
     ]
-    expected = [(s, k) for s in (1, 2) for k in [1, 2, 3, 4, "done"]]
     assert order == expected
+    phases = [e for e in two_second_run if isinstance(e, PhaseStarted)]
+    assert [e.elapsed_s for e in phases] == sorted(e.elapsed_s for e in phases)
     steps = [e for e in two_second_run if isinstance(e, StepProgress)]
     assert all(e.preview.dtype == np.uint8 and e.preview.ndim == 3 for e in steps)
     assert [e.elapsed_s for e in steps] == sorted(e.elapsed_s for e in steps)
@@ -84,8 +97,8 @@ def full_blend_run(pipeline, image):
     calls = []
     decode = conditioning.decode_latents
 
-    def recording_decode(vae, latents):
-        calls.append((latents.clone(), decode(vae, latents)))
+    def recording_decode(vae, latents, **options):
+        calls.append((latents.clone(), decode(vae, latents, **options)))
         return calls[-1][1]
 
     with pytest.MonkeyPatch.context() as patch:
@@ -234,7 +247,7 @@ def test_jobs_on_one_pipeline_run_one_at_a_time(pipeline, image):
 
     first = pipeline.generate(request(image, "x", **{**FAST, "seconds": 1}))
     second = pipeline.generate(request(image, "x", **{**FAST, "seconds": 1}))
-    assert isinstance(next(first), StepProgress)  # the first job holds the pipeline now
+    assert isinstance(next(first), VideoPlanned)  # the first job holds the pipeline now
     started = []
     waiting = threading.Thread(target=lambda: started.append(next(second)))
     waiting.start()
@@ -242,5 +255,133 @@ def test_jobs_on_one_pipeline_run_one_at_a_time(pipeline, image):
     assert waiting.is_alive() and started == []
     first.close()  # the first job ends: the second one runs
     waiting.join(60)
-    assert not waiting.is_alive() and isinstance(started[0], StepProgress)
+    assert not waiting.is_alive() and isinstance(started[0], VideoPlanned)
     second.close()
+
+
+def test_the_first_event_is_the_planned_video_whole_sections_at_the_bucket(pipeline, image):
+    """0.5 s asks for 15 frames; sections are whole, so the job says up front it makes 37 (1.23 s)."""
+    events = pipeline.generate(request(image, "x", **{**FAST, "seconds": 0.5}))
+    planned = next(events)
+    events.close()
+    assert planned == VideoPlanned(sections=1, window=9, latent_frames=10, frames=37, fps=30, width=144, height=112)
+    assert round(planned.seconds, 2) == 1.23
+
+
+class DecoderCalls:
+    """Counts the VAE decoder's calls (one per temporal chunk or spatial tile) and whether tiling was on."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.tiled: list[bool] = []  # per call started
+        self.finished = 0
+
+    def __enter__(self):
+        self.handles = [
+            self.vae.decoder.register_forward_pre_hook(lambda m, a: self.tiled.append(self.vae.use_tiling)),
+            self.vae.decoder.register_forward_hook(lambda m, a, out: setattr(self, "finished", self.finished + 1)),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_a_decode_that_does_not_fit_whole_runs_tiled_and_one_that_fits_nowhere_is_refused_up_front(tiny_bundle):
+    """The whole decode's estimate exceeds the (injected) memory, the tiled one fits: tiled; neither: refused."""
+    pipeline = Pipeline.from_pretrained(tiny_bundle, device="cpu")
+    wide = np.zeros((240, 320, 3), np.uint8)
+    height, width = bucket_for(240, 320, 320)
+    assert height * width > 256 * 256  # larger than one VAE tile, so tiling has something to do
+    latents = 9 + 1  # one section: its window and the start latent
+    untiled = decode_work_bytes(height, width, 9, tiled=False, latent_frames=latents)
+    tiled = decode_work_bytes(height, width, 9, tiled=True, latent_frames=latents)
+    assert tiled < untiled
+
+    pipeline.memory.available_memory = lambda device: (tiled + untiled) // 2
+    job = request(wide, "x", resolution=320, steps=1, seconds=0.5, teacache=False)
+    with DecoderCalls(pipeline.components.vae) as calls:
+        result = list(pipeline.generate(job))[-1]
+    assert result.timings["memory"]["decode"] == {
+        "tiled": True, "estimate_bytes": tiled, "untiled_estimate_bytes": untiled,
+        "available_bytes": (tiled + untiled) // 2,
+    }
+    assert calls.tiled and all(calls.tiled)  # the decoder ran on tiles
+    assert pipeline.components.vae.use_tiling is False  # for this job only
+    assert result.frames.shape == (37, height, width, 3)
+
+    pipeline.memory.available_memory = lambda device: untiled + 1
+    with DecoderCalls(pipeline.components.vae) as calls:
+        whole = list(pipeline.generate(job))[-1]
+    assert whole.timings["memory"]["decode"]["tiled"] is False and not any(calls.tiled)
+
+    pipeline.memory.available_memory = lambda device: tiled - 1
+    events = []
+    encoded = []
+    handle = pipeline.components.text_encoder.register_forward_pre_hook(lambda m, a: encoded.append(1))
+    try:
+        with pytest.raises(SettingsError) as info:
+            events.extend(pipeline.generate(request(wide, "x", resolution=320, steps=1, seconds=0.5)))
+    finally:
+        handle.remove()
+    assert events == [] and encoded == []  # refused before any event or model
+    message = str(info.value)
+    assert info.value.field == "resolution" and f"{width}×{height}" in message and "seconds=0.5" in message
+    assert f"{tiled / 2**30:.1f} GiB" in message
+
+
+def test_a_cancel_during_the_decode_stops_it_before_the_next_chunk(pipeline, image):
+    """The VAE decodes 10 latents in several temporal chunks; a cancel in the first one stops the job there."""
+    vae = pipeline.components.vae
+    with DecoderCalls(vae) as uncancelled:
+        list(pipeline.generate(request(image, "x", **{**FAST, "seconds": 1})))
+    assert len(uncancelled.tiled) >= 2  # more than one chunk, so there is a "next" one
+
+    with DecoderCalls(vae) as calls:
+        def cancel():
+            return calls.finished >= 1  # true once the decode has finished its first chunk
+
+        events = []
+        with pytest.raises(GenerationCancelled):
+            for event in pipeline.generate(request(image, "x", **{**FAST, "seconds": 1}), cancel=cancel):
+                events.append(event)
+    assert (len(calls.tiled), calls.finished) == (2, 1)  # the second chunk was asked for and never ran
+    assert isinstance(events[-1], PhaseStarted) and events[-1].phase == "decode"
+    assert not any(isinstance(e, SectionFinished) for e in events)
+
+
+def test_a_client_cancel_during_the_decode_counts_as_cancelled(pipeline, image):
+    from framepack_server.jobs import Job, Outcome, run_job
+
+    vae = pipeline.components.vae
+
+    class Sink:
+        sent: list = []
+        closed = False
+
+        def is_cancelled(self):
+            return calls.finished >= 1  # the client went away during the decode
+
+        def send(self, response):
+            self.sent.append(response.event["kind"])
+
+        def fail(self, status, text):
+            raise AssertionError(f"{status}: {text}")
+
+        def close(self):
+            self.closed = True
+
+    class Log:
+        lines: list = []
+
+        def info(self, message):
+            self.lines.append(message)
+
+        error = info
+
+    sink = Sink()
+    with DecoderCalls(vae) as calls:
+        outcome = run_job(pipeline, Job("1", request(image, "x", **{**FAST, "seconds": 1}), sink), Log())
+    assert outcome is Outcome.CANCELLED and sink.closed
+    assert calls.finished == 1 and "section" not in sink.sent and "final" not in sink.sent

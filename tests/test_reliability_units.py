@@ -114,7 +114,8 @@ def test_a_busy_queue_refuses_with_a_retry_hint_from_the_last_job():
     while not (sink.sent and sink.sent[-1].final) and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)  # the worker measures and logs after the final response
-    assert jobs.refusal() == "the server is busy (1 jobs already wait for this model instance); retry in about 1 s"
+    assert jobs.refusal() == ("the server is busy (1 jobs already wait for this model instance); retry in about 1 s "
+                              "(an estimate from how long the last job ran)")
     jobs.close()
     assert jobs.refusal() == "the server is shutting down; retry later"
 

@@ -83,6 +83,7 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
             refusal.update(error=e, sent=sent, answered=time.monotonic())
 
     settings = {**FAST_SETTINGS, "seconds": 2.4}
+    invalid_before = job_counts(triton_server).get("invalid", 0)
     bad_request = threading.Thread(target=send_bad_request)
     for event in stream.generate(triton_server.grpc_address, WireRequest(image, "a person waves", settings)):
         arrivals.append((time.monotonic(), event))
@@ -94,9 +95,13 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
     assert isinstance(final, stream.Final) and final.frame_count == 73
     kinds = [type(e).__name__ for _, e in arrivals]
     steps = FAST_SETTINGS["steps"]
-    assert kinds == (["Progress"] * steps + ["Section"]) * 2 + ["Final"]
+    assert kinds == ["Plan", "Phase", "Phase"] + (["Phase"] + ["Progress"] * steps + ["Phase", "Section"]) * 2 + [
+        "Final"]
+    assert arrivals[0][1] == stream.Plan(2, 9, 19, 73, 30, final.width, final.height)
+    phases = [(e.phase, e.section) for _, e in arrivals if isinstance(e, stream.Phase)]
+    assert phases == [("text", 0), ("image", 0), ("sampling", 1), ("decode", 1), ("sampling", 2), ("decode", 2)]
     first_section_at = next(t for t, e in arrivals if isinstance(e, stream.Section))
-    first_progress_at = arrivals[0][0]
+    first_progress_at = next(t for t, e in arrivals if isinstance(e, stream.Progress))
     # The first section's frames and the first steps arrived well before the end.
     assert final_at - first_section_at > 0.5
     assert first_section_at - first_progress_at > 0.1
@@ -104,6 +109,11 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
     assert refusal["error"].status == "INVALID_ARGUMENT"
     assert refusal["answered"] < final_at
     assert refusal["answered"] - refusal["sent"] < 2.0
+    # A refusal on arrival counts as an invalid job, as one refused inside a job does.
+    deadline = time.monotonic() + 10
+    while job_counts(triton_server).get("invalid", 0) < invalid_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job_counts(triton_server).get("invalid", 0) == invalid_before + 1
 
 
 @pytest.mark.parametrize(
@@ -204,7 +214,7 @@ def test_stopping_the_server_stops_a_running_job_promptly(tiny_bundle, tmp_path)
     with server:
         events = stream.generate(server.grpc_address,
                                  WireRequest(load_image(SAMPLE).pixels, "x", {**FAST_SETTINGS, "seconds": 10}))
-        assert isinstance(next(events), stream.Progress)
+        assert isinstance(next(events), stream.Plan)
         reader = threading.Thread(target=keep_reading, args=(events,))
         reader.start()
         process_group = server.pid

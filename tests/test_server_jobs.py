@@ -206,6 +206,92 @@ def test_the_shutdown_signal_stops_the_running_job_and_refuses_new_ones(tmp_path
     assert len(running.sent) < 6  # not run to its end
 
 
+def test_a_waiting_job_hears_its_position_and_wait_until_it_starts():
+    gate = threading.Event()
+    pipeline = ScriptedPipeline(gate=gate, steps=1, sections=1)
+    jobs = JobQueue(pipeline, RecordingLog(), capacity=3, queued_interval_s=0.05)
+    first, second, third = RecordingSink(), RecordingSink(), RecordingSink()
+    assert jobs.submit(job(first))
+    assert pipeline.started.wait(5)
+    assert jobs.submit(job(second)) and jobs.submit(job(third))
+    # at once: one job runs before the second, two before the third
+    assert [r.event for r in second.sent] == [{"kind": "queued", "position": 1, "waited_s": 0.0}]
+    assert [r.event for r in third.sent] == [{"kind": "queued", "position": 2, "waited_s": 0.0}]
+    threading.Event().wait(0.3)
+    gate.set()
+    for sink in (second, third):
+        for _ in range(100):
+            if sink.sent and sink.sent[-1].final:
+                break
+            threading.Event().wait(0.05)
+    jobs.close()
+    assert first.sent[0].event["kind"] == "progress"  # it never waited
+    for sink, position in ((second, 1), (third, 2)):
+        kinds = [r.event["kind"] for r in sink.sent]
+        queued = [r.event for r in sink.sent if r.event["kind"] == "queued"]
+        assert len(queued) >= 3 and kinds[: len(queued)] == ["queued"] * len(queued)  # all before the job's own
+        assert kinds[len(queued):] == ["progress", "section", "final"]
+        waited = [e["waited_s"] for e in queued]
+        assert waited == sorted(waited) and waited[-1] >= 0.2
+        assert {e["position"] for e in queued} <= {position, position - 1} - {0}
+
+
+def test_the_busy_refusal_estimates_the_wait_from_measured_jobs():
+    gate = threading.Event()
+    pipeline = ScriptedPipeline(gate=gate, steps=1, sections=1)
+    jobs = JobQueue(pipeline, RecordingLog(), capacity=1)
+    assert jobs.refusal().endswith("retry later")  # nothing measured yet
+    threading.Timer(1.5, gate.set).start()
+    measured = RecordingSink()
+    assert jobs.submit(job(measured))
+    for _ in range(100):
+        if measured.sent and measured.sent[-1].final:
+            break
+        threading.Event().wait(0.05)
+    gate.clear()
+    pipeline.started.clear()
+    assert jobs.submit(job(RecordingSink()))  # runs, blocked at the gate
+    assert pipeline.started.wait(5)
+    assert jobs.submit(job(RecordingSink()))  # waits
+    assert not jobs.submit(job(RecordingSink()))  # refused
+    text = jobs.refusal()
+    assert text.startswith("the server is busy (1 jobs already wait for this model instance); retry in about ")
+    seconds = int(text.split("retry in about ")[1].split(" s")[0])
+    assert 1 <= seconds <= 2  # the last job ran about 1.5 s; the running one started just now
+    assert text.endswith("(an estimate from how long the last job ran)")
+    gate.set()
+    jobs.close()
+
+
+def test_every_invalid_argument_refusal_is_counted_as_an_invalid_job():
+    seen = []
+    jobs = JobQueue(ScriptedPipeline(error=SettingsError("steps", 0, "int in [1, 100]")), RecordingLog(), capacity=2,
+                    observe=lambda outcome, seconds: seen.append(outcome))
+    refused_on_arrival = RecordingSink()
+    try:
+        parse_request(IMAGE, {"prompt": "p", "steps": 0})
+    except SettingsError as e:
+        jobs.refuse_invalid(refused_on_arrival, e)  # what the model does when a request fails its checks
+    refused_in_job = RecordingSink()
+    assert jobs.submit(job(refused_in_job))
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        threading.Event().wait(0.05)
+    jobs.close()
+    assert refused_on_arrival.failures == [
+        (Status.INVALID_ARGUMENT, "steps=0 is not allowed: expected int in [1, 100]")]
+    assert refused_in_job.failures[0][0] is Status.INVALID_ARGUMENT
+    assert seen == [Outcome.INVALID, Outcome.INVALID]
+
+
+def test_a_client_gone_before_the_final_response_is_a_cancel_not_done():
+    sink = RecordingSink(cancel_after=8)  # everything sent but the final response
+    log = RecordingLog()
+    assert run_job(ScriptedPipeline(steps=3, sections=2), job(sink), log) is Outcome.CANCELLED
+    assert [r.event["kind"] for r in sink.sent][-1] == "section" and sink.closed
+
+
 # ------------------------------------------------------------------ instance configuration
 
 

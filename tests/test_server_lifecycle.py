@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client import stream
-from client.cli import load_image
+from client.images import load_image
 from framepack_backend.settings import EngineOptions, EngineOverrides, SettingsError
 from framepack_server import server as server_module
 from framepack_server.cli import main as server_main
@@ -323,7 +323,7 @@ def test_a_cpu_server_refuses_offload_and_stream_naming_the_field():
 
 @pytest.mark.server
 def test_a_stream_request_to_a_cpu_server_is_an_invalid_argument(triton_server):
-    request = WireRequest(load_image(SAMPLE), "x", {"memory_mode": "stream"})
+    request = WireRequest(load_image(SAMPLE).pixels, "x", {"memory_mode": "stream"})
     with pytest.raises(stream.ServerError) as caught:
         list(stream.generate(triton_server.grpc_address, request))
     assert caught.value.status == "INVALID_ARGUMENT"

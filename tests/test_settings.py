@@ -128,3 +128,16 @@ def test_crf_from_older_clients_is_range_checked_then_dropped():
 
     spec = ClientOnlySettings.describe()["crf"]  # the server's legacy check agrees with the client's option
     assert (spec["default"], spec["low"], spec["high"]) == (CRF_DEFAULT, CRF_LOW, CRF_HIGH)
+
+
+@pytest.mark.parametrize("given", ["dance", "DANCE", " Dance "])
+def test_presets_and_flow_presets_are_accepted_in_any_case_and_reported_by_their_canonical_name(given):
+    settings, _ = split_settings({"preset": given})
+    assert settings.preset == "Dance" and settings.steps == 30 and settings.flow_preset == "dance"
+    assert split_settings({"preset": "subtle movement"})[0].preset == "Subtle Movement"
+    assert split_settings({"flow_preset": given.replace("dance", "Dance")})[0].flow_preset == "dance"
+    assert split_settings({"flow_preset": "Hand_Detail"})[0].flow_preset == "hand_detail"
+    assert split_settings({"memory_mode": "Stream"})[1].memory_mode == "stream"
+    with pytest.raises(SettingsError) as info:
+        split_settings({"preset": "dancing"})
+    assert info.value.field == "preset" and "'Dance'" in str(info.value)

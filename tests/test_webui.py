@@ -23,6 +23,7 @@ from PIL import Image
 from client import stream
 from client.cli import main
 from client.images import load_image
+from client.progress import JobClock, plan_text, queued_text
 from client.video import FrameAssembler
 from client.webui_job import StopSignals, progress_text, run_job
 from framepack_backend.presets import PRESETS
@@ -60,6 +61,57 @@ def test_progress_text_counts_steps_over_all_sections_for_the_eta():
     event = stream.Progress(section=2, sections=3, step=1, steps=4, elapsed_s=50.0, preview=None)
     # 5 of 12 steps in 50 s: 7 steps left take about 70 s.
     assert progress_text(event) == "Section 2/3 · step 1/4 · 0:50 elapsed · ETA 1:10"
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_the_eta_counts_the_remaining_decodes_once_one_was_measured():
+    """2 sections × 4 steps at 1 s a step; the first decode takes 3 s, so the last one is expected to."""
+    now = FakeClock()
+    job = JobClock(now)
+
+    def at(t, event):
+        now.t = t
+        job.update(event)
+
+    at(0, stream.Plan(2, 9, 19, 73, 30, 144, 112))
+    at(0, stream.Phase("text", 0, 2, 0.0))
+    assert job.text() == "Encoding the prompt · 0:00 elapsed"  # nothing timed yet: no ETA
+    at(1, stream.Phase("image", 0, 2, 1.0))
+    at(2, stream.Phase("sampling", 1, 2, 2.0))
+    assert job.phase_text() == "Section 1/2 · sampling"
+    for step in (1, 2):
+        at(2 + step, stream.Progress(1, 2, step, 4, 2.0 + step, None))
+    # 6 steps left at 1 s; no decode measured yet, so the text says the decodes come on top
+    assert job.text() == "Section 1/2 · step 2/4 · 0:04 elapsed · ETA 0:06 + decoding"
+    for step in (3, 4):
+        at(2 + step, stream.Progress(1, 2, step, 4, 2.0 + step, None))
+    at(6, stream.Phase("decode", 1, 2, 6.0))
+    assert job.text() == "Section 1/2 · decoding · 0:06 elapsed · ETA 0:04 + decoding"
+    at(9, stream.Section(1, 2, 37, 73, 30, np.zeros((36, 2, 2, 3), np.uint8)))
+    at(9, stream.Phase("sampling", 2, 2, 9.0))
+    at(10, stream.Progress(2, 2, 1, 4, 10.0, None))
+    assert job.text() == "Section 2/2 · step 1/4 · 0:10 elapsed · ETA 0:06"  # 3 steps + one 3-s decode
+    for step in (2, 3, 4):
+        at(10 + step - 1, stream.Progress(2, 2, step, 4, 9.0 + step, None))
+    at(13, stream.Phase("decode", 2, 2, 13.0))
+    now.t = 14
+    assert job.text() == "Section 2/2 · decoding · 0:13 elapsed · ETA 0:02"  # 1 s into a 3-s decode
+
+
+def test_a_plan_and_a_queue_position_read_as_sentences():
+    assert plan_text(stream.Plan(1, 9, 10, 37, 30, 144, 112)) == (
+        "video: 37 frames = 1.23 s (1 section of 9 latent frames) at 144×112")
+    assert plan_text(stream.Plan(4, 9, 37, 145, 30, 832, 480)) == (
+        "video: 145 frames = 4.83 s (4 sections of 9 latent frames) at 832×480")
+    assert queued_text(stream.Queued(1, 65.0)) == "Queued on the server (next in line), waiting for 1:05"
+    assert queued_text(stream.Queued(3, 5.0)) == "Queued on the server (2 jobs ahead of it), waiting for 0:05"
 
 
 def test_stop_signals_reach_only_the_session_s_current_job():
@@ -257,7 +309,8 @@ def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path,
     before_done = seen["status"][: next(i for i, s in enumerate(seen["status"]) if s.startswith("Done"))]
     steps_shown = [s for s in before_done if s.startswith("Section") and " step " in s]
     assert len(steps_shown) >= 2, seen["status"]
-    assert re.fullmatch(r"Section 1/2 · step [1-4]/4 · \d+:\d\d elapsed · ETA \d+:\d\d", steps_shown[0])
+    assert re.fullmatch(r"Section 1/2 · step [1-4]/4 · \d+:\d\d elapsed · ETA \d+:\d\d \+ decoding\n"
+                        r"Video: 73 frames = 2\.43 s \(2 sections of 9 latent frames\) at 144×112", steps_shown[0])
     assert len(seen["preview"]) >= 2
     # The video grew section by section: the first section's clip played before the whole video.
     assert "partial_01.mp4" in seen["video"][0] and seen["video"][-1].endswith("framepack_seed31337.mp4")

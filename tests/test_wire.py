@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 import framepack_wire as wire
 from client import connection, stream
-from framepack_backend.events import GenerationResult, SectionFinished, StepProgress
+from framepack_backend.events import GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
 from framepack_server import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,8 @@ def test_both_sides_use_the_one_set_of_names():
     assert protocol.MODEL_NAME is wire.MODEL_NAME and connection.MODEL_NAME is wire.MODEL_NAME
     assert protocol.Status is wire.Status and stream.Description is wire.DescribeMeta
     assert [s.value for s in wire.Status] == ["INVALID_ARGUMENT", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"]
-    assert [k.value for k in wire.EventKind] == ["progress", "section", "final", "describe"]
+    assert [k.value for k in wire.EventKind] == [
+        "progress", "section", "final", "describe", "queued", "plan", "phase"]
 
 
 @pytest.mark.parametrize("status", list(wire.Status))
@@ -63,6 +64,36 @@ def test_the_server_s_events_are_read_back_by_the_wire_dataclasses():
     assert isinstance(described, wire.DescribeMeta) and described.settings["steps"]["default"] == 25
 
 
+def test_plan_phase_and_queued_events_travel_and_are_read_back():
+    planned = protocol.to_wire(VideoPlanned(sections=1, window=9, latent_frames=10, frames=37, fps=30,
+                                            width=144, height=112))
+    assert planned.event == dict(kind="plan", sections=1, window=9, latent_frames=10, frame_count=37, fps=30,
+                                 width=144, height=112)
+    plan = wire.event_from_json(planned.event)
+    assert plan == wire.PlanMeta(1, 9, 10, 37, 30, 144, 112) and round(plan.seconds, 2) == 1.23
+    phase = protocol.to_wire(PhaseStarted("decode", 2, 3, elapsed_s=12.34567))
+    assert phase.event == dict(kind="phase", phase="decode", section=2, sections=3, elapsed_s=12.3457)
+    assert wire.event_from_json(phase.event) == wire.PhaseMeta("decode", 2, 3, 12.3457)
+    queued = protocol.queued_response(position=2, waited_s=10.04)
+    assert queued.event == dict(kind="queued", position=2, waited_s=10.0) and queued.tensors == {}
+    assert wire.event_from_json(queued.event) == wire.QueuedMeta(2, 10.0)
+    with pytest.raises(ValueError, match="^phase=3"):
+        wire.event_from_json({**phase.event, "phase": 3})
+
+
+def test_the_client_skips_kinds_it_does_not_know_and_reads_the_new_ones():
+    from test_reliability_units import FakeResult
+
+    assert stream._parse(FakeResult({"kind": "from_the_future", "x": 1})) is None
+    assert stream._parse(FakeResult(dict(kind="plan", sections=2, window=9, latent_frames=19, frame_count=73,
+                                         fps=30, width=144, height=112))) == stream.Plan(2, 9, 19, 73, 30, 144, 112)
+    assert stream._parse(FakeResult(dict(kind="phase", phase="text", section=0, sections=2, elapsed_s=0.5))) == (
+        stream.Phase("text", 0, 2, 0.5))
+    assert stream._parse(FakeResult(dict(kind="queued", position=1, waited_s=5.0))) == stream.Queued(1, 5.0)
+    with pytest.raises(stream.ServerError, match="position="):
+        stream._parse(FakeResult(dict(kind="queued", position="1", waited_s=5.0)))
+
+
 def test_to_json_names_the_kind_first_and_from_json_ignores_unknown_keys():
     meta = wire.SectionMeta(1, 2, 0, 36, 73, 30)
     assert list(meta.to_json()) == ["kind", "section", "sections", "start_frame", "frame_count", "total_frames", "fps"]
@@ -86,7 +117,7 @@ def test_from_json_refuses_values_of_the_wrong_type_naming_them(kind, field, val
 
 
 def test_unknown_kinds_and_missing_fields_are_refused():
-    with pytest.raises(ValueError, match="unexpected event kind 'video'"):
+    with pytest.raises(wire.UnknownEventKind, match="unexpected event kind 'video'"):
         wire.event_from_json({"kind": "video"})
     with pytest.raises(ValueError, match="not a JSON object"):
         wire.event_from_json([1])

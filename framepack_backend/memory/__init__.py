@@ -4,8 +4,8 @@ from ..components import PHASE_COMPONENTS as PHASES
 from .accounting import peak_memory, reset_peak_memory
 from .footprint import MemoryFootprint, job_footprint, streamable_blocks
 from .host import HostArena, PackedBlock
-from .manager import MemoryManager, available_gpu_bytes
-from .modes import StreamPlan, choose_memory_mode, memory_needed, plan_stream
+from .manager import MemoryManager, available_gpu_bytes, available_host_bytes, available_memory_bytes
+from .modes import DecodePlan, StreamPlan, choose_memory_mode, memory_needed, plan_decode, plan_stream
 from .ring import Acquire, Prefetch, Release, Restart, RingSchedule
 from .streaming import BlockStreamer
 from .weights import ComponentWeights
@@ -14,6 +14,7 @@ __all__ = [
     "Acquire",
     "BlockStreamer",
     "ComponentWeights",
+    "DecodePlan",
     "HostArena",
     "MemoryFootprint",
     "MemoryManager",
@@ -25,10 +26,13 @@ __all__ = [
     "RingSchedule",
     "StreamPlan",
     "available_gpu_bytes",
+    "available_host_bytes",
+    "available_memory_bytes",
     "choose_memory_mode",
     "job_footprint",
     "memory_needed",
     "peak_memory",
+    "plan_decode",
     "plan_stream",
     "reset_peak_memory",
     "streamable_blocks",

@@ -100,10 +100,12 @@ def context_tokens(scale: str, latent_height: int, latent_width: int) -> int:
     return math.ceil(frames / kt) * math.ceil(latent_height / kh) * math.ceil(latent_width / kw)
 
 
-def decode_work_bytes(height: int, width: int, window: int, tiled: bool) -> int:
-    """VAE decode of one section (2·window latent frames + 1, the most decode_range asks for)."""
+def decode_work_bytes(height: int, width: int, window: int, tiled: bool, latent_frames: int | None = None) -> int:
+    """VAE decode of one section: `latent_frames` latents (default 2·window + 1, the most
+    decode_range asks for) → their frames at `height`×`width`, whole or in spatial tiles."""
     pixels = height * width
-    frames = VAE_TIME_STRIDE * (2 * window) + 1
+    latents = 2 * window + 1 if latent_frames is None else latent_frames
+    frames = VAE_TIME_STRIDE * (latents - 1) + 1
     working = DECODE_BYTES_PER_PIXEL * (min(pixels, VAE_TILE_PIXELS) if tiled else pixels)
     return working + frames * pixels * 3 * DECODED_BYTES_PER_VALUE
 

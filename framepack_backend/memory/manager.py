@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from ..components import COMPONENT_NAMES, PHASE_COMPONENTS, STREAMED_COMPONENTS
-from .footprint import job_footprint, streamable_blocks
-from .modes import TEXT_ENCODER_SLOTS, StreamPlan, budget_bytes, choose_memory_mode, plan_stream
+from .footprint import decode_work_bytes, job_footprint, streamable_blocks
+from .modes import (
+    TEXT_ENCODER_SLOTS,
+    DecodePlan,
+    StreamPlan,
+    budget_bytes,
+    choose_memory_mode,
+    plan_decode,
+    plan_stream,
+)
 from .weights import ComponentWeights
 
 # Which components there are, which phase runs which, and which stream their blocks
@@ -23,6 +32,22 @@ def available_gpu_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device)
 
 
+def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """RAM the kernel could give a process without swapping (`MemAvailable`); None where unknown."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a job may use on `device`: the GPU's (free + this process's cache) or the host's RAM."""
+    return available_gpu_bytes(device) if device.type == "cuda" else available_host_bytes()
+
+
 class MemoryManager:
     """Puts the components where the memory mode wants them, before a job and around each phase."""
 
@@ -31,12 +56,16 @@ class MemoryManager:
         components: Any,
         device: torch.device | str,
         host_weights: Mapping[str, ComponentWeights] | None = None,
+        available_memory: Callable[[torch.device], int | None] = available_memory_bytes,
     ):
-        """`host_weights`: host copies already made for some components (they are made on first need otherwise)."""
+        """`host_weights`: host copies already made for some components (they are made on first need otherwise).
+        `available_memory(device)`: bytes a job may use there, None where unknown (a test passes a small budget)."""
         self.components = components
         self.device = torch.device(device)
+        self.available_memory = available_memory
         self.mode: str | None = None
         self.plan: StreamPlan | None = None
+        self.decode: DecodePlan | None = None  # the last prepared job's decode
         self._weights: dict[str, ComponentWeights] = dict(host_weights or {})
 
     def prepare(
@@ -47,23 +76,35 @@ class MemoryManager:
         width: int,
         window: int,
         available_bytes: int | None = None,
+        decode_latents: int | None = None,
     ) -> str:
         """Pick the mode for a job at this size (see choose_memory_mode), place the weights, return the mode.
 
         `available_bytes` overrides the measured free GPU memory (a simulated smaller
-        card). On a CPU every mode runs as asked and "auto" is resident.
+        card). On a CPU every mode runs as asked and "auto" is resident. Also plans the
+        job's VAE decodes of at most `decode_latents` latent frames each (default
+        2·window + 1) against the memory there is: `self.decode` (see modes.plan_decode).
         """
         footprint = job_footprint(self.components, height, width, window)
-        if available_bytes is None and self.device.type != "cuda":
+        on_gpu = self.device.type == "cuda"
+        if available_bytes is None and not on_gpu:
             # Host and device memory are one: nothing to fit, so "auto" leaves everything in place.
             mode = "resident" if requested == "auto" else choose_memory_mode(requested, 0, 0.0, footprint)
             budget = 0
+            host = self.available_memory(self.device)
+            decode_budget = None if host is None else host
         else:
             if available_bytes is None:
-                available_bytes = available_gpu_bytes(self.device)
+                available_bytes = self.available_memory(self.device) or 0
             mode = choose_memory_mode(requested, available_bytes, preserve_gb, footprint)
             budget = budget_bytes(available_bytes, preserve_gb)
+            decode_budget = budget
         self.configure(mode, plan_stream(budget, footprint) if mode == "stream" else None)
+        self.decode = plan_decode(
+            mode, footprint, decode_budget, on_gpu,
+            untiled_work=decode_work_bytes(height, width, window, tiled=False, latent_frames=decode_latents),
+            tiled_work=decode_work_bytes(height, width, window, tiled=True, latent_frames=decode_latents),
+        )
         return mode
 
     def configure(self, mode: str, plan: StreamPlan | None = None) -> None:

@@ -130,3 +130,37 @@ def plan_stream(budget: int, footprint: MemoryFootprint) -> StreamPlan:
            and stream_sampling_bytes(footprint, StreamPlan(slots, resident + 1)) <= budget):
         resident += 1
     return StreamPlan(slots, resident)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a job's VAE decodes fit the memory there is: whole, in spatial tiles, or not at all.
+
+    `budget` is None where the available memory is unknown (then nothing is checked).
+    Tiling changes pixels slightly, so a decode is tiled only when the whole one does not fit.
+    """
+
+    tiled: bool
+    fits: bool
+    needed_bytes: int  # the estimate for the chosen way (the tiled one when nothing fits)
+    untiled_bytes: int
+    budget: int | None
+
+
+def plan_decode(mode: str, footprint: MemoryFootprint, budget: int | None, on_gpu: bool,
+                untiled_work: int, tiled_work: int) -> DecodePlan:
+    """Whole decode if its estimate fits `budget`, else tiled if that fits, else a plan that does not fit.
+
+    On a GPU the decode needs the weights that stay there (all of them in resident mode,
+    else the VAE) beside its working memory; on a CPU the weights are already counted out
+    of the available memory. Stream mode always tiles (its budget is the smallest).
+    """
+    weights = 0
+    if on_gpu:
+        weights = footprint.weights if mode == "resident" else footprint.component_bytes["vae"]
+    untiled, tiled = weights + untiled_work, weights + tiled_work
+    if budget is None:
+        return DecodePlan(mode == "stream", True, tiled if mode == "stream" else untiled, untiled, None)
+    if mode != "stream" and untiled <= budget:
+        return DecodePlan(False, True, untiled, untiled, budget)
+    return DecodePlan(True, tiled <= budget, tiled, untiled, budget)

@@ -168,7 +168,7 @@ class TritonPythonModel:
             try:
                 self._admit(request, sender)
             except SettingsError as e:
-                sender.fail(Status.INVALID_ARGUMENT, str(e))
+                self._jobs.refuse_invalid(sender, e)
             except Exception as e:  # one malformed request must not take the others down
                 self._log.error(f"request refused: {type(e).__name__}: {e}")
                 sender.fail(Status.INTERNAL, f"{type(e).__name__}: {e}")
