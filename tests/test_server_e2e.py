@@ -249,3 +249,40 @@ def test_a_server_started_for_f1_serves_forward_sampling(tiny_bundle, tmp_path):
     starts = [e.start_frame for e in events if isinstance(e, stream.Section)]
     assert starts[0] == 0 and starts == sorted(starts)  # F1 appends sections at the end
     assert refused is not None and "INVALID_ARGUMENT" in refused and "sampling=" in refused
+
+
+def test_a_cancel_during_the_decode_stops_the_job_and_counts_it_cancelled(triton_server):
+    """The client cancels a moment after the decode began: the server stops at the decoder's
+    next chunk (sooner than the whole decode takes), counts the job cancelled, not done, and
+    serves the next job."""
+    cancellations_before = triton_server.log_text().count(CANCELLED_LINE)
+    jobs_before = job_counts(triton_server)
+    request = WireRequest(load_image(SAMPLE).pixels, "x", {**FAST_SETTINGS, "seconds": 1, "steps": 1})
+    cancel = threading.Event()
+    events = []
+    for event in stream.generate(triton_server.grpc_address, request, cancel=cancel.is_set):
+        events.append(event)
+        if isinstance(event, stream.Phase) and event.phase == "decode":
+            decode_began = time.monotonic()
+            threading.Timer(0.3, cancel.set).start()
+    assert cancel.is_set() and not any(isinstance(e, (stream.Section, stream.Final)) for e in events)
+
+    deadline = time.monotonic() + 60
+    while triton_server.log_text().count(CANCELLED_LINE) == cancellations_before:
+        assert time.monotonic() < deadline, "the server did not report the cancellation"
+        time.sleep(0.05)
+    stopped_after = time.monotonic() - decode_began
+    line = [ln for ln in triton_server.log_text().splitlines() if CANCELLED_LINE in ln][-1]
+    assert "after 1 steps" in line  # sampling was over: it stopped in the decode
+
+    # The same job run to its end: its whole decode takes longer than the cancelled one ran.
+    final = list(stream.generate(triton_server.grpc_address, request))[-1]
+    assert isinstance(final, stream.Final) and final.frame_count == 37
+    assert stopped_after < final.timings["decode_s"], (stopped_after, final.timings["decode_s"])
+    deadline = time.monotonic() + 30
+    while job_counts(triton_server).get("done", 0) < jobs_before.get("done", 0) + 1:
+        assert time.monotonic() < deadline, "the finished job was not counted"
+        time.sleep(0.2)
+    jobs_after = job_counts(triton_server)
+    assert jobs_after["cancelled"] == jobs_before.get("cancelled", 0) + 1
+    assert jobs_after["done"] == jobs_before.get("done", 0) + 1
