@@ -60,39 +60,11 @@ TRITON_STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
 POLL_S = 0.2
 
 
-@dataclass(frozen=True)
-class Queued:
-    """The job waits on the server: `position` jobs run or wait before it (1: it is next)."""
-
-    position: int
-    waited_s: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The video the job will make (whole sections, so often longer than the seconds asked for)."""
-
-    sections: int
-    window: int  # latent frames per section
-    latent_frames: int
-    frame_count: int
-    fps: int
-    width: int
-    height: int
-
-    @property
-    def seconds(self) -> float:
-        return self.frame_count / self.fps
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A phase begins: "text", "image" (section 0), then "sampling" and "decode" of each section."""
-
-    phase: str
-    section: int
-    sections: int
-    elapsed_s: float
+# The events without image data are the wire's metadata as they are.
+Queued = QueuedMeta  # the job waits on the server: `position` jobs run or wait before it (1: it is next)
+Plan = PlanMeta  # the video the job will make (whole sections, so often longer than the seconds asked for)
+Phase = PhaseMeta  # a phase begins: "text", "image" (section 0), then "sampling" and "decode" of each section
+Final = FinalMeta  # the job's end: the video's size and rate, the seed, every setting used, timings
 
 
 @dataclass(frozen=True)
@@ -113,17 +85,6 @@ class Section:
     total_frames: int
     fps: int
     frames: np.ndarray  # uint8 T×H×W×3, video frames [start_frame, start_frame + T)
-
-
-@dataclass(frozen=True)
-class Final:
-    frame_count: int
-    fps: int
-    width: int
-    height: int
-    seed: int
-    settings: dict
-    timings: dict
 
 
 Event = Queued | Plan | Phase | Progress | Section | Final
@@ -186,21 +147,14 @@ def _parse_event(result) -> Event:
     """The event of one response; the metadata's numbers are checked by framepack_wire
     (integers only: they end up in file names, so they must not carry a path)."""
     meta = event_from_json(_event_meta(result))
-    if isinstance(meta, QueuedMeta):
-        return Queued(meta.position, meta.waited_s)
-    if isinstance(meta, PlanMeta):
-        return Plan(meta.sections, meta.window, meta.latent_frames, meta.frame_count, meta.fps, meta.width,
-                    meta.height)
-    if isinstance(meta, PhaseMeta):
-        return Phase(meta.phase, meta.section, meta.sections, meta.elapsed_s)
+    if isinstance(meta, (QueuedMeta, PlanMeta, PhaseMeta, FinalMeta)):
+        return meta
     if isinstance(meta, ProgressMeta):
         return Progress(meta.section, meta.sections, meta.step, meta.steps, meta.elapsed_s,
                         result.as_numpy(PREVIEW_OUTPUT))
     if isinstance(meta, SectionMeta):
         return Section(meta.section, meta.sections, meta.start_frame, meta.total_frames, meta.fps,
                        result.as_numpy(FRAMES_OUTPUT))
-    if isinstance(meta, FinalMeta):
-        return Final(meta.frame_count, meta.fps, meta.width, meta.height, meta.seed, meta.settings, meta.timings)
     raise ServerError("UNKNOWN", f"unexpected event kind {meta.kind.value!r} from the server")
 
 
