@@ -93,10 +93,10 @@ def test_responses_stream_before_the_final_one_and_other_requests_are_answered(t
 
     final_at, final = arrivals[-1]
     assert isinstance(final, stream.Final) and final.frame_count == 73
-    kinds = [type(e).__name__ for _, e in arrivals]
+    kinds = [type(e) for _, e in arrivals]
     steps = FAST_SETTINGS["steps"]
-    assert kinds == ["Plan", "Phase", "Phase"] + (["Phase"] + ["Progress"] * steps + ["Phase", "Section"]) * 2 + [
-        "Final"]
+    Plan, Phase, Progress, Section, Final = stream.Plan, stream.Phase, stream.Progress, stream.Section, stream.Final
+    assert kinds == [Plan, Phase, Phase] + ([Phase] + [Progress] * steps + [Phase, Section]) * 2 + [Final]
     assert arrivals[0][1] == stream.Plan(2, 9, 19, 73, 30, final.width, final.height)
     phases = [(e.phase, e.section) for _, e in arrivals if isinstance(e, stream.Phase)]
     assert phases == [("text", 0), ("image", 0), ("sampling", 1), ("decode", 1), ("sampling", 2), ("decode", 2)]
