@@ -81,11 +81,21 @@ class FrameAssembler:
         return self._video
 
 
-def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None) -> Path:
+# x264's macroblock-tree rate control makes the bytes (and decoded pixels) differ from one
+# encode of the same frames to the next with PyAV's bundled libx264, even single-threaded;
+# without it five of five encodes are identical. At the same crf the file is larger and
+# slightly better (benchmarks/mp4_determinism.py; results in benchmarks/results/).
+DETERMINISTIC_X264_PARAMS = "mbtree=0"
+
+
+def write_mp4(
+    path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None, *, deterministic: bool = True
+) -> Path:
     """Encode uint8 T×H×W×3 RGB frames as H.264 (yuv420p) at `fps`; atomic.
 
     yuv420p needs even sides: an odd last row or column is cropped. `crf` None keeps the
-    encoder's default quality.
+    encoder's default quality. `deterministic` (default): the same frames give the same
+    bytes (DETERMINISTIC_X264_PARAMS).
     """
     path = Path(path)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -105,8 +115,10 @@ def write_mp4(path: Path | str, frames: np.ndarray, fps: int, crf: int | None = 
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"
+            options = {"x264-params": DETERMINISTIC_X264_PARAMS} if deterministic else {}
             if crf is not None:
-                stream.options = {"crf": str(crf)}
+                options["crf"] = str(crf)
+            stream.options = options
             for frame in frames:
                 picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
                 container.mux(stream.encode(picture))
