@@ -32,6 +32,7 @@ from framepack_backend.components import Components  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.pipeline import Pipeline, configure_transformer  # noqa: E402
 from framepack_backend.request import GenerationRequest  # noqa: E402
+from framepack_backend.settings import EngineOptions  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
 
 
@@ -126,8 +127,8 @@ def main() -> None:
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
     # The engine's options (Pipeline.from_pretrained): fused kernels unless --no-kernels, fp32 output.
-    configure_transformer(components.transformer, device, fused_kernels=not args.no_kernels, fp8=False)
-    pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"))
+    options = configure_transformer(components.transformer, device, EngineOptions(fused_kernels=not args.no_kernels))
+    pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"), options)
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "framepack_server/assets/sample.png")
                        .convert("RGB"))

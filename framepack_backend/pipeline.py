@@ -91,17 +91,12 @@ class Pipeline:
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if options.fp32_output is None:
-            options = options.replace(fp32_output=dtype in (torch.bfloat16, torch.float16))
         model_dir = Path(model_dir)
         components = load_components(
             model_dir, device="cpu", dtype=dtype, encoder_dtype=encoder_dtype_for(device),
             transformer_subfolder=options.sampling.transformer_folder,
         )
-        fused = configure_transformer(
-            components.transformer, device, options.fused_kernels, options.fp8, options.fp32_output
-        )
-        options = options.replace(fused_kernels=fused)
+        options = configure_transformer(components.transformer, device, options)
         pipeline = cls(components, device, dtype, model_dir, options)
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
@@ -332,26 +327,27 @@ def _check_cancel(cancel: Callable[[], bool] | None, where: str) -> None:
         raise GenerationCancelled(f"cancelled {where}")
 
 
-def configure_transformer(
-    transformer, device: torch.device, fused_kernels: bool | None, fp8: bool, fp32_output: bool | None = None
-) -> bool:
+def configure_transformer(transformer, device: torch.device, options: EngineOptions) -> EngineOptions:
     """Apply the speed and precision options; asking for one this machine cannot run is an error, not a fallback.
 
     They are the instance's options, not a request's: a machine that cannot run one raises
     ValueError when the instance loads. Runs before the memory manager copies the weights to
     host memory, which keeps each tensor in the dtype it has then (the fp32 proj_out of
-    `fp32_output` included). Returns whether the fused kernels run.
+    `fp32_output` included). Returns the options as applied: `fused_kernels` and `fp32_output`
+    left None get their defaults for this machine and these weights.
     """
+    fp32_output = options.fp32_output
     if fp32_output is None:
         fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
     transformer.set_fp32_output(fp32_output)
-    if fp8:
+    if options.fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("fp8=True is not allowed: expected a GPU with FP8 tensor cores "
                              f"(compute capability 8.9 or newer), not {device}")
         transformer.quantize_fp8()
+    fused_kernels = options.fused_kernels
     if fused_kernels is None:
         fused_kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     if fused_kernels:
         transformer.set_fused_kernels(True)
-    return fused_kernels
+    return options.replace(fused_kernels=fused_kernels, fp32_output=fp32_output)
