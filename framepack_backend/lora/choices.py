@@ -12,9 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Container
 
+from framepack_wire import LORAS_PARAMETER
+
 from ..settings import SettingsError
 
-LORAS_FIELD = "loras"
+LORAS_FIELD = LORAS_PARAMETER
 LORA_SUFFIX = ".safetensors"
 STRENGTH_RANGE = (-2.0, 2.0)
 DEFAULT_STRENGTH = 1.0
