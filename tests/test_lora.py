@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from framepack_backend.events import GenerationResult
-from framepack_backend.lora.apply import job_loras, lora_targets, loras_applied
+from framepack_backend.lora.apply import FORMS, job_loras, lora_targets, loras_applied
 from framepack_backend.lora.choices import LoraChoice, parse_lora_choices
 from framepack_backend.lora.folder import LoraFolder
 from framepack_backend.lora.formats import LoraFileError, read_lora
@@ -80,7 +80,7 @@ def folder(tmp_path_factory):
 
 def forward(model, inputs, loras=(), folder=None):
     choices = [LoraChoice(name, strength) for name, strength in loras]
-    with torch.no_grad(), job_loras(model, folder, choices, torch.device("cpu"), torch.float32):
+    with torch.inference_mode(), job_loras(model, folder, choices, torch.device("cpu"), torch.float32):
         return model(**inputs)
 
 
@@ -88,13 +88,18 @@ def test_strength_zero_is_bit_identical_and_the_model_is_unchanged_after(model, 
     before = forward(model, inputs)
     with_lora = forward(model, inputs, [("peft", 0.7)], folder)
     assert not torch.equal(with_lora, before)
+    lora = folder.load("peft", lora_targets(model))
+    with torch.inference_mode(), loras_applied(model, [(lora, 0.7)], torch.device("cpu"), torch.float32, "unmerged"):
+        unmerged = model(**inputs)
+    assert float((unmerged - with_lora).abs().max()) <= 1e-5  # the two forms agree
     assert torch.equal(forward(model, inputs, [("peft", 0.0)], folder), before)
     assert torch.equal(forward(model, inputs), before)  # hooks gone, weights never written
     assert all(not m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("strength", [1.0, -0.5])
-def test_every_adapted_layer_computes_w_x_plus_s_alpha_over_r_b_a_x(model, folder, strength):
+def test_every_adapted_layer_computes_w_x_plus_s_alpha_over_r_b_a_x(model, folder, strength, form):
     targets = lora_targets(model)
     lora = folder.load("peft", targets)
     factors = diffusers_factors(original(seed=10), DIM)
@@ -102,7 +107,9 @@ def test_every_adapted_layer_computes_w_x_plus_s_alpha_over_r_b_a_x(model, folde
     modules = dict(model.named_modules())
     g = torch.Generator().manual_seed(3)
     worst = 0.0
-    with torch.no_grad(), loras_applied(model, [(lora, strength)], torch.device("cpu"), torch.float32) as n:
+    weights = {name: module.weight.clone() for name, module in modules.items() if name in factors}
+    with torch.inference_mode(), loras_applied(model, [(lora, strength)], torch.device("cpu"), torch.float32,
+                                               form) as n:
         assert n == len(factors)
         for name, (a, b) in factors.items():
             layer = modules[name]
@@ -111,6 +118,8 @@ def test_every_adapted_layer_computes_w_x_plus_s_alpha_over_r_b_a_x(model, folde
                         + strength * (ALPHA / RANK) * (x.double() @ a.double().t()) @ b.double().t())
             worst = max(worst, float((layer(x).double() - expected).abs().max()))
     assert worst <= 1e-5, worst
+    assert all(torch.equal(modules[name].weight, weight) for name, weight in weights.items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_two_loras_add_up(model, folder):
@@ -236,3 +245,38 @@ def test_a_job_after_a_lora_job_is_bit_identical_to_one_before(pipeline, image, 
     assert np.abs(with_lora.astype(int) - before.astype(int)).max() > 0
     assert np.array_equal(frames("style:0"), before)
     assert np.array_equal(frames(), before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU (row-wise scaled FP8 GEMM)")
+@pytest.mark.parametrize("fused_kernels", [False, True])
+def test_fp8_layers_take_the_low_rank_path_and_are_unchanged_after(tmp_path, fused_kernels):
+    """FP8 blocks (eager and fused): the LoRA's change to the output matches the bf16
+    model's within FP8 error, and a forward after the LoRA is bit-identical to one before."""
+    from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
+
+    dim = GPU_CONFIG["num_attention_heads"] * GPU_CONFIG["attention_head_dim"]
+    factors = hunyuan_factors(dim, int(dim * GPU_CONFIG["mlp_ratio"]), GPU_CONFIG["num_layers"],
+                              GPU_CONFIG["num_single_layers"], rank=8, seed=4, std=0.05)
+    save_diffusers(tmp_path / "gpu.safetensors", diffusers_factors(factors, dim))
+    model = build_pair(GPU_CONFIG, seed=6)[1].cuda().bfloat16()
+    model.set_fused_kernels(fused_kernels)
+    inputs = bf16(gpu_inputs())
+    lora = [(LoraFolder(tmp_path).load("gpu", lora_targets(model)), 1.0)]
+    device = torch.device("cuda")
+    with torch.no_grad():
+        bf16_delta = _delta(model, inputs, lora, device)
+        model.quantize_fp8()
+        before = model(**inputs)
+        fp8_delta = _delta(model, inputs, lora, device)
+        after = model(**inputs)
+    assert torch.equal(before, after)
+    rel = float((fp8_delta - bf16_delta).norm() / bf16_delta.norm())
+    assert bf16_delta.abs().max() > 0 and rel < 0.1, rel
+
+
+def _delta(model, inputs, loras, device):
+    base = model(**inputs).float()
+    with loras_applied(model, loras, device, torch.bfloat16):
+        return model(**inputs).float() - base

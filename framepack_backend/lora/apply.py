@@ -1,28 +1,31 @@
-"""A job's LoRAs as a low-rank path beside the adapted layers, never merged into them.
+"""A job's LoRAs beside the adapted layers, for that job only; the base weights are never written.
 
-Each adapted layer gets a forward hook that adds `(x · Aᵀ) · Bᵀ` to its output, where A
-stacks the down matrices of every LoRA that adapts the layer and B their up matrices,
-each scaled by strength · alpha / rank: several LoRAs cost one pair of thin GEMMs per
-layer, whatever their number. Leaving the job removes the hooks; the base weights are
-never written, so a job after a LoRA job is bit-identical to one before it.
+Several LoRAs on one layer are stacked once per job: A holds their down matrices, B their
+up matrices, each scaled by strength · alpha / rank, so any number of them costs one
+low-rank product per layer. Each adapted layer then runs one of two ways:
 
-Why unmerged, not merged into W and undone after:
-- the memory modes keep the block weights in packed host buffers that `stream` and
-  `offload` copy from (memory/host.py); merging per job means rewriting those buffers
-  (about 25 GB for the 13B model) and a copy of the originals to undo it;
-- undoing a bf16 merge by subtracting is not exact (W + ΔW − ΔW ≠ W after rounding), so a
-  merge needs the original weights kept anyway;
-- FP8 layers hold e4m3 weights with per-channel scales (models/fp8.py): merging means
-  dequantize, add, requantize (the scales change), which is lossy for the base too;
-- the hooks work the same in every memory mode, with FP8 and with the fused kernels.
-The price: two GEMMs with K or N = rank per adapted layer and forward, and the fused
-path gives up its GEMM-epilogue GELU and split output projection on adapted layers (they
-run as plain module calls so the hook sees them). benchmarks/lora.py measures both the
-per-forward overhead and the time to apply and remove.
+- `unmerged` (a forward hook): output += (x · Aᵀ) · Bᵀ. Costs two thin GEMMs plus one
+  more read of x and a read and write of the output, per call: it grows with the tokens.
+  FP8 layers (models/fp8.py) always run this way: their weights are e4m3 with
+  per-channel scales, and adding B·A to them would mean requantizing (lossy for the base).
+  An FP8 layer reads an `Fp8Activation`; the low-rank path reads the same rounded input.
+- `merged` (a forward pre-hook and a forward hook): just before the layer runs, its weight
+  tensor's data is pointed at a fresh W + B·A, and back at W right after, the device-side
+  swap the memory manager already does (memory/host.py). Costs one read of W and one
+  write of a temporary per call, whatever the number of tokens: cheaper than `unmerged`
+  when tokens · (in + 2·out) > 2 · in · out, i.e. above about 2 000 tokens for a 3072×3072
+  layer; a 640-bucket FramePack section has about 20 000.
 
-FP8 layers take an `Fp8Activation` (quantized once, shared by q, k, v and the MLP); the
-low-rank path reads its dequantized value, i.e. the same rounded input the base GEMM
-reads, in the activation's dtype.
+Why not merge into W once per job and undo it after: undoing a bf16 merge by subtracting
+is not exact (rounding), so the originals must be kept; `resident` has no host copy of
+them (about 25 GB for the 13B model), and `stream` reads the blocks from packed host
+buffers each forward, so a merge there means rewriting those buffers. Both per-call
+forms work unchanged in every memory mode (in `stream`, the pre-hook runs after the block
+was copied into its slot), with FP8 and with the fused kernels, and leave W untouched, so
+a job after a LoRA job is bit-identical to one before it. The fused path runs adapted
+layers as plain module calls (models/fused.py: `_is_plain_linear`), giving up its GEMM-
+epilogue GELU and split output projection on them. benchmarks/lora.py measures both
+forms against no LoRA and the time to apply and remove; FLOAT_LAYERS picks the form.
 """
 
 from __future__ import annotations
@@ -74,10 +77,35 @@ class LowRankPath:
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         if isinstance(x, Fp8Activation):
-            x = (x.values.float() * x.scale).to(x.dtype)
-        rows = x.reshape(-1, x.shape[-1]).to(self.down.dtype)
-        output.view(-1, output.shape[-1]).addmm_(rows @ self.down.t(), self.up.t())
+            # e4m3 values are exact in bf16; the per-row scale is applied to the rank-wide product.
+            low_rank = ((x.values.to(self.down.dtype) @ self.down.t()).float() * x.scale).to(self.down.dtype)
+        else:
+            low_rank = x.reshape(-1, x.shape[-1]).to(self.down.dtype) @ self.down.t()
+        output.view(-1, output.shape[-1]).addmm_(low_rank, self.up.t())
         return output
+
+
+class MergedWeight:
+    """The pre-hook and hook of one adapted float layer: W + up · down while it runs."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up
+        self._original: torch.Tensor | None = None
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        weight = module.weight
+        self._original = weight.data
+        weight.data = torch.addmm(self._original, self.up, self.down)
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        module.weight.data = self._original
+        self._original = None
+
+
+# How float (bf16/fp32) layers take a LoRA; FP8 layers are always unmerged. Per-call merging
+# costs do not grow with the tokens (see the module docstring); benchmarks/lora.py compares.
+FLOAT_LAYERS = "merged"
+FORMS = ("merged", "unmerged")
 
 
 def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -91,10 +119,12 @@ def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 @contextmanager
 def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], device: torch.device,
-                  dtype: torch.dtype) -> Iterator[int]:
-    """Add the low-rank path of `loras` ((file, strength) pairs) to `model` for the block's
-    duration; yields how many layers were adapted. The factors go to `device` now (small:
-    rank × (in + out) per layer) and are freed on exit."""
+                  dtype: torch.dtype, float_layers: str = FLOAT_LAYERS) -> Iterator[int]:
+    """Add `loras` ((file, strength) pairs) to `model` for the block's duration, float layers
+    `merged` or `unmerged` per call; yields how many layers were adapted. The factors go to
+    `device` now (small: rank × (in + out) per layer) and are freed on exit."""
+    if float_layers not in FORMS:
+        raise ValueError(f"float_layers={float_layers!r} is not allowed: expected one of {FORMS}")
     per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for lora, strength in loras:
         for name, layer in lora.layers.items():
@@ -107,8 +137,13 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
             layer_dtype = _compute_dtype(module, dtype)
             down = torch.cat([d for d, _ in parts]).to(device, layer_dtype)
             up = torch.cat([u for _, u in parts], dim=1).to(device, layer_dtype)
-            handles.append(module.register_forward_hook(LowRankPath(down, up)))
-        yield len(handles)
+            if float_layers == "merged" and not isinstance(module, Fp8Linear):
+                merged = MergedWeight(down, up)
+                handles.append(module.register_forward_pre_hook(merged.before))
+                handles.append(module.register_forward_hook(merged.after))
+            else:
+                handles.append(module.register_forward_hook(LowRankPath(down, up)))
+        yield len(per_layer)
     finally:
         for handle in handles:
             handle.remove()
