@@ -280,3 +280,16 @@ def _delta(model, inputs, loras, device):
     base = model(**inputs).float()
     with loras_applied(model, loras, device, torch.bfloat16):
         return model(**inputs).float() - base
+
+
+def test_the_instance_reads_its_lora_folder_from_the_launcher(tmp_path):
+    from framepack_server.instance import InstanceConfig, InstanceConfigError, InstanceOverrides
+    from tests.test_server_jobs import triton_args
+
+    args = triton_args(model_dir=str(tmp_path), lora_dir="")
+    assert InstanceConfig.from_triton(args, {}).lora_dir is None
+    env = InstanceOverrides(lora_dir=str(tmp_path)).environment()
+    assert env == {"FRAMEPACK_LORA_DIR": str(tmp_path)}
+    assert InstanceConfig.from_triton(args, env).lora_dir == tmp_path
+    with pytest.raises(InstanceConfigError, match="lora_dir"):
+        InstanceConfig.from_triton(args, {"FRAMEPACK_LORA_DIR": str(tmp_path / "missing")})
