@@ -293,3 +293,20 @@ def test_the_instance_reads_its_lora_folder_from_the_launcher(tmp_path):
     assert InstanceConfig.from_triton(args, env).lora_dir == tmp_path
     with pytest.raises(InstanceConfigError, match="lora_dir"):
         InstanceConfig.from_triton(args, {"FRAMEPACK_LORA_DIR": str(tmp_path / "missing")})
+
+
+def test_the_web_ui_offers_a_slider_per_lora_and_sends_those_not_at_zero(tmp_path):
+    import gradio as gr
+
+    from client.webui import build_app, lora_parameter
+    from framepack_server.protocol import describe_response
+    from framepack_wire import event_from_json
+
+    assert lora_parameter({"a": 0, "b": 0.5, "c": -1.25}) == "b:0.5,c:-1.25"
+    assert lora_parameter({"a": 0.0}) == ""
+    listing = [{"name": "style", "size_bytes": 10, "rank": 32, "format": "kohya"}]
+    description = event_from_json(describe_response(listing).event)
+    assert description.loras == listing
+    app = build_app("localhost:1", description, tmp_path)
+    sliders = [block for block in app.blocks.values() if isinstance(block, gr.Slider) and block.label == "style"]
+    assert len(sliders) == 1 and (sliders[0].minimum, sliders[0].maximum, sliders[0].value) == (-2, 2, 0)
