@@ -18,6 +18,7 @@ from .components import Components, encoder_dtype_for, load_components
 from .errors import GenerationCancelled
 from .events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
 from .lora.apply import job_loras
+from .lora.choices import LORAS_FIELD
 from .lora.folder import LoraFolder
 from .memory import MemoryManager, peak_memory, reset_peak_memory
 from .memory.footprint import GIB
@@ -136,7 +137,10 @@ class Pipeline:
         # The request's LoRAs beside the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype):
-            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+            for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
+                if isinstance(event, GenerationResult) and request.loras:
+                    event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
+                yield event
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,

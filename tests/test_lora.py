@@ -238,10 +238,15 @@ def test_a_job_after_a_lora_job_is_bit_identical_to_one_before(pipeline, image, 
                                           resolution=128, steps=3, seconds=1, memory_mode=memory_mode)
         result = list(pipeline.generate(request))[-1]
         assert isinstance(result, GenerationResult) and result.settings["memory_mode"] == memory_mode
+        last_settings.clear()
+        last_settings.update(result.settings)
         return result.frames
+
+    last_settings: dict = {}
 
     before = frames()
     with_lora = frames("style:1.5")
+    assert last_settings["loras"] == "style:1.5"
     assert np.abs(with_lora.astype(int) - before.astype(int)).max() > 0
     assert np.array_equal(frames("style:0"), before)
     assert np.array_equal(frames(), before)

@@ -92,12 +92,13 @@ class MergedWeight:
         self.down, self.up = down, up
         self._original: torch.Tensor | None = None
 
-    def before(self, module: nn.Module, args: tuple) -> None:
-        weight = module.weight
-        self._original = weight.data
-        weight.data = torch.addmm(self._original, self.up, self.down)
+    def before(self, module: nn.Linear, args: tuple) -> None:
+        original = module.weight.data
+        self._original = original
+        module.weight.data = torch.addmm(original, self.up, self.down)
 
-    def after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def after(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        assert self._original is not None, "a LoRA weight swap ended without starting"
         module.weight.data = self._original
         self._original = None
 
