@@ -126,18 +126,19 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
     `device` now (small: rank × (in + out) per layer) and are freed on exit."""
     if float_layers not in FORMS:
         raise ValueError(f"float_layers={float_layers!r} is not allowed: expected one of {FORMS}")
-    per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for lora, strength in loras:
         for name, layer in lora.layers.items():
-            per_layer.setdefault(name, []).append((layer.down, layer.up * strength))
+            per_layer.setdefault(name, []).append((layer.down, layer.up, strength))
     modules = dict(model.named_modules())
     handles = []
     try:
         for name, parts in per_layer.items():
             module = modules[name]
             layer_dtype = _compute_dtype(module, dtype)
-            down = torch.cat([d for d, _ in parts]).to(device, layer_dtype)
-            up = torch.cat([u for _, u in parts], dim=1).to(device, layer_dtype)
+            # Stacked and scaled on the device, in fp32, then rounded once to the layer's dtype.
+            down = torch.cat([d.to(device) for d, _, _ in parts]).to(layer_dtype)
+            up = torch.cat([u.to(device) * s for _, u, s in parts], dim=1).to(layer_dtype)
             if float_layers == "merged" and not isinstance(module, Fp8Linear):
                 merged = MergedWeight(down, up)
                 handles.append(module.register_forward_pre_hook(merged.before))
