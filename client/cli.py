@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from framepack_wire import WireRequest
+from framepack_wire import LORAS_PARAMETER, WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--crf", metavar="VALUE",
                           help=f"{CRF_SPEC['doc']}, {CRF_SPEC['low']}..{CRF_SPEC['high']} (default {CRF_DEFAULT}; "
                           "applied by this client)")
+    settings.add_argument("--lora", action="append", metavar="NAME[:STRENGTH]", default=[],
+                          help="a LoRA of the server's folder, strength -2..2 (default 1); repeat to add several "
+                          "(`framepack settings` lists them)")
     described = commands.add_parser("settings", help="list the server's settings: defaults, ranges, choices")
     described.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     add_connection_options(described)
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.message:
         print(f"framepack: {loaded.message}", file=sys.stderr)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
+    settings[LORAS_PARAMETER] = ",".join(args.lora) or None  # the server checks names and strengths
     request = WireRequest(loaded.pixels, args.prompt,
                           {name: value for name, value in settings.items() if value is not None})
     try:
@@ -241,6 +245,10 @@ def run_settings(args: argparse.Namespace) -> int:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_SERVER_ERROR
     print(settings_table(description.settings, description.presets))
+    if description.loras:
+        print("\nLoRAs (--lora NAME[:STRENGTH]):")
+        for lora in description.loras:
+            print(f"  {lora['name']}: rank {lora['rank']}, {lora['format']}, {lora['size_bytes'] / 2**20:.1f} MiB")
     return 0
 
 

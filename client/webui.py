@@ -28,7 +28,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from framepack_wire import WireRequest
+from framepack_wire import LORAS_PARAMETER, WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
@@ -123,6 +123,14 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                         for name in group_names[row : row + FIELDS_PER_ROW]:
                             fields[name] = setting_field(name, _spec(description, name))
 
+        # One strength slider per LoRA of the server's folder (0: not used).
+        loras = {}
+        if description.loras:
+            with gr.Accordion("LoRAs", open=False):
+                for lora in description.loras:
+                    loras[lora["name"]] = gr.Slider(-2, 2, value=0, step=0.05, label=lora["name"],
+                                                    info=f"rank {lora['rank']}, {lora['format']}")
+
         names = list(fields)
         preset_fields = [name for name in names if any(name in values for values in description.presets.values())]
 
@@ -143,6 +151,9 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 return
             note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
             settings = {name: value for name, value in zip(names, values) if value is not None}
+            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
+            if chosen:
+                settings[LORAS_PARAMETER] = chosen
             if preset_value:
                 settings["preset"] = preset_value  # recorded by the server; the fields' values win
             try:
@@ -168,11 +179,17 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
         start.click(
-            start_job, [image, prompt, preset, *fields.values()], [start, stop, status, preview, video, download],
+            start_job, [image, prompt, preset, *fields.values(), *loras.values()],
+            [start, stop, status, preview, video, download],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
         stop.click(stop_job, None, [stop, status], queue=False)
     return app
+
+
+def lora_parameter(strengths: dict[str, float]) -> str:
+    """The `loras` request parameter for the sliders' strengths: those not at 0, as NAME:STRENGTH."""
+    return ",".join(f"{name}:{float(strength):g}" for name, strength in strengths.items() if strength)
 
 
 def setting_field(name: str, spec: dict) -> gr.components.Component:

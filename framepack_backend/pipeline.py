@@ -17,6 +17,9 @@ from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
 from .errors import GenerationCancelled
 from .events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
+from .lora.apply import job_loras
+from .lora.choices import LORAS_FIELD
+from .lora.folder import LoraFolder
 from .memory import MemoryManager, peak_memory, reset_peak_memory
 from .memory.footprint import GIB
 from .presets import FLOW_PRESETS
@@ -41,8 +44,10 @@ class Pipeline:
         dtype: torch.dtype,
         model_dir: Path,
         options: EngineOptions | None = None,
+        loras: LoraFolder | None = None,
     ):
         self.components = components
+        self.loras = loras  # the instance's LoRA folder; None: requests may not name LoRAs
         self.device = device
         self.dtype = dtype
         self.model_dir = model_dir
@@ -68,6 +73,7 @@ class Pipeline:
         fused_kernels: bool | None = None,
         fp8: bool | None = None,
         fp32_output: bool | None = None,
+        lora_dir: str | Path | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
@@ -85,6 +91,7 @@ class Pipeline:
         fp32, as the FramePack demo does (FramePackTransformer.set_fp32_output).
         Weights load into host memory; the memory manager then places them for the
         instance's memory mode (a job that overrides it moves them again).
+        `lora_dir`: the folder whose LoRA files requests may name (framepack_backend/lora/).
         """
         shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output}
         options = (options or EngineOptions()).replace(**{k: v for k, v in shortcuts.items() if v is not None})
@@ -97,7 +104,8 @@ class Pipeline:
             transformer_subfolder=options.sampling.transformer_folder,
         )
         options = configure_transformer(components.transformer, device, options)
-        pipeline = cls(components, device, dtype, model_dir, options)
+        loras = LoraFolder(lora_dir) if lora_dir is not None else None
+        pipeline = cls(components, device, dtype, model_dir, options, loras)
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
@@ -126,8 +134,13 @@ class Pipeline:
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
-        with self._job_lock:
-            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+        # The request's LoRAs beside the transformer's layers for this job only (lora/apply.py).
+        with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
+                                       self.dtype):
+            for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
+                if isinstance(event, GenerationResult) and request.loras:
+                    event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
+                yield event
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,

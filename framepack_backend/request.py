@@ -19,12 +19,13 @@ by `parse_request` and given to the pipeline in the request:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Container, Mapping
 
 import numpy as np
 
 from framepack_wire import MAX_IMAGE_ASPECT, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, PROMPT_PARAMETER
 
+from .lora.choices import LORAS_FIELD, LoraChoice, parse_lora_choices
 from .settings import EngineOverrides, SamplingSettings, SettingsError, split_settings, validate_prompt
 
 
@@ -43,22 +44,28 @@ class GenerationRequest:
     prompt: str
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     engine: EngineOverrides = field(default_factory=EngineOverrides)
+    loras: tuple[LoraChoice, ...] = ()  # LoRAs of the server's folder, applied for this job only
 
     @classmethod
-    def parse(cls, image: object, prompt: object = "", **settings: object) -> GenerationRequest:
+    def parse(cls, image: object, prompt: object = "", loras_available: Container[str] | None = None,
+              **settings: object) -> GenerationRequest:
         """`parse_request` with the settings as keyword arguments (tests, scripts)."""
-        return parse_request(image, {PROMPT_PARAMETER: prompt, **settings})
+        return parse_request(image, {PROMPT_PARAMETER: prompt, **settings}, loras_available)
 
 
-def parse_request(image: object, parameters: Mapping[str, object]) -> GenerationRequest:
+def parse_request(image: object, parameters: Mapping[str, object],
+                  loras_available: Container[str] | None = None) -> GenerationRequest:
     """A request from raw input: the image array and the request parameters (the prompt
-    and settings by name, loosely typed). Raises SettingsError naming the first bad field."""
+    and settings by name, loosely typed). Raises SettingsError naming the first bad field.
+    `loras_available`: the names of the instance's LoRA folder (None: it has none), the
+    allow-list the `loras` parameter is checked against."""
     values = dict(parameters)
     if PROMPT_PARAMETER not in values:
         raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
     prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
+    loras = parse_lora_choices(values.pop(LORAS_FIELD, None), loras_available)
     settings, engine = split_settings(values)
-    return GenerationRequest(validate_image(image), prompt, settings, engine)
+    return GenerationRequest(validate_image(image), prompt, settings, engine, loras)
 
 
 def validate_image(image: object, field_name: str = "image") -> np.ndarray:

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
+    parser.add_argument("--lora-dir", type=Path, metavar="DIR",
+                        help="folder of LoRA .safetensors files requests may name (framepack generate --lora NAME)")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
     try:
+        if args.lora_dir is not None and not args.lora_dir.is_dir():
+            raise ValueError(f"--lora-dir {args.lora_dir} is not a directory")
         tls = None
         if args.grpc_server_cert:
             tls = GrpcTls(args.grpc_server_cert, args.grpc_server_key, args.grpc_client_ca)
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=InstanceOverrides(
                 max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds, sampling=args.sampling,
                 fp8=True if args.fp8 else None, fault_injection=args.fault_injection,
+                lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None,
             ),
         )
     except ValueError as e:

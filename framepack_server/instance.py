@@ -25,6 +25,7 @@ ENV_OVERRIDES = {
     "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
     "sampling": "FRAMEPACK_SAMPLING",
     "fp8": "FRAMEPACK_FP8",
+    "lora_dir": "FRAMEPACK_LORA_DIR",
 }
 FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -58,6 +59,7 @@ class InstanceOverrides:
     max_job_seconds: float | None = None  # 0: no limit
     sampling: str | None = None  # a VARIANT_NAMES entry
     fp8: bool | None = None
+    lora_dir: str | None = None  # the folder whose LoRA files requests may name
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -86,6 +88,7 @@ class InstanceConfig:
     fault_injection: bool = False
     sampling: SamplingVariant = SamplingVariant.INVERTED
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
+    lora_dir: Path | None = None  # None: requests may not name LoRAs
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -140,6 +143,13 @@ class InstanceConfig:
                 f"model_dir={str(model_dir)!r} is not a directory: set FRAMEPACK_MODEL_DIR or the "
                 "config parameter model_dir to a FramePack model directory (docs/architecture.md)"
             )
+        lora_text = value("lora_dir", "")
+        lora_dir = Path(lora_text).expanduser() if lora_text else None
+        if lora_dir is not None and not lora_dir.is_dir():
+            raise InstanceConfigError(
+                f"lora_dir={lora_text!r} is not a directory: set FRAMEPACK_LORA_DIR or the config parameter "
+                "lora_dir to a folder of LoRA .safetensors files, or leave it empty for none"
+            )
         shutdown_file = environ.get(SHUTDOWN_FILE_ENV, "").strip()
         return cls(
             model_dir,
@@ -151,4 +161,5 @@ class InstanceConfig:
             environ.get(FAULT_INJECTION_ENV, "") == "1",
             SamplingVariant(sampling),
             FP8_VALUES[fp8],
+            lora_dir,
         )

@@ -35,8 +35,9 @@ JSON bytes as a UINT8 vector, `{"kind": ...}` (framepack_wire.events):
 A request with the parameter `describe` true (and no image: the input is optional) is
 answered at once by one final `describe` response: `settings` (every setting a request
 may carry: type, default, range or choices and help text), `presets` (name → the
-settings it sets) and `flow_presets`, so front ends show the engine's values without
-importing it.
+settings it sets), `flow_presets` and `loras` (the server's LoRA folder: name,
+size_bytes, rank, format; a request names them in `loras` as `NAME[:STRENGTH],...`),
+so front ends show the engine's values without importing it.
 
 Errors travel as Triton errors whose message starts with a status word, e.g.
 `INVALID_ARGUMENT: steps='x' is not allowed: expected int in [1, 100]`, because the gRPC
@@ -102,11 +103,13 @@ def is_describe_request(parameters: Mapping[str, object]) -> bool:
     return True
 
 
-def describe_response() -> WireResponse:
+def describe_response(loras: list[dict] | None = None) -> WireResponse:
+    """`loras`: the instance's LoRA folder listing (framepack_backend/lora/folder.py)."""
     meta = DescribeMeta(
         settings=describe_settings(),
         presets={name: preset.as_settings() for name, preset in PRESETS.items()},
         flow_presets=list(FLOW_PRESETS),
+        loras=loras or [],
     )
     return WireResponse(_jsonable(meta.to_json()), {}, final=True)
 

@@ -12,6 +12,7 @@ from .contract import (
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
     IMAGE_INPUT,
+    LORAS_PARAMETER,
     MAX_IMAGE_ASPECT,
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
@@ -38,8 +39,8 @@ from .events import (
 from .request import WireRequest
 
 __all__ = [
-    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS",
-    "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "LORAS_PARAMETER", "MAX_IMAGE_ASPECT",
+    "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
     "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "PhaseMeta", "PlanMeta", "ProgressMeta", "QueuedMeta",
     "SectionMeta", "UnknownEventKind", "event_from_json",

@@ -12,6 +12,9 @@ FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
 PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
 PROMPT_PARAMETER = "prompt"
 DESCRIBE_PARAMETER = "describe"
+# LoRAs of the server's folder for one job: "NAME[:STRENGTH],..." (names only, never paths;
+# the describe answer lists them).
+LORAS_PARAMETER = "loras"
 
 # The start image the server accepts (checked in framepack_backend/request.py); the client
 # downscales a larger photo to MAX_IMAGE_PIXELS before sending it (client/images.py).

@@ -16,7 +16,7 @@ section, `final`. Servers older than `plan`, `phase` and `queued` send only the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar, Mapping
 
@@ -202,10 +202,13 @@ class DescribeMeta(_Meta):
     settings: dict  # request parameter name -> type, default, low, high, choices, doc
     presets: dict  # preset name -> the settings it sets
     flow_presets: list
+    # The server's LoRA folder: {name, size_bytes, rank, format} each (empty: none, or an older server)
+    loras: list = field(default_factory=list)
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any]) -> DescribeMeta:
-        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"))
+        loras = _list(meta, "loras") if "loras" in meta else []
+        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"), loras)
 
 
 EventMeta = QueuedMeta | PlanMeta | PhaseMeta | ProgressMeta | SectionMeta | FinalMeta | DescribeMeta

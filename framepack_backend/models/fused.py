@@ -37,8 +37,9 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _is_plain_linear(layer: torch.nn.Module, x: torch.Tensor) -> bool:
     """An nn.Linear with a bias on a CUDA tensor: the GEMM-epilogue paths below apply.
-    FP8 layers (models/fp8.py) and CPU runs take the plain path."""
-    return type(layer) is torch.nn.Linear and layer.bias is not None and x.is_cuda
+    FP8 layers (models/fp8.py), CPU runs and layers with a forward hook (a job's LoRA,
+    lora/apply.py, which these paths would bypass) take the plain path."""
+    return type(layer) is torch.nn.Linear and layer.bias is not None and x.is_cuda and not layer._forward_hooks
 
 
 def linear_gelu(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

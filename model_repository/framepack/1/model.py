@@ -144,7 +144,8 @@ class TritonPythonModel:
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
         options = EngineOptions(sampling=config.sampling, fp8=config.fp8)
-        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, options=options)
+        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, options=options,
+                                            lora_dir=config.lora_dir)
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
             f"{', FP8' if config.fp8 else ''}) on {config.device} "
@@ -153,7 +154,7 @@ class TritonPythonModel:
         if config.fault_injection:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
-        self._options, self._device = pipeline.options, pipeline.device
+        self._options, self._device, self._loras = pipeline.options, pipeline.device, pipeline.loras
         self._fault_injection = config.fault_injection
         self._metrics = JobMetrics(args["model_instance_name"], pipeline.device)
         self._jobs = JobQueue(
@@ -177,12 +178,13 @@ class TritonPythonModel:
     def _admit(self, request, sender: ResponseSender) -> None:
         parameters = request_parameters(request.parameters())
         if is_describe_request(parameters):
-            sender.send(describe_response())  # answered at once, even while a job runs
+            loras = self._loras.describe() if self._loras is not None else []
+            sender.send(describe_response(loras))  # answered at once, even while a job runs
             return
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
-        job = Job(job_id, parse_request(_input_image(request), parameters), sender, fault)
+        job = Job(job_id, parse_request(_input_image(request), parameters, self._loras), sender, fault)
         # The job's overrides of this instance's options, refused now rather than when it runs.
         self._options.for_job(job.request.engine, device_type=self._device.type)
         if not self._jobs.submit(job):
