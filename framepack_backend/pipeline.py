@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import threading
 import time
@@ -11,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import conditioning, planner
+from . import conditioning, planner, provenance
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
@@ -98,6 +100,7 @@ class Pipeline:
         )
         options = configure_transformer(components.transformer, device, options)
         pipeline = cls(components, device, dtype, model_dir, options)
+        pipeline.model_identity  # noqa: B018 - computed at load, not during the first job
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
@@ -127,7 +130,16 @@ class Pipeline:
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
         with self._job_lock:
-            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+            for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
+                if isinstance(event, GenerationResult):
+                    event = dataclasses.replace(event, parameters=request.to_parameters(),
+                                                model=self.model_identity, versions=provenance.versions())
+                yield event
+
+    @functools.cached_property
+    def model_identity(self) -> dict:
+        """The loaded model's identity (provenance.model_identity), computed once."""
+        return provenance.model_identity(self.model_dir, self.options.sampling.transformer_folder)
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,

@@ -43,6 +43,14 @@ class GenerationRequest:
     prompt: str
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     engine: EngineOverrides = field(default_factory=EngineOverrides)
+    parameters: Mapping[str, object] = field(default_factory=dict)  # as accepted, for to_parameters
+
+    def to_parameters(self) -> dict[str, object]:
+        """The request parameters that ask for this job again (every setting resolved;
+        see provenance.request_parameters)."""
+        from .provenance import request_parameters
+
+        return request_parameters(self)
 
     @classmethod
     def parse(cls, image: object, prompt: object = "", **settings: object) -> GenerationRequest:
@@ -54,11 +62,12 @@ def parse_request(image: object, parameters: Mapping[str, object]) -> Generation
     """A request from raw input: the image array and the request parameters (the prompt
     and settings by name, loosely typed). Raises SettingsError naming the first bad field."""
     values = dict(parameters)
+    accepted = dict(values)
     if PROMPT_PARAMETER not in values:
         raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
     prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
     settings, engine = split_settings(values)
-    return GenerationRequest(validate_image(image), prompt, settings, engine)
+    return GenerationRequest(validate_image(image), prompt, settings, engine, accepted)
 
 
 def validate_image(image: object, field_name: str = "image") -> np.ndarray:
