@@ -167,6 +167,8 @@ def run_job(
     started = time.monotonic()
     outcome.server = endpoint.address
     try:
+        # Created here, not by the check: the check removes folders it made, under another job's feet.
+        job.output.parent.mkdir(parents=True, exist_ok=True)
         check_output_paths(job.output)
         image = ImageFile.of(job.image)
         loaded = load_image(job.image, label="image")
