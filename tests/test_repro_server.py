@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -15,8 +16,12 @@ import pytest
 from PIL import Image
 
 from client import cli
-from client.provenance import file_sha256, read_record
+from client.images import load_image
+from client.provenance import ImageFile, file_sha256, read_record
+from client.webui_job import run_job as page_job
+from client.webui_queue import PageQueue
 from framepack_server.server import TritonServer, free_ports
+from framepack_wire import WireRequest
 
 pytestmark = pytest.mark.server
 
@@ -158,3 +163,26 @@ def test_queue_over_two_servers_reports_the_bad_job_and_resumes_without_redoing(
     assert summary[-1] == "3 skipped, 1 failed"
     assert [done_jobs(server) for server in servers] == done_now
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == mtimes
+
+
+def test_the_web_ui_records_its_video_and_its_queue_runs_jobs_on_the_server(triton_server, start_image, tmp_path):
+    request = WireRequest(load_image(start_image).pixels, "a person waves", QUICK_SETTINGS)
+    updates = list(page_job(triton_server.grpc_address, request, tmp_path / "page", lambda: False, 16,
+                            ImageFile.of(start_image)))
+    last = updates[-1]
+    assert last.status.startswith("Done") and last.record == read_record(last.final)
+    assert last.record["final"]["parameters"]["seed"] == 31337 and last.record["image"]["path"] == str(start_image)
+
+    jobs = PageQueue(triton_server.grpc_address, tmp_path / "ui")
+    jobs.add(start_image, "a person waves", {**QUICK_SETTINGS, "seed": 3}, 16)
+    jobs.add(start_image, "a person jumps", {**QUICK_SETTINGS, "seed": 4}, 16)
+    assert jobs.cancel(2) == "Job 2 cancelled."
+    deadline = time.monotonic() + 120
+    while jobs.rows()[0][2] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert [row[:3] for row in jobs.rows()] == [[1, "a person waves", "done"], [2, "a person jumps", "cancelled"]]
+    [result] = jobs.results()
+    assert result == str(tmp_path / "ui" / "queue" / "job_001.mp4")
+    assert read_record(result)["final"]["seed"] == 3
+    assert len(mp4_frames(Path(result))) == read_record(result)["final"]["frame_count"]
