@@ -3,9 +3,14 @@ retries wait for the server's hint."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from client import queue as jobs_queue
+from client import stream
+from client.connection import Endpoint
+from client.provenance import read_record
 from client.queue import JobsFileError, parse_job, read_jobs
 from client.stream import ServerError
 
@@ -78,3 +83,50 @@ def test_server_lists():
 def test_parse_job_alone_names_the_line(tmp_path):
     with pytest.raises(JobsFileError, match="line 7: field 'image' is missing"):
         parse_job('{"prompt": "p", "output": "x"}', 7, tmp_path)
+
+
+class FlakyServer:
+    """A stand-in for stream.generate: refuses as `errors` say, then streams a 3-frame video."""
+
+    def __init__(self, *errors: ServerError):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self, endpoint, request, cancel=None):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        frames = np.full((3, 32, 32, 3), 100, np.uint8)
+        yield stream.Section(1, 1, 0, 3, 30, frames)
+        yield stream.Final(3, 30, 32, 32, 5, {}, {}, parameters={"prompt": request.prompt, "seed": 5})
+
+
+@pytest.fixture
+def one_job(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    return parse_job('{"image": "a.png", "prompt": "p", "output": "a.mp4", "settings": {"seed": 5}}', 1, tmp_path)
+
+
+def test_unavailable_is_retried_after_the_hint_and_the_video_written_once(monkeypatch, one_job):
+    busy = ServerError("UNAVAILABLE", "the server is busy; retry in about 0 s (an estimate)")
+    server = FlakyServer(busy, ServerError("UNAVAILABLE", "lost the connection"))
+    monkeypatch.setattr(jobs_queue.stream, "generate", server)
+    monkeypatch.setattr(jobs_queue, "FIRST_BACKOFF_S", 0.01)
+    outcome = jobs_queue.run_job(Endpoint("localhost:1"), one_job, jobs_queue.Outcome(one_job), retries=2)
+    assert (outcome.status, outcome.attempts, server.calls) == ("done", 3, 3)
+    assert read_record(one_job.output)["final"]["seed"] == 5
+    again = jobs_queue.run_job(Endpoint("localhost:1"), one_job, jobs_queue.Outcome(one_job))
+    assert (again.status, server.calls) == ("skipped", 3)  # its output records this very job
+
+
+def test_other_errors_and_spent_retries_fail_the_job(monkeypatch, one_job):
+    monkeypatch.setattr(jobs_queue, "FIRST_BACKOFF_S", 0.01)
+    server = FlakyServer(ServerError("INVALID_ARGUMENT", "steps=0 is not allowed"))
+    monkeypatch.setattr(jobs_queue.stream, "generate", server)
+    outcome = jobs_queue.run_job(Endpoint("localhost:1"), one_job, jobs_queue.Outcome(one_job), retries=3)
+    assert (outcome.status, outcome.message, server.calls) == ("failed", "INVALID_ARGUMENT: steps=0 is not allowed", 1)
+    server = FlakyServer(*[ServerError("UNAVAILABLE", "down")] * 3)
+    monkeypatch.setattr(jobs_queue.stream, "generate", server)
+    outcome = jobs_queue.run_job(Endpoint("localhost:1"), one_job, jobs_queue.Outcome(one_job), retries=2)
+    assert (outcome.status, outcome.message, server.calls) == ("failed", "UNAVAILABLE: down", 3)
+    assert not one_job.output.exists()
