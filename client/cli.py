@@ -139,7 +139,7 @@ def add_queue_command(commands) -> None:
 
 
 def run_queue_command(args: argparse.Namespace) -> int:
-    """`framepack queue`: the summary table on stdout; 1 when any job failed."""
+    """`framepack queue`: the summary table on stdout; 1 when any job failed, 130 after Ctrl-C."""
     try:
         jobs = read_jobs(args.jobs)
         servers = [endpoint(args, address) for address in server_list(args.server)]
@@ -148,6 +148,8 @@ def run_queue_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     outcomes = run_queue(jobs, servers, args.per_server, retries=args.retries, show_progress=not args.quiet)
     print(summary_table(outcomes))
+    if any(outcome.status == "cancelled" for outcome in outcomes):
+        return EXIT_INTERRUPTED
     return 0 if finished_ok(outcomes) else EXIT_SERVER_ERROR
 
 

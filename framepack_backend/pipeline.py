@@ -133,7 +133,7 @@ class Pipeline:
             for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
                 if isinstance(event, GenerationResult):
                     event = dataclasses.replace(event, parameters=request.to_parameters(),
-                                                model=self.model_identity, versions=provenance.versions())
+                                                model=self.model_identity, versions=dict(provenance.versions()))
                 yield event
 
     @functools.cached_property
