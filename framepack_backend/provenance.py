@@ -38,9 +38,11 @@ MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
 def request_parameters(request: GenerationRequest) -> dict[str, object]:
     """The parameters that ask for this job again: those accepted, every setting resolved."""
     client_only = {name for name in ClientOnlySettings.__dataclass_fields__}
-    accepted = {name: value for name, value in request.parameters.items() if name not in client_only}
+    accepted = {name: value for name, value in request.parameters.items()
+                if name not in client_only and not isinstance(value, bytes)}  # bytes: decoded in the request
     overrides = {name: value for name, value in request.engine.to_dict().items() if value is not None}
-    return {**accepted, PROMPT_PARAMETER: request.prompt, **request.settings.to_dict(), **overrides}
+    # The prompt as sent: a request parsed from it (a timed prompt schedule, say) is made again from it.
+    return {PROMPT_PARAMETER: request.prompt, **accepted, **request.settings.to_dict(), **overrides}
 
 
 def model_identity(model_dir: Path | str, transformer_folder: str = "transformer") -> dict[str, object]:

@@ -67,7 +67,7 @@ def parse_request(image: object, parameters: Mapping[str, object]) -> Generation
         raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
     prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
     settings, engine = split_settings(values)
-    return GenerationRequest(validate_image(image), prompt, settings, engine, accepted)
+    return GenerationRequest(validate_image(image), prompt, settings, engine, parameters=accepted)
 
 
 def validate_image(image: object, field_name: str = "image") -> np.ndarray:

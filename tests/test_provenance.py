@@ -220,3 +220,8 @@ def test_seed_random_draws_a_seed_and_reports_it(tmp_path, start_image):
         job_inputs(None, None, "p", {}, None)
     with pytest.raises(ValueError, match="--prompt is required"):
         job_inputs(None, start_image, None, {}, None)
+
+
+def test_the_prompt_travels_as_sent(image):
+    assert GenerationRequest.parse(image, "  a cat  ").to_parameters()["prompt"] == "  a cat  "
+    assert GenerationRequest.parse(image, "a cat".encode()).to_parameters()["prompt"] == "a cat"
