@@ -1,6 +1,8 @@
 """`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
 
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+    framepack generate --from wave.mp4 --seed random --output again.mp4   # repeat a job, a new seed
+    framepack queue jobs.jsonl --server gpu-a,gpu-b --per-server 2       # many jobs, resumable
     framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
@@ -36,6 +38,17 @@ from .connection import DEFAULT_GRPC_PORT, Endpoint
 from .images import load_image
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .progress import JobClock, plan_text, queued_text
+from .provenance import ImageFile, job_inputs, job_record, save_video
+from .queue import (
+    DEFAULT_RETRIES,
+    JobsFileError,
+    finished_ok,
+    per_server_count,
+    read_jobs,
+    run_queue,
+    server_list,
+    summary_table,
+)
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_GRPC_PORT}"
@@ -49,7 +62,7 @@ EXIT_INTERRUPTED = 130
 # values, and its describe answer (`framepack ui` builds its page from it) lists them.
 SETTINGS: dict[str, str] = {
     "seconds": "video length in seconds (30 fps)",
-    "seed": "random seed; the same seed gives the same video",
+    "seed": "random seed; the same seed gives the same video ('random': drawn here and reported)",
     "steps": "sampling steps per section",
     "gs": "distilled guidance scale",
     "cfg": "real classifier-free guidance scale (1 = off)",
@@ -76,9 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make a video from an image and a prompt")
-    generate.add_argument("--image", type=Path, required=True, help="start image (PNG, JPEG, ...)")
-    generate.add_argument("--prompt", required=True, help="what should happen in the video")
-    generate.add_argument("--output", type=Path, required=True, help="MP4 to write (replaced atomically)")
+    generate.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...)")
+    generate.add_argument("--prompt", help="what should happen in the video")
+    generate.add_argument("--output", type=Path, required=True,
+                          help="MP4 to write (replaced atomically); its record goes beside it as .json")
+    generate.add_argument("--from", dest="source", type=Path, metavar="MP4_OR_JSON",
+                          help="repeat the job recorded in an earlier MP4 or its .json (same image, prompt and "
+                          "settings); options given here win; the image must be unchanged unless --image is given")
     generate.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
     generate.add_argument("--save-sections", type=Path, metavar="DIR", help="save each section as an MP4 clip")
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     described = commands.add_parser("settings", help="list the server's settings: defaults, ranges, choices")
     described.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     add_connection_options(described)
+    add_queue_command(commands)
     ui = commands.add_parser("ui", help="serve the web UI (needs the 'ui' extra: gradio)")
     ui.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
@@ -107,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--output-dir", type=Path, metavar="DIR", help="where MP4s go (default: a temporary folder)")
     add_connection_options(ui)
     return parser
+
+
+def add_queue_command(commands) -> None:
+    jobs = commands.add_parser("queue", help="run the jobs of a JSON-lines file over one or several servers")
+    jobs.add_argument("jobs", type=Path, metavar="JOBS_FILE",
+                      help='one job per line: {"image": ..., "prompt": ..., "settings": {...}, "output": ...}; '
+                      "jobs whose output already records them are skipped")
+    jobs.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP + "; several separated by commas")
+    jobs.add_argument("--per-server", type=per_server_count, default=1, metavar="N",
+                      help="jobs in flight on each server (default %(default)s)")
+    jobs.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                      help="times a job refused as UNAVAILABLE is sent again (default %(default)s)")
+    jobs.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_connection_options(jobs)
+
+
+def run_queue_command(args: argparse.Namespace) -> int:
+    """`framepack queue`: the summary table on stdout; 1 when any job failed, 130 after Ctrl-C."""
+    try:
+        jobs = read_jobs(args.jobs)
+        servers = [endpoint(args, address) for address in server_list(args.server)]
+    except (JobsFileError, ValueError) as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    outcomes = run_queue(jobs, servers, args.per_server, retries=args.retries, show_progress=not args.quiet)
+    print(summary_table(outcomes))
+    if any(outcome.status == "cancelled" for outcome in outcomes):
+        return EXIT_INTERRUPTED
+    return 0 if finished_ok(outcomes) else EXIT_SERVER_ERROR
 
 
 def add_connection_options(command: argparse.ArgumentParser) -> None:
@@ -141,10 +188,12 @@ def tcp_port(text: str) -> int:
     return value
 
 
-def endpoint(args: argparse.Namespace) -> Endpoint:
-    """The server to talk to, from --server and the connection options (ValueError when they conflict)."""
+def endpoint(args: argparse.Namespace, address: str | None = None) -> Endpoint:
+    """The server to talk to, from --server (or `address`) and the connection options
+    (ValueError when they conflict)."""
     return Endpoint(
-        args.server, ssl=args.ssl, root_certificates=args.root_certificates, private_key=args.private_key,
+        args.server if address is None else address, ssl=args.ssl, root_certificates=args.root_certificates,
+        private_key=args.private_key,
         certificate_chain=args.certificate_chain, connect_timeout_s=args.connect_timeout,
     )
 
@@ -155,24 +204,30 @@ def main(argv: list[str] | None = None) -> int:
         return run_ui(args)
     if args.command == "settings":
         return run_settings(args)
+    if args.command == "queue":
+        return run_queue_command(args)
     # SIGTERM cancels like Ctrl-C: the job stops on the server and no MP4 is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        args.endpoint = endpoint(args)
-        crf = CRF_DEFAULT if args.crf is None else parse_crf(args.crf)
-        check_output_paths(args.output, args.save_sections, args.save_previews)
-        loaded = load_image(args.image, label="--image")
-    except ValueError as e:
-        print(f"framepack: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if loaded.message:
-        print(f"framepack: {loaded.message}", file=sys.stderr)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
     settings[LORAS_PARAMETER] = ",".join(args.lora) or None  # the server checks names and strengths
-    request = WireRequest(loaded.pixels, args.prompt,
-                          {name: value for name, value in settings.items() if value is not None})
     try:
-        saved, final = run_generate(args, request, crf)
+        args.endpoint = endpoint(args)
+        given = {name: value for name, value in settings.items() if value is not None}
+        job = job_inputs(args.source, args.image, args.prompt, given, None if args.crf is None else parse_crf(args.crf))
+        crf = CRF_DEFAULT if job.crf is None else job.crf
+        check_output_paths(args.output, args.save_sections, args.save_previews)
+        loaded = load_image(job.image, label="--image")
+        image_file = ImageFile.of(job.image)
+    except (ValueError, OSError) as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if job.drawn_seed is not None:
+        print(f"framepack: seed {job.drawn_seed} (drawn for --seed random)", file=sys.stderr)
+    if loaded.message:
+        print(f"framepack: {loaded.message}", file=sys.stderr)
+    request = WireRequest(loaded.pixels, job.prompt, job.parameters)
+    try:
+        saved, final = run_generate(args, request, crf, image_file)
     except stream.ServerError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_SERVER_ERROR
@@ -282,7 +337,9 @@ def _shown(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tuple[SavedFile, stream.Final]:
+def run_generate(
+    args: argparse.Namespace, request: WireRequest, crf: int, image: ImageFile | None = None
+) -> tuple[SavedFile, stream.Final]:
     assembler = FrameAssembler()
     final = None
     bar = None
@@ -328,7 +385,7 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    return write_video_safely(args.output, video, final.fps, crf, write_mp4), final
+    return save_video(args.output, video, final.fps, crf, job_record(request, image, crf, final)), final
 
 
 def save_section(folder: Path, event: stream.Section, crf: int) -> SavedFile:

@@ -15,6 +15,7 @@ import os
 import secrets
 from fractions import Fraction
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -89,13 +90,15 @@ DETERMINISTIC_X264_PARAMS = "mbtree=0"
 
 
 def write_mp4(
-    path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None, *, deterministic: bool = True
+    path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None, *, deterministic: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Encode uint8 T×H×W×3 RGB frames as H.264 (yuv420p) at `fps`; atomic.
 
     yuv420p needs even sides: an odd last row or column is cropped. `crf` None keeps the
     encoder's default quality. `deterministic` (default): the same frames give the same
-    bytes (DETERMINISTIC_X264_PARAMS).
+    bytes (DETERMINISTIC_X264_PARAMS). `metadata`: container tags (e.g. `comment`, which
+    ffprobe shows and client/provenance.py fills with the job's record).
     """
     path = Path(path)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -112,6 +115,7 @@ def write_mp4(
     open(temporary, "xb").close()
     try:
         with av.open(temporary, mode="w", format="mp4") as container:
+            container.metadata.update(metadata or {})
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"

@@ -33,8 +33,10 @@ from framepack_wire import LORAS_PARAMETER, WireRequest
 from . import stream
 from .connection import Endpoint, as_endpoint
 from .images import ImageLoadError, load_image
+from .provenance import ImageFile, RecordError, read_record, repeat_request
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
+from .webui_queue import COLUMNS, PageQueue
 
 # The seed app's example prompts: subject, then motion, then qualifiers.
 EXAMPLE_PROMPTS = (
@@ -103,6 +105,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop", variant="stop", interactive=False)
+                    enqueue = gr.Button("Add to queue", elem_id="enqueue")
                 gr.Examples([[text] for text in EXAMPLE_PROMPTS], inputs=[prompt], label="Example prompts")
                 preset = gr.Dropdown(
                     list(description.presets), value=_first_preset(description), label="Preset",
@@ -116,6 +119,9 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 video = gr.Video(label="Video", interactive=False, autoplay=True, loop=True, height=360,
                                  elem_id="video")
                 download = gr.File(label="MP4", interactive=False, elem_id="download")
+                used = gr.JSON(label="Used settings", elem_id="used")
+                load = gr.File(label="Load settings from an MP4 or JSON", file_types=[".mp4", ".json"],
+                               type="filepath", elem_id="load")
         for group, group_names in _groups(description).items():
             with gr.Accordion(group, open=group not in FOLDED_GROUPS):
                 for row in range(0, len(group_names), FIELDS_PER_ROW):
@@ -130,6 +136,14 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 for lora in description.loras:
                     loras[lora["name"]] = gr.Slider(-2, 2, value=0, step=0.05, label=lora["name"],
                                                     info=f"rank {lora['rank']}, {lora['format']}")
+
+        with gr.Accordion("Queue", open=False):
+            jobs_table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="queue")
+            with gr.Row():
+                cancel_number = gr.Number(label="Job", precision=0, minimum=1)
+                cancel = gr.Button("Cancel job")
+            results = gr.File(label="Results", file_count="multiple", interactive=False, elem_id="results")
+        page_queue = PageQueue(server, output_dir)
 
         names = list(fields)
         preset_fields = [name for name in names if any(name in values for values in description.presets.values())]
@@ -150,25 +164,25 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
                 return
             note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
-            settings = {name: value for name, value in zip(names, values) if value is not None}
-            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
-            if chosen:
-                settings[LORAS_PARAMETER] = chosen
-            if preset_value:
-                settings["preset"] = preset_value  # recorded by the server; the fields' values win
             try:
-                crf = parse_crf(settings.pop("crf", CRF_DEFAULT))
+                settings, crf = page_settings(names, preset_value, values)
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
+            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
+            if chosen:
+                settings[LORAS_PARAMETER] = chosen
             job = WireRequest(loaded.pixels, prompt_value, settings)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
                    preview: None, video: None, download: None}
             try:
-                for update in run_job(server, job, folder, flag.is_set, crf):
-                    yield _page_update(update, status, preview, video, download, note)
+                for update in run_job(server, job, folder, flag.is_set, crf, ImageFile.of(image_path)):
+                    changes = _page_update(update, status, preview, video, download, note)
+                    if update.record is not None:
+                        changes[used] = shown_record(update.record)
+                    yield changes
             finally:
                 stops.finish(request.session_hash, flag)
             yield {start: gr.update(interactive=True), stop: gr.update(interactive=False)}
@@ -177,10 +191,41 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             stops.stop(request.session_hash)
             return {stop: gr.update(interactive=False), status: "Stopping…"}
 
+        def add_job(image_path: str | None, prompt_value: str, preset_value: str | None, *values) -> dict:
+            if image_path is None:
+                return {status: "Upload a start image first."}
+            try:
+                settings, crf = page_settings(names, preset_value, values)
+            except ValueError as e:
+                return {status: f"Error: {e}"}
+            number = page_queue.add(image_path, prompt_value, settings, crf)
+            return {status: f"Added job {number} to the queue.", jobs_table: page_queue.rows()}
+
+        def cancel_job(number: float | None) -> dict:
+            return {status: page_queue.cancel(int(number or 0)), jobs_table: page_queue.rows()}
+
+        def load_settings(path: str | None) -> dict:
+            if path is None:
+                return {}
+            try:
+                record = read_record(path)
+            except RecordError as e:
+                return {status: f"Error: {_after_path(e, path)}"}
+            prompt_value, values = repeat_request(record)
+            values["crf"] = record["crf"]
+            changes = {fields[name]: value for name, value in values.items() if name in fields}
+            return {prompt: prompt_value, used: shown_record(record), **changes,
+                    status: f"Loaded the settings of {Path(path).name}; add the start image it was made from."}
+
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
+        enqueue.click(add_job, [image, prompt, preset, *fields.values()], [status, jobs_table], queue=False)
+        cancel.click(cancel_job, cancel_number, [status, jobs_table], queue=False)
+        load.upload(load_settings, load, [prompt, used, status, *fields.values()], queue=False)
+        gr.Timer(1.0).tick(lambda: (page_queue.rows(), page_queue.results()), None, [jobs_table, results],
+                           queue=False, show_progress="hidden")
         start.click(
             start_job, [image, prompt, preset, *fields.values(), *loras.values()],
-            [start, stop, status, preview, video, download],
+            [start, stop, status, preview, video, download, used],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
         stop.click(stop_job, None, [stop, status], queue=False)
@@ -190,6 +235,23 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 def lora_parameter(strengths: dict[str, float]) -> str:
     """The `loras` request parameter for the sliders' strengths: those not at 0, as NAME:STRENGTH."""
     return ",".join(f"{name}:{float(strength):g}" for name, strength in strengths.items() if strength)
+
+
+def page_settings(names: list[str], preset: str | None, values) -> tuple[dict, int]:
+    """The page's settings for a job (the fields given a value, the preset named) and its crf;
+    ValueError for a bad crf."""
+    settings = {name: value for name, value in zip(names, values) if value is not None}
+    if preset:
+        settings["preset"] = preset  # recorded by the server; the fields' values win
+    return settings, parse_crf(settings.pop("crf", CRF_DEFAULT))
+
+
+def shown_record(record: dict) -> dict:
+    """What the page shows of a video's record: the settings used, the model, the versions."""
+    final = record["final"]
+    return {"seed": final.get("seed"), "parameters": final.get("parameters") or final.get("settings"),
+            "crf": record.get("crf"), "model": (final.get("model") or {}).get("sha256"),
+            "versions": final.get("versions"), "image": record.get("image")}
 
 
 def setting_field(name: str, spec: dict) -> gr.components.Component:
@@ -235,7 +297,7 @@ def _page_update(update: JobUpdate, status, preview, video, download, note: str 
     return changes
 
 
-def _after_path(error: ImageLoadError, path: str) -> str:
+def _after_path(error: ValueError, path: str) -> str:
     """The reason of a load error, without the (temporary, long) upload path it starts with."""
     return str(error).removeprefix(f"{path}: ")
 

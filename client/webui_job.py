@@ -18,6 +18,7 @@ from framepack_wire import WireRequest
 from . import stream
 from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
 from .progress import JobClock, plan_text, queued_text
+from .provenance import ImageFile, job_record, save_video
 from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
@@ -29,6 +30,7 @@ class JobUpdate:
     preview: np.ndarray | None = None  # the latest step's preview image
     video: Path | None = None  # the video so far (rewritten after every section), at the end the whole one
     final: Path | None = None  # the finished MP4, offered for download
+    record: dict | None = None  # the finished MP4's record (client/provenance.py): what it was made with
 
 
 class StopSignals:
@@ -64,9 +66,11 @@ def run_job(
     folder: Path,
     stop_requested: Callable[[], bool],
     crf: int = CRF_DEFAULT,
+    image: ImageFile | None = None,
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
-    ended (never raises ServerError).
+    ended (never raises ServerError). The finished MP4 carries its record (the start image's
+    file `image`, when given, included) and has it beside it as JSON.
 
     Connecting comes first, on its own: a server that does not answer is shown at once,
     with the retries left, instead of a job that seems to wait for its first step. Each
@@ -137,8 +141,10 @@ def run_job(
     except ValueError as e:  # frames that do not fit together
         yield JobUpdate(f"Error: {e}")
         return
-    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf)
-    yield JobUpdate(done_text(final), video=path, final=path)
+    record = job_record(request, image, crf, final)
+    saved = save_video(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf, record)
+    text = done_text(final) if saved.message is None else f"{done_text(final)}\n{saved.message}"
+    yield JobUpdate(text, video=saved.path, final=saved.path, record=record)
     _discard(shown)
 
 

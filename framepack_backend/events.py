@@ -79,6 +79,11 @@ class GenerationResult:
     seed: int
     settings: dict
     timings: dict = field(default_factory=dict)
+    # What repeats the job (framepack_backend/provenance.py): the request's parameters with
+    # every setting resolved, the model's identity, the versions of the code that ran.
+    parameters: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
 
 
 Event = VideoPlanned | PhaseStarted | StepProgress | SectionFinished | GenerationResult

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import threading
 import time
@@ -11,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import conditioning, planner
+from . import conditioning, planner, provenance
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
@@ -106,6 +108,7 @@ class Pipeline:
         options = configure_transformer(components.transformer, device, options)
         loras = LoraFolder(lora_dir) if lora_dir is not None else None
         pipeline = cls(components, device, dtype, model_dir, options, loras)
+        pipeline.model_identity  # noqa: B018 - computed at load, not during the first job
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
@@ -138,9 +141,17 @@ class Pipeline:
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype):
             for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
-                if isinstance(event, GenerationResult) and request.loras:
-                    event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
+                if isinstance(event, GenerationResult):
+                    if request.loras:
+                        event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
+                    event = dataclasses.replace(event, parameters=request.to_parameters(),
+                                                model=self.model_identity, versions=dict(provenance.versions()))
                 yield event
+
+    @functools.cached_property
+    def model_identity(self) -> dict:
+        """The loaded model's identity (provenance.model_identity), computed once."""
+        return provenance.model_identity(self.model_dir, self.options.sampling.transformer_folder)
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,

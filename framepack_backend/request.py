@@ -45,6 +45,14 @@ class GenerationRequest:
     settings: SamplingSettings = field(default_factory=SamplingSettings)
     engine: EngineOverrides = field(default_factory=EngineOverrides)
     loras: tuple[LoraChoice, ...] = ()  # LoRAs of the server's folder, applied for this job only
+    parameters: Mapping[str, object] = field(default_factory=dict)  # as accepted, for to_parameters
+
+    def to_parameters(self) -> dict[str, object]:
+        """The request parameters that ask for this job again (every setting resolved;
+        see provenance.request_parameters)."""
+        from .provenance import request_parameters
+
+        return request_parameters(self)
 
     @classmethod
     def parse(cls, image: object, prompt: object = "", loras_available: Container[str] | None = None,
@@ -60,12 +68,13 @@ def parse_request(image: object, parameters: Mapping[str, object],
     `loras_available`: the names of the instance's LoRA folder (None: it has none), the
     allow-list the `loras` parameter is checked against."""
     values = dict(parameters)
+    accepted = dict(values)
     if PROMPT_PARAMETER not in values:
         raise SettingsError(PROMPT_PARAMETER, None, "a text prompt in the request parameter 'prompt'")
     prompt = validate_prompt(values.pop(PROMPT_PARAMETER))
     loras = parse_lora_choices(values.pop(LORAS_FIELD, None), loras_available)
     settings, engine = split_settings(values)
-    return GenerationRequest(validate_image(image), prompt, settings, engine, loras)
+    return GenerationRequest(validate_image(image), prompt, settings, engine, loras, parameters=accepted)
 
 
 def validate_image(image: object, field_name: str = "image") -> np.ndarray:

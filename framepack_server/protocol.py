@@ -30,7 +30,10 @@ JSON bytes as a UINT8 vector, `{"kind": ...}` (framepack_wire.events):
   earlier ones at those indices;
 - `final` (the last response, Triton's FINAL flag): frame_count, fps, width, height,
   seed, settings (all values actually used, the instance options a job ran with
-  included), timings. The frames are not repeated: the sections already carried them.
+  included), timings, and what repeats the job: parameters (the request's, every setting
+  resolved: sent again, they ask for the same video), model (SHA-256 per component of its
+  config and safetensors headers), versions (framepack_backend/provenance.py). The frames
+  are not repeated: the sections already carried them.
 
 A request with the parameter `describe` true (and no image: the input is optional) is
 answered at once by one final `describe` response: `settings` (every setting a request
@@ -160,6 +163,7 @@ def to_wire(event: Event) -> WireResponse:
         final = FinalMeta(
             frame_count=len(event.frames), fps=event.fps, width=event.width, height=event.height,
             seed=event.seed, settings=_jsonable(event.settings), timings=_jsonable(event.timings),
+            parameters=_jsonable(event.parameters), model=_jsonable(event.model), versions=_jsonable(event.versions),
         )
         return WireResponse(final.to_json(), {}, final=True)
     raise TypeError(f"not a generation event: {type(event).__name__}")

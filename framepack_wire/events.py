@@ -177,7 +177,8 @@ class SectionMeta(_Meta):
 
 @dataclass(frozen=True)
 class FinalMeta(_Meta):
-    """The job's end: the video's size and rate, the seed, every setting used, timings."""
+    """The job's end: the video's size and rate, the seed, every setting used, timings, and
+    what repeats it (the parameters, the model's identity, versions)."""
 
     kind: ClassVar[EventKind] = EventKind.FINAL
     frame_count: int
@@ -187,11 +188,16 @@ class FinalMeta(_Meta):
     seed: int
     settings: dict
     timings: dict
+    # What repeats the job; empty from servers older than them.
+    parameters: dict = field(default_factory=dict)  # the request's, every setting resolved
+    model: dict = field(default_factory=dict)  # sha256 of the whole model and of each component
+    versions: dict = field(default_factory=dict)  # package -> version
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any]) -> FinalMeta:
+        optional = {key: _dict(meta, key) for key in ("parameters", "model", "versions") if key in meta}
         return cls(_int(meta, "frame_count"), _int(meta, "fps"), _int(meta, "width"), _int(meta, "height"),
-                   _int(meta, "seed"), _dict(meta, "settings"), _dict(meta, "timings"))
+                   _int(meta, "seed"), _dict(meta, "settings"), _dict(meta, "timings"), **optional)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import cli, stream
+from client import cli, provenance, stream
 from client.video import FrameAssembler, write_mp4
 from framepack_backend.buckets import bucket_for
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
@@ -198,13 +198,13 @@ def test_a_write_failing_at_the_end_keeps_the_video_in_a_fallback_file(triton_se
     wanted = tmp_path / "videos" / "wave.mp4"
     refused = []
 
-    def disk_full_for_the_wanted_path(path, frames, fps, crf=None):
+    def disk_full_for_the_wanted_path(path, frames, fps, crf=None, **options):
         if Path(path) == wanted:  # checked writable before the job; full by the end of it
             refused.append(len(frames))
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write_mp4(path, frames, fps, crf)
+        return write_mp4(path, frames, fps, crf, **options)
 
-    monkeypatch.setattr(cli, "write_mp4", disk_full_for_the_wanted_path)
+    monkeypatch.setattr(provenance, "write_mp4", disk_full_for_the_wanted_path)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # leave pytest's SIGTERM alone
     here = tmp_path / "cwd"
     here.mkdir()

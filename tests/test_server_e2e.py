@@ -67,7 +67,7 @@ def test_cli_writes_the_planned_mp4(triton_server, tmp_path):
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
     assert sorted(p.name for p in (tmp_path / "sections").iterdir()) == ["section_01.mp4", "section_02.mp4"]
     assert len(list((tmp_path / "previews").glob("*.png"))) == sections * FAST_SETTINGS["steps"]
-    assert [p.name for p in output.parent.iterdir()] == ["wave.mp4"]  # no temporary left behind
+    assert sorted(p.name for p in output.parent.iterdir()) == ["wave.json", "wave.mp4"]  # no temporary left behind
 
 
 def test_responses_stream_before_the_final_one_and_other_requests_are_answered(triton_server):

@@ -75,7 +75,7 @@ def test_events_on_the_wire():
     assert final.final and final.tensors == {}
     assert json.loads(final.event_bytes().tobytes()) == dict(
         kind="final", frame_count=73, fps=30, width=10, height=8, seed=5, settings={"steps": 4},
-        timings={"total_s": 2.5, "computed_steps": 8},
+        timings={"total_s": 2.5, "computed_steps": 8}, parameters={}, model={}, versions={},
     )
 
 

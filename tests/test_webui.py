@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -426,3 +427,36 @@ def test_framepack_ui_prints_its_url_once_it_serves_there(tmp_path):
     finally:
         ui.send_signal(signal.SIGINT)
         ui.wait(30)
+
+
+@pytest.mark.server
+def test_a_dropped_record_fills_the_page_and_a_queued_job_is_offered_with_its_record(page, tmp_path):
+    from client.provenance import job_record, read_record
+
+    used = {"seed": 77, "steps": 1, "seconds": 0.5, "resolution": 128, "teacache": False}
+    final = stream.Final(19, 30, 144, 112, 77, used, {}, parameters={"prompt": "a person jumps", **used})
+    record_file = tmp_path / "earlier.json"
+    record_file.write_text(json.dumps(job_record(WireRequest(np.zeros((2, 2, 3), np.uint8), "p", {}), None, 20,
+                                                 final)))
+    page.locator("#load input[type=file]").set_input_files(record_file)
+    wait_for_status(page, "Loaded the settings of earlier.json")
+    assert field(page, "Prompt").input_value() == "a person jumps"
+    assert (field(page, "Seed").input_value(), field(page, "Steps").input_value()) == ("77", "1")
+    assert field(page, "MP4 quality (CRF)").input_value() == "20"
+    assert field(page, "TeaCache").is_checked() is False
+
+    page.get_by_role("button", name="Add to queue").click()
+    wait_for_status(page, "Added job 1 to the queue.")
+    page.get_by_role("button", name=re.compile(r"^Queue")).click()  # the folded group, not "Add to queue"
+    link = page.locator("#results a").first
+    link.wait_for(timeout=120_000)
+    with page.expect_download() as download:
+        link.click()
+    mp4 = tmp_path / "job.mp4"
+    download.value.save_as(mp4)
+    record = read_record(mp4)
+    assert record["final"]["parameters"] == {**record["final"]["parameters"], "prompt": "a person jumps", **used}
+    assert record["crf"] == 20 and record["image"]["sha256"]
+    with av.open(str(mp4)) as container:
+        assert len(list(container.decode(video=0))) == record["final"]["frame_count"] == 37
+    assert "done" in page.locator("#queue").inner_text()
