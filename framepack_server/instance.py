@@ -1,5 +1,5 @@
-"""Where and how one Triton model instance runs: model directory, device, dtype, FP8,
-queue size, time limit per job.
+"""Where and how the Triton model instance runs: model directory, device, dtype, FP8,
+GPU groups, queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -25,6 +25,7 @@ ENV_OVERRIDES = {
     "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
     "sampling": "FRAMEPACK_SAMPLING",
     "fp8": "FRAMEPACK_FP8",
+    "groups": "FRAMEPACK_GROUPS",
 }
 FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -58,6 +59,7 @@ class InstanceOverrides:
     max_job_seconds: float | None = None  # 0: no limit
     sampling: str | None = None  # a VARIANT_NAMES entry
     fp8: bool | None = None
+    groups: int | None = None  # GPU groups that run jobs (groups.py)
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -77,7 +79,7 @@ class InstanceOverrides:
 @dataclass(frozen=True)
 class InstanceConfig:
     model_dir: Path
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "auto" (every visible GPU, else the CPU), "cpu" or "cuda:N"
     dtype: str | None  # None: the engine's default for the device
     max_queued_jobs: int
     max_job_seconds: float | None = None  # None: no limit
@@ -86,6 +88,7 @@ class InstanceConfig:
     fault_injection: bool = False
     sampling: SamplingVariant = SamplingVariant.INVERTED
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
+    groups: int | None = None  # GPU groups that run jobs; None: one per visible GPU (groups.py)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -102,9 +105,9 @@ class InstanceConfig:
             return parameters.get(key, {}).get("string_value", default).strip() or default
 
         device = check_device(value("device", "auto"))
-        if device == "auto":
-            gpu = args.get("model_instance_kind") == "GPU"
-            device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+        if device == "auto" and args.get("model_instance_kind") == "GPU":
+            # A repository that makes one instance per GPU (KIND_GPU) gives each its own.
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
 
         dtype = value("dtype", "auto")
         if dtype not in DTYPES + ("auto",):
@@ -134,6 +137,10 @@ class InstanceConfig:
         if fp8 not in FP8_VALUES:
             raise InstanceConfigError(f"fp8={fp8!r} is not allowed: expected 'true' or 'false'")
 
+        groups = value("groups", "auto")
+        if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):
+            raise InstanceConfigError(f"groups={groups!r} is not allowed: expected 'auto' or an integer >= 1")
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -151,4 +158,5 @@ class InstanceConfig:
             environ.get(FAULT_INJECTION_ENV, "") == "1",
             SamplingVariant(sampling),
             FP8_VALUES[fp8],
+            None if groups == "auto" else int(groups),
         )

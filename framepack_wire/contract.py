@@ -12,6 +12,10 @@ FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
 PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
 PROMPT_PARAMETER = "prompt"
 DESCRIBE_PARAMETER = "describe"
+# The header that carries the API key of a server started with `--api-key-file`
+# (framepack_server/access.py) on HTTP; on gRPC Triton expects it with its own prefix.
+API_KEY_HEADER = "x-api-key"
+GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 # The start image the server accepts (checked in framepack_backend/request.py); the client
 # downscales a larger photo to MAX_IMAGE_PIXELS before sending it (client/images.py).
