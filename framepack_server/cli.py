@@ -26,7 +26,7 @@ from .server import DEFAULT_HOST, DEFAULT_PORTS, DEFAULT_STARTUP_TIMEOUT_S, Grpc
 from .triton_install import TritonNotFound
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton.")
     parser.add_argument("--model-dir", type=Path, help="weights (default: a tiny random model, made on first use)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="require client certificates signed by this CA")
     # Lets requests ask for failures (framepack_server/faults.py): for reliability tests only.
     parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
         parser.error("--grpc-server-cert and --grpc-server-key go together")
