@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .instance import InstanceConfigError
 
 
@@ -55,3 +57,21 @@ def plan_groups(device: str, groups: int | None, visible_gpus: int, gpus_per_gro
         GpuGroup(index, tuple(f"cuda:{first + index * gpus_per_group + k}" for k in range(gpus_per_group)))
         for index in range(count)
     ]
+
+
+class OnGroupDevice:
+    """A group's pipeline, run with the group's GPU as its worker thread's current CUDA device.
+
+    Triton-language kernels launch on the current device, which is per thread and cuda:0
+    unless set; a group on cuda:3 must not launch there. Each worker thread runs one group
+    only, so the device is set for good (the worker's memory report after a job then
+    reads that GPU too).
+    """
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def generate(self, request, cancel=None):
+        if self.pipeline.device.type == "cuda":
+            torch.cuda.set_device(self.pipeline.device)
+        yield from self.pipeline.generate(request, cancel)

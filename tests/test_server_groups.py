@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from test_server_jobs import RecordingLog, RecordingSink, ScriptedPipeline, job, triton_args
 from test_webui import UI_WITH_A_DESCRIBED_SERVER
 
@@ -24,7 +25,7 @@ from client import cli
 from client.connection import Endpoint
 from client.webui_login import is_loopback, login_problem, read_logins
 from framepack_server.access import ApiKeyError, hide_api_key, read_api_key, restricted_protocol_arguments
-from framepack_server.groups import plan_groups
+from framepack_server.groups import OnGroupDevice, plan_groups
 from framepack_server.instance import InstanceConfig, InstanceConfigError, InstanceOverrides
 from framepack_server.jobs import JobQueue, QueueLoad
 from framepack_server.server import free_ports
@@ -66,6 +67,32 @@ def test_the_launcher_s_groups_reach_the_instance(tmp_path):
                                         InstanceOverrides(groups=2).environment())
     assert config.groups == 2
     assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path)), {}).groups is None  # auto
+
+
+class DevicePipeline:
+    """Yields the thread's current CUDA device (None on the CPU) at each step."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+    def generate(self, request, cancel=None):
+        for _ in range(2):
+            yield torch.cuda.current_device() if self.device.type == "cuda" else None
+
+
+def test_a_cpu_group_passes_its_pipeline_s_events_through():
+    assert list(OnGroupDevice(DevicePipeline("cpu")).generate(None)) == [None, None]
+
+
+@pytest.mark.gpu
+def test_a_group_runs_with_its_gpu_as_the_thread_s_current_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.extend(OnGroupDevice(DevicePipeline("cuda:1")).generate(None)))
+    worker.start()
+    worker.join(30)
+    assert seen == [1, 1] and torch.cuda.current_device() == 0  # this thread's device is untouched
 
 
 # ------------------------------------------------------------------ one queue, two groups

@@ -41,7 +41,7 @@ from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions, SettingsError
 from framepack_server.faults import take_fault
-from framepack_server.groups import plan_groups
+from framepack_server.groups import OnGroupDevice, plan_groups
 from framepack_server.instance import InstanceConfig
 from framepack_server.jobs import Job, JobQueue, Outcome, QueueLoad
 from framepack_server.protocol import (
@@ -177,7 +177,8 @@ class TritonPythonModel:
         self._fault_injection = config.fault_injection
         self._metrics = JobMetrics(args["model_instance_name"], [pipeline.device for pipeline in pipelines])
         self._jobs = JobQueue(
-            pipelines, log, config.max_queued_jobs, config.shutdown_requested, config.max_job_seconds,
+            [OnGroupDevice(pipeline) for pipeline in pipelines], log, config.max_queued_jobs,
+            config.shutdown_requested, config.max_job_seconds,
             observe=self._metrics.observe, publish_load=self._metrics.publish_load,
         )
         self._numbers = itertools.count(1)
