@@ -106,6 +106,10 @@ def test_two_groups_run_two_jobs_at_once_and_a_third_waits_for_a_free_one(two_gr
         time.sleep(0.05)
     third = TimedJob(server, image, 3, on_queued=read_load)
     third.start()
+    # Both groups busy and a job waiting: a describe request is still answered at once.
+    asked = time.monotonic()
+    description = stream.describe(Endpoint(server.grpc_address, api_key=API_KEY))
+    describe_s = time.monotonic() - asked
     for job in (first, second, third):
         job.join(300)
         assert job.error is None, job.error
@@ -118,6 +122,7 @@ def test_two_groups_run_two_jobs_at_once_and_a_third_waits_for_a_free_one(two_gr
     assert queued and queued[0].position == 1
     assert seen_while_waiting and seen_while_waiting[0] == (1.0, 2.0)
     assert third.started >= min(first.finished, second.finished)
+    assert "steps" in description.settings and describe_s < 3.0 and asked < min(first.finished, second.finished)
     # Running beside another job changes no pixel: the same seed gives the same frames as alone.
     for job, seed in ((first, 1), (second, 2)):
         together, by_itself = job.sections(), alone[seed].sections()
