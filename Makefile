@@ -2,10 +2,10 @@
 # re-running skips what is already installed (stamp files under .venv/.stamps).
 
 PYTHON ?= python3
-# torch goes in first and pinned: this version's CPU wheel lies on the machine's disk,
-# while an unpinned torch (asked for by a dependency) would pull a CUDA build of several GB.
-# On a GPU machine pass the CUDA build you want, e.g. TORCH='torch==2.11.0'.
-TORCH ?= torch==2.13.0
+# torch goes in first, pinned by requirements-torch.txt (the project's one torch pin, which
+# the Dockerfile and the README use too): an unpinned torch (asked for by a dependency)
+# would pull another build of several GB. To try another build: TORCH='torch==X.Y.Z'.
+TORCH ?= -r requirements-torch.txt
 CHROMIUM := /usr/bin/chromium
 
 VENV := .venv
@@ -32,8 +32,8 @@ lint: $(STAMPS)/test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMPS)/torch: | $(BIN)/python
-	$(BIN)/pip install '$(TORCH)'
+$(STAMPS)/torch: requirements-torch.txt | $(BIN)/python
+	$(BIN)/pip install $(TORCH)
 	mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/client-server: pyproject.toml $(STAMPS)/torch

@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import signal
 import socket
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Mapping
 
 from PIL import Image
 from tqdm import tqdm
@@ -50,12 +52,14 @@ from .queue import (
     summary_table,
 )
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
+from .webui_login import login_problem, read_logins
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_GRPC_PORT}"
 SERVER_HELP = f"gRPC address HOST[:PORT] (default %(default)s; port {DEFAULT_GRPC_PORT} when none is given)"
 EXIT_SERVER_ERROR = 1  # also: the video could not be written where asked (it is in a fallback file)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+API_KEY_ENV = "FRAMEPACK_API_KEY"  # the server's API key, when --api-key-file is not given
 
 # The engine's settings, by their request-parameter names. Types, defaults, ranges and
 # choices live in the engine (framepack_backend/settings.py): the server checks the
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address the web UI listens on (default %(default)s)")
     ui.add_argument("--port", type=tcp_port, default=7860, help="port of the web UI (default %(default)s)")
     ui.add_argument("--output-dir", type=Path, metavar="DIR", help="where MP4s go (default: a temporary folder)")
+    ui.add_argument("--login-file", type=Path, metavar="FILE",
+                    help="lines user:password; the page asks for a login (required when --host is not loopback)")
     add_connection_options(ui)
     return parser
 
@@ -164,6 +170,8 @@ def add_connection_options(command: argparse.ArgumentParser) -> None:
     connection.add_argument("--certificate-chain", type=Path, metavar="PEM", help="client certificate chain")
     connection.add_argument("--connect-timeout", type=positive_seconds, default=30.0, metavar="S",
                             help="wait this long for a (re)starting server (default %(default)s)")
+    connection.add_argument("--api-key-file", type=Path, metavar="FILE",
+                            help=f"the server's API key (server: --api-key-file); default: ${API_KEY_ENV} if set")
 
 
 def positive_seconds(text: str) -> float:
@@ -195,7 +203,21 @@ def endpoint(args: argparse.Namespace, address: str | None = None) -> Endpoint:
         args.server if address is None else address, ssl=args.ssl, root_certificates=args.root_certificates,
         private_key=args.private_key,
         certificate_chain=args.certificate_chain, connect_timeout_s=args.connect_timeout,
+        api_key=api_key(args.api_key_file, os.environ),
     )
+
+
+def api_key(path: Path | None, environ: Mapping[str, str]) -> str | None:
+    """The API key from --api-key-file, else from $FRAMEPACK_API_KEY, else None (ValueError if unreadable)."""
+    if path is None:
+        return environ.get(API_KEY_ENV, "").strip() or None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {path}: cannot read it ({e})") from None
+    if not key:
+        raise ValueError(f"--api-key-file {path}: the file is empty")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +276,14 @@ def run_ui(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        problem = login_problem(args.host, args.login_file)
+        logins = read_logins(args.login_file) if args.login_file else None
+    except ValueError as e:
+        problem = str(e)
+    if problem is not None:
+        print(f"framepack: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     # Before anything slow (importing Gradio, asking the server): a URL is printed only
     # once the page can be served there.
     problem = port_problem(args.host, args.port)
@@ -266,7 +296,7 @@ def run_ui(args: argparse.Namespace) -> int:
         print(f"framepack: error: the web UI needs the 'ui' extra (pip install 'framepack-serving[ui]'): {e}",
               file=sys.stderr)
         return EXIT_USAGE
-    return serve(server, args.host, args.port, args.output_dir)
+    return serve(server, args.host, args.port, args.output_dir, logins)
 
 
 def port_problem(host: str, port: int) -> str | None:

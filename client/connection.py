@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from framepack_wire import MODEL_NAME
+from framepack_wire import GRPC_API_KEY_HEADER, MODEL_NAME
 
 # Triton's gRPC port. An address without a port would otherwise go to gRPC's own default, 443.
 DEFAULT_GRPC_PORT = 8001
@@ -44,6 +44,8 @@ class Endpoint:
     private_key: Path | None = None  # the client's own key and certificate, for servers that ask for one
     certificate_chain: Path | None = None
     connect_timeout_s: float = 30.0
+    # Sent with every request (header GRPC_API_KEY_HEADER) to a server started with --api-key-file.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", with_default_port(self.address))
@@ -62,6 +64,10 @@ class Endpoint:
         for name, path in given.items():
             if not Path(path).is_file():
                 raise ValueError(f"{name} {path}: no such file")
+
+    def headers(self) -> dict[str, str] | None:
+        """The request headers: the API key, when there is one."""
+        return {GRPC_API_KEY_HEADER: self.api_key} if self.api_key else None
 
     def client(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(

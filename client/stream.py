@@ -56,6 +56,10 @@ from .connection import Endpoint, Unreachable, as_endpoint, ready_client
 TRITON_INPUT_ERROR = re.compile(r"input.*for model '|model '[^']*' expects")
 # Triton's answer while the model's backend process is dead (the launcher restarts it).
 TRITON_STUB_DIED = re.compile(r"Stub process '[^']*' is not healthy")
+# Triton's refusal of a request without the right API key (--grpc-restricted-protocol).
+TRITON_RESTRICTED = re.compile(r"This protocol is restricted, expecting header")
+API_KEY_REFUSED = ("the server requires an API key and this request carried {what}: pass --api-key-file FILE "
+                   "or set FRAMEPACK_API_KEY")
 # How often the waiting loop wakes up, so Ctrl-C and `cancel` are handled promptly.
 POLL_S = 0.2
 
@@ -109,7 +113,7 @@ class ServerLost(ServerError):
         super().__init__("UNAVAILABLE", message)
 
 
-def _server_error(error: InferenceServerException, address: str) -> ServerError:
+def _server_error(error: InferenceServerException, address: str, what_key: str = "none") -> ServerError:
     """The stream's error as a ServerError with a status word.
 
     Our model prefixes its messages with the status. Triton's own refusals carry none,
@@ -122,6 +126,8 @@ def _server_error(error: InferenceServerException, address: str) -> ServerError:
         return ServerError(status.value, rest)
     if TRITON_INPUT_ERROR.search(text):
         return ServerError(Status.INVALID_ARGUMENT.value, text)
+    if TRITON_RESTRICTED.search(text):
+        return ServerError("UNAUTHENTICATED", API_KEY_REFUSED.format(what=what_key))
     if TRITON_STUB_DIED.search(text):
         return ServerLost(f"the server's model process died ({text}); retry once it has restarted")
     if error.status() is not None:  # from gRPC itself: the server went away mid-request
@@ -218,13 +224,17 @@ def _responses(
         raise ServerError("UNAVAILABLE", str(e)) from None
     try:
         responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            headers=endpoint.headers())
         finished = False
         try:
-            client.async_stream_infer(
-                MODEL_NAME, inputs, request_id=request_id, parameters=dict(parameters),
-                enable_empty_final_response=True,
-            )
+            try:
+                client.async_stream_infer(
+                    MODEL_NAME, inputs, request_id=request_id, parameters=dict(parameters),
+                    enable_empty_final_response=True,
+                )
+            except InferenceServerException:
+                pass  # the stream was refused already (an API key missing): its callback has the reason
             while not finished:
                 if cancel is not None and cancel():
                     return
@@ -234,7 +244,7 @@ def _responses(
                     continue
                 if error is not None:
                     finished = True  # an error is the request's last response
-                    raise _server_error(error, endpoint.address)
+                    raise _server_error(error, endpoint.address, "a wrong one" if endpoint.api_key else "none")
                 response = result.get_response()
                 finished = response.parameters["triton_final_response"].bool_param
                 if response.outputs:

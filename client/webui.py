@@ -309,8 +309,10 @@ def use_as_gradio_cache(folder: Path) -> None:
     os.environ.setdefault("GRADIO_TEMP_DIR", str(folder))
 
 
-def serve(server: str | Endpoint, host: str, port: int, output_dir: Path | None = None) -> int:
-    """Ask the server what it accepts, then serve the page until Ctrl-C."""
+def serve(server: str | Endpoint, host: str, port: int, output_dir: Path | None = None,
+          logins: list[tuple[str, str]] | None = None) -> int:
+    """Ask the server what it accepts, then serve the page until Ctrl-C; behind a login
+    when `logins` are given (webui_login.py)."""
     try:
         description = stream.describe(server)
     except stream.ServerError as e:
@@ -321,7 +323,7 @@ def serve(server: str | Endpoint, host: str, port: int, output_dir: Path | None 
     app = build_app(server, description, output_dir)
     try:
         app.queue().launch(server_name=host, server_port=port, allowed_paths=[str(output_dir)], quiet=True,
-                           prevent_thread_lock=True)
+                           prevent_thread_lock=True, auth=logins)
     except OSError as e:  # the port was taken since it was checked
         print(f"framepack: error: --host {host} --port {port}: cannot serve the web UI ({e})", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
     framepack-server --model-dir /models      # real weights (docs/architecture.md layout)
     framepack-server --tritonserver /opt/tritonserver/bin/tritonserver
     framepack-server --grpc-server-cert server.crt --grpc-server-key server.key   # TLS
+    framepack-server --host 0.0.0.0 --api-key-file key.txt   # clients need the key (access.py)
 
 The server process itself is `server.TritonServer`; this module is its command line.
 """
@@ -19,12 +20,13 @@ from typing import TextIO
 
 from framepack_backend.variants import VARIANT_NAMES
 
+from .access import ApiKeyError, read_api_key
 from .instance import InstanceOverrides
 from .server import DEFAULT_HOST, DEFAULT_PORTS, DEFAULT_STARTUP_TIMEOUT_S, GrpcTls, ServerStartError, TritonServer
 from .triton_install import TritonNotFound
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-server", description="Serve FramePack with Triton.")
     parser.add_argument("--model-dir", type=Path, help="weights (default: a tiny random model, made on first use)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
     parser.add_argument("--lora-dir", type=Path, metavar="DIR",
                         help="folder of LoRA .safetensors files requests may name (framepack generate --lora NAME)")
+    parser.add_argument("--groups", type=int,
+                        help="GPU groups that take jobs from the one queue (default: config, one per visible GPU; "
+                             "on the CPU N copies of the model)")
+    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help="require this file's key (header x-api-key) on every request but health checks")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -54,11 +61,22 @@ def main(argv: list[str] | None = None) -> int:
                              help="require client certificates signed by this CA")
     # Lets requests ask for failures (framepack_server/faults.py): for reliability tests only.
     parser.add_argument("--fault-injection", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
         parser.error("--grpc-server-cert and --grpc-server-key go together")
     if args.grpc_client_ca is not None and args.grpc_server_cert is None:
         parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
+    if args.groups is not None and args.groups < 1:
+        parser.error(f"--groups {args.groups}: expected an integer >= 1")
+    try:
+        api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    except ApiKeyError as e:
+        parser.error(str(e))
 
     stop_requested = threading.Event()
     server: TritonServer | None = None
@@ -82,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port, device=args.device, tritonserver=args.tritonserver,
             backend_directory=args.backend_directory, model_repository=args.model_repository,
             log_path=args.log_file, echo_log=not args.quiet, startup_timeout_s=args.startup_timeout,
-            grpc_tls=tls, restart_on_failure=not args.no_restart,
+            grpc_tls=tls, restart_on_failure=not args.no_restart, api_key=api_key,
             overrides=InstanceOverrides(
                 max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds, sampling=args.sampling,
-                fp8=True if args.fp8 else None, fault_injection=args.fault_injection,
                 lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None,
+                fp8=True if args.fp8 else None, groups=args.groups, fault_injection=args.fault_injection,
             ),
         )
     except ValueError as e:
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"framepack-server: error: {e}")
         return 1
     server.supervise()
-    scheme = " (TLS)" if tls else ""
+    scheme = (" (TLS)" if tls else "") + (", API key required" if api_key else "")
     _say(
         f"framepack-server: ready, gRPC{scheme} at {server.grpc_address} (log: {server.log_path}); Ctrl-C stops it",
         sys.stdout,

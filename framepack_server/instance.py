@@ -1,5 +1,5 @@
-"""Where and how one Triton model instance runs: model directory, device, dtype, FP8,
-queue size, time limit per job.
+"""Where and how the Triton model instance runs: model directory, device, dtype, FP8,
+GPU groups, queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -26,6 +26,7 @@ ENV_OVERRIDES = {
     "sampling": "FRAMEPACK_SAMPLING",
     "fp8": "FRAMEPACK_FP8",
     "lora_dir": "FRAMEPACK_LORA_DIR",
+    "groups": "FRAMEPACK_GROUPS",
 }
 FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -60,6 +61,7 @@ class InstanceOverrides:
     sampling: str | None = None  # a VARIANT_NAMES entry
     fp8: bool | None = None
     lora_dir: str | None = None  # the folder whose LoRA files requests may name
+    groups: int | None = None  # GPU groups that run jobs (groups.py)
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -79,7 +81,7 @@ class InstanceOverrides:
 @dataclass(frozen=True)
 class InstanceConfig:
     model_dir: Path
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "auto" (every visible GPU, else the CPU), "cpu" or "cuda:N"
     dtype: str | None  # None: the engine's default for the device
     max_queued_jobs: int
     max_job_seconds: float | None = None  # None: no limit
@@ -89,6 +91,7 @@ class InstanceConfig:
     sampling: SamplingVariant = SamplingVariant.INVERTED
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
     lora_dir: Path | None = None  # None: requests may not name LoRAs
+    groups: int | None = None  # GPU groups that run jobs; None: one per visible GPU (groups.py)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -105,9 +108,9 @@ class InstanceConfig:
             return parameters.get(key, {}).get("string_value", default).strip() or default
 
         device = check_device(value("device", "auto"))
-        if device == "auto":
-            gpu = args.get("model_instance_kind") == "GPU"
-            device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
+        if device == "auto" and args.get("model_instance_kind") == "GPU":
+            # A repository that makes one instance per GPU (KIND_GPU) gives each its own.
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
 
         dtype = value("dtype", "auto")
         if dtype not in DTYPES + ("auto",):
@@ -137,6 +140,10 @@ class InstanceConfig:
         if fp8 not in FP8_VALUES:
             raise InstanceConfigError(f"fp8={fp8!r} is not allowed: expected 'true' or 'false'")
 
+        groups = value("groups", "auto")
+        if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):
+            raise InstanceConfigError(f"groups={groups!r} is not allowed: expected 'auto' or an integer >= 1")
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -162,4 +169,5 @@ class InstanceConfig:
             SamplingVariant(sampling),
             FP8_VALUES[fp8],
             lora_dir,
+            None if groups == "auto" else int(groups),
         )

@@ -1,10 +1,19 @@
-"""Generation jobs of one model instance: a bounded queue in front of one worker thread.
+"""Generation jobs of a server: one bounded queue in front of one worker per GPU group.
 
-Triton calls the model's `execute` on one thread per instance. Running a job there
+A GPU group is what runs one job: one GPU, or N GPUs for sequence parallel (the CPU on a
+machine without one). The server has one model instance, the owner of this queue, and
+it holds every group's pipeline; each group's worker thread takes the next waiting job
+as soon as its previous one ends, so a job never waits behind a busy group while another
+is idle (separate instances with a queue each would make it do so).
+
+Triton calls the model's `execute` on the instance's one thread. Running a job there
 would make every other request wait, unanswered, until it ends. Instead `execute`
-validates, then hands the job to this queue and returns; a worker thread runs the jobs
-one after the other and streams their responses through the request's response sender.
-A full queue refuses new jobs at once (UNAVAILABLE) instead of letting them pile up.
+validates, then hands the job to this queue and returns, so a `describe` request is
+answered at once however busy the groups are; a worker streams the job's responses
+through the request's response sender. A full queue refuses new jobs at once
+(UNAVAILABLE) instead of letting them pile up. The queue's load (waiting jobs, busy
+groups) goes to the server's metrics after every change (`QueueLoad`), the number an
+autoscaler reads.
 
 On shutdown Triton lets running requests go on and tells the model nothing (a running
 job kept the server alive until it ended). So the queue also polls `shutdown_requested`
@@ -34,7 +43,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from framepack_backend.errors import GenerationCancelled
 from framepack_backend.request import GenerationRequest
@@ -83,6 +92,15 @@ class Outcome(str, Enum):
     TIMED_OUT = "timed out"  # ran past the time limit
     INVALID = "invalid"
     FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """How loaded the server is: jobs waiting for a group, groups running a job, groups in all."""
+
+    waiting: int
+    busy: int
+    groups: int
 
 
 def _never() -> bool:
@@ -171,41 +189,64 @@ _STOP = object()
 
 
 class JobQueue:
-    """At most `capacity` waiting jobs, run one at a time on a worker thread."""
+    """At most `capacity` waiting jobs, each run by the first of the GPU groups to be free.
+
+    `groups` holds one pipeline per GPU group (anything with `generate(request, cancel)`);
+    a single pipeline is one group.
+    """
 
     def __init__(
         self,
-        pipeline,
+        groups,
         log: Log,
         capacity: int,
         shutdown_requested: Callable[[], bool] = _never,
         time_limit_s: float | None = None,
         observe: Callable[[Outcome, float], None] | None = None,
         queued_interval_s: float = QUEUED_EVENT_INTERVAL_S,
+        publish_load: Callable[[QueueLoad], None] | None = None,
     ):
         """`observe(outcome, seconds)` is called after every job (server metrics) and every
-        INVALID_ARGUMENT refusal (`refuse_invalid`)."""
+        INVALID_ARGUMENT refusal (`refuse_invalid`); `publish_load(load)` whenever a job
+        arrives, starts or ends (and once at the start)."""
         if capacity < 1:
             raise ValueError(f"queue capacity must be at least 1, got {capacity}")
+        self._groups: list = list(groups) if isinstance(groups, Sequence) else [groups]
+        if not self._groups:
+            raise ValueError("a job queue needs at least one GPU group")
         self.capacity = capacity
         self.time_limit_s = time_limit_s
-        self._pipeline = pipeline
         self._log = log
         self._jobs: queue.Queue = queue.Queue(maxsize=capacity)
-        # The waiting jobs in order with the time each arrived, and when the running one
-        # started; one lock orders `queued` responses before a job's own.
+        # The waiting jobs in order with the time each arrived, and when each busy group's
+        # job started; one lock orders `queued` responses before a job's own.
         self._lock = threading.Lock()
         self._waiting: list[tuple[Job, float]] = []
-        self._running_since: float | None = None
+        self._running_since: dict[int, float] = {}
         self._recent_s: deque[float] = deque(maxlen=RECENT_JOBS)  # durations of finished jobs, for retry hints
         self._stopping = threading.Event()
         self._shutdown_requested = shutdown_requested
         self._observe = observe
+        self._publish_load = publish_load
         self._queued_interval_s = queued_interval_s
-        self._worker = threading.Thread(target=self._work, name="framepack-jobs", daemon=True)
-        self._worker.start()
+        with self._lock:
+            self._publish()
+        self._workers = [
+            threading.Thread(target=self._work, args=(group,), name=f"framepack-group-{group}", daemon=True)
+            for group in range(len(self._groups))
+        ]
+        for worker in self._workers:
+            worker.start()
         self._ticker = threading.Thread(target=self._tell_waiting, name="framepack-queue", daemon=True)
         self._ticker.start()
+
+    @property
+    def groups(self) -> int:
+        return len(self._groups)
+
+    def load(self) -> QueueLoad:
+        with self._lock:
+            return self._load()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the queue is full or shutting down (the caller says UNAVAILABLE).
@@ -219,11 +260,11 @@ class JobQueue:
                 self._jobs.put_nowait(job)
             except queue.Full:
                 return False
-            now = time.perf_counter()
-            self._waiting.append((job, now))
-            position = len(self._waiting) - 1 + (self._running_since is not None)
+            self._waiting.append((job, time.perf_counter()))
+            position = self._position(len(self._waiting) - 1)
             if position > 0:
                 _quietly(job.sink.send, queued_response(position, 0.0))
+            self._publish()
         return True
 
     def refuse_invalid(self, sink: ResponseSink, error: SettingsError) -> None:
@@ -232,20 +273,22 @@ class JobQueue:
         self._count(Outcome.INVALID, 0.0)
 
     def refusal(self) -> str:
-        """Why `submit` refused a job, with a retry hint: a queue slot frees when the running job ends.
+        """Why `submit` refused a job, with a retry hint: a queue slot frees when a running job ends.
 
-        The hint is the recent jobs' mean duration less what the running job has already run.
+        The hint is the recent jobs' mean duration less what the longest-running job has
+        already run (the one likely to end first).
         """
         if self.shutting_down():
             return "the server is shutting down; retry later"
         busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
         with self._lock:
-            recent, running_since = list(self._recent_s), self._running_since
+            recent, running_since = list(self._recent_s), list(self._running_since.values())
         if not recent:
             return f"{busy}; retry later"
         mean = sum(recent) / len(recent)
-        # No job running: the worker is taking the next one up, which frees a slot at once.
-        ran = mean if running_since is None else time.perf_counter() - running_since
+        # A free group is taking the next job up, which frees a slot at once.
+        free_group = len(running_since) < len(self._groups)
+        ran = mean if free_group else time.perf_counter() - min(running_since)
         left = max(math.ceil(mean - ran), 1)
         jobs = "the last job" if len(recent) == 1 else f"the last {len(recent)} jobs"
         return f"{busy}; retry in about {left} s (an estimate from how long {jobs} ran)"
@@ -254,7 +297,7 @@ class JobQueue:
         return self._stopping.is_set() or self._shutdown_requested()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the running job at its next step, refuse the waiting ones, end the worker."""
+        """Stop the running jobs at their next step, refuse the waiting ones, end the workers."""
         self._stopping.set()
         while True:
             try:
@@ -262,28 +305,47 @@ class JobQueue:
             except queue.Empty:
                 break
             if job is not _STOP:
-                self._leave_waiting(job, runs=False)
+                self._leave_waiting(job, group=None)
                 _quietly(job.sink.fail, Status.UNAVAILABLE, "the model is shutting down")
-        self._jobs.put(_STOP)
-        self._worker.join(timeout_s)
+        for _ in self._workers:
+            self._jobs.put(_STOP)
+        for worker in self._workers:
+            worker.join(timeout_s)
         self._ticker.join(timeout_s)
 
-    def _leave_waiting(self, job: Job, runs: bool) -> None:
-        """`job` leaves the waiting list, to run or to be refused; no `queued` response follows."""
+    def _load(self) -> QueueLoad:
+        return QueueLoad(waiting=len(self._waiting), busy=len(self._running_since), groups=len(self._groups))
+
+    def _publish(self) -> None:
+        """Hand the load to the metrics; called with the lock held, so updates arrive in order."""
+        if self._publish_load is not None:
+            try:
+                self._publish_load(self._load())
+            except Exception as e:  # metrics must never stop the queue
+                self._log.error(f"queue metrics not updated: {type(e).__name__}: {e}")
+
+    def _position(self, index: int) -> int:
+        """The `queued` position of the waiting job at `index`: 1 is next; 0 or less: a free group takes it now."""
+        free = len(self._groups) - len(self._running_since)
+        return index + 1 - free
+
+    def _leave_waiting(self, job: Job, group: int | None) -> None:
+        """`job` leaves the waiting list, to run on `group` or (None) to be refused; no `queued` response follows."""
         with self._lock:
             self._waiting = [(waiting, since) for waiting, since in self._waiting if waiting is not job]
-            if runs:
-                self._running_since = time.perf_counter()
+            if group is not None:
+                self._running_since[group] = time.perf_counter()
+            self._publish()
 
     def _tell_waiting(self) -> None:
         while not self._stopping.wait(self._queued_interval_s):
             with self._lock:
                 now = time.perf_counter()
-                ahead = self._running_since is not None
                 for index, (job, since) in enumerate(self._waiting):
-                    # Position 0: the worker is taking it up between two jobs.
-                    if index + ahead and not job.sink.is_cancelled():
-                        _quietly(job.sink.send, queued_response(index + ahead, now - since))
+                    position = self._position(index)
+                    # Position 0 or less: a worker is taking it up between two jobs.
+                    if position > 0 and not job.sink.is_cancelled():
+                        _quietly(job.sink.send, queued_response(position, now - since))
 
     def _count(self, outcome: Outcome, seconds: float) -> None:
         if self._observe is not None:
@@ -292,18 +354,22 @@ class JobQueue:
             except Exception as e:  # metrics must never stop the worker
                 self._log.error(f"job metrics not updated: {type(e).__name__}: {e}")
 
-    def _work(self) -> None:
+    def _work(self, group: int) -> None:
+        pipeline = self._groups[group]
         while True:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            self._leave_waiting(job, runs=True)
+            self._leave_waiting(job, group)
+            if len(self._groups) > 1:
+                self._log.info(f"request {job.request_id}: running on GPU group {group}")
             started = time.perf_counter()
-            outcome = run_job(self._pipeline, job, self._log, self.shutting_down, self.time_limit_s)
+            outcome = run_job(pipeline, job, self._log, self.shutting_down, self.time_limit_s)
             seconds = time.perf_counter() - started
             with self._lock:
-                self._running_since = None
+                del self._running_since[group]
                 if outcome is Outcome.DONE:
                     self._recent_s.append(seconds)
+                self._publish()
             self._count(outcome, seconds)
             self._log.info(f"request {job.request_id}: {outcome.value}; {release_memory().log_text()}")

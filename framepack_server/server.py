@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .access import check_api_key, hide_api_key, restricted_protocol_arguments
 from .instance import ENV_OVERRIDES, SHUTDOWN_FILE_ENV, InstanceOverrides, check_device
 from .processes import command_line, exited, kill_group, listening_pid, spawn, wait_unreaped
 from .supervisor import Supervisor, backend_stub_pids
@@ -110,9 +111,11 @@ class TritonServer:
         grpc_tls: GrpcTls | None = None,
         restart_on_failure: bool = True,
         overrides: InstanceOverrides = InstanceOverrides(),
+        api_key: str | None = None,
     ):
         """`overrides` replace model config values for this server's instances (instance.py);
-        `environment` adds variables of its own to the server's."""
+        `environment` adds variables of its own to the server's; `api_key` makes every
+        request but health checks carry it (access.py)."""
         self.model_dir = Path(model_dir).expanduser().resolve() if model_dir else None
         self.host = host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
@@ -126,6 +129,7 @@ class TritonServer:
         self.environment = {**overrides.environment(), **(environment or {})}
         self.grpc_tls = grpc_tls
         self.restart_on_failure = restart_on_failure
+        self.api_key = check_api_key(api_key, "api_key") if api_key is not None else None
         self.supervisor: Supervisor | None = None
         self._process: subprocess.Popen | None = None
         self._pump: threading.Thread | None = None
@@ -226,6 +230,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             *(self.grpc_tls.arguments() if self.grpc_tls else []),
+            *(restricted_protocol_arguments(self.api_key) if self.api_key else []),
         ]
         self._run_dir = Path(tempfile.mkdtemp(prefix="framepack-server-"))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +241,7 @@ class TritonServer:
         log = open(self.log_path, "a", encoding="utf-8")
         if restart_reason is not None:
             log.write(f"# restarted: {restart_reason}\n")
-        log.write(f"# {' '.join(command)}\n# model dir: {model_dir}\n")
+        log.write(f"# {' '.join(hide_api_key(command, self.api_key))}\n# model dir: {model_dir}\n")
         log.flush()
         # Dies with this process (processes.py), so a closed terminal or a killed
         # launcher leaves no server behind holding the ports.

@@ -8,9 +8,11 @@ protocol itself is described in framepack_server/protocol.py.
 """
 
 from .contract import (
+    API_KEY_HEADER,
     DESCRIBE_PARAMETER,
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
+    GRPC_API_KEY_HEADER,
     IMAGE_INPUT,
     LORAS_PARAMETER,
     MAX_IMAGE_ASPECT,
@@ -39,8 +41,8 @@ from .events import (
 from .request import WireRequest
 
 __all__ = [
-    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "LORAS_PARAMETER", "MAX_IMAGE_ASPECT",
-    "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "API_KEY_HEADER", "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "GRPC_API_KEY_HEADER", "IMAGE_INPUT",
+    "LORAS_PARAMETER", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
     "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "PhaseMeta", "PlanMeta", "ProgressMeta", "QueuedMeta",
     "SectionMeta", "UnknownEventKind", "event_from_json",

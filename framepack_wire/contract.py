@@ -15,6 +15,10 @@ DESCRIBE_PARAMETER = "describe"
 # LoRAs of the server's folder for one job: "NAME[:STRENGTH],..." (names only, never paths;
 # the describe answer lists them).
 LORAS_PARAMETER = "loras"
+# The header that carries the API key of a server started with `--api-key-file`
+# (framepack_server/access.py) on HTTP; on gRPC Triton expects it with its own prefix.
+API_KEY_HEADER = "x-api-key"
+GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 # The start image the server accepts (checked in framepack_backend/request.py); the client
 # downscales a larger photo to MAX_IMAGE_PIXELS before sending it (client/images.py).

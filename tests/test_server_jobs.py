@@ -302,7 +302,7 @@ def triton_args(kind="CPU", device_id="0", **parameters):
 
 def test_instance_config_from_parameters_and_environment(tmp_path):
     config = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), dtype="float16"), {})
-    assert config == InstanceConfig(tmp_path, "cpu", "float16", 4)
+    assert config == InstanceConfig(tmp_path, "auto", "float16", 4)  # the groups decide (groups.py)
     assert not config.shutdown_requested()
     assert InstanceConfig.from_triton(triton_args("GPU", "3", model_dir=str(tmp_path)), {}).device == "cuda:3"
     env = {"FRAMEPACK_MODEL_DIR": str(tmp_path), "FRAMEPACK_DEVICE": "cpu", "FRAMEPACK_MAX_QUEUED_JOBS": "2",
@@ -341,6 +341,7 @@ def test_what_the_launcher_overrides_is_what_the_instance_reads(tmp_path):
                                                ("max_job_seconds", "soon", "max_job_seconds"),
                                                ("sampling", "sideways", "sampling"),
                                                ("fp8", "yes", "fp8"),
+                                               ("groups", "0", "groups"), ("groups", "two", "groups"),
                                                ("model_dir", "/no/such/dir", "model_dir")])
 def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
     args = triton_args(**{"model_dir": str(tmp_path), key: value})
@@ -358,7 +359,8 @@ def test_model_config_matches_the_protocol():
                        protocol.PREVIEW_OUTPUT: [-1, -1, 3]}
     uint8 = model_config_pb2.DataType.Value("TYPE_UINT8")
     assert all(t.data_type == uint8 for t in [*config.input, *config.output])  # no BYTES tensors
-    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
+    # One instance owns the one job queue; it places the GPU groups itself.
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
     assert set(config.parameters) == set(ENV_OVERRIDES)  # every parameter can be overridden by the launcher
 
 

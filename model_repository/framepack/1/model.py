@@ -2,7 +2,8 @@
 
 Parse a request into a GenerationRequest (the one boundary check), queue the job, stream
 the engine's events back as responses. The wire protocol is documented in
-framepack_server/protocol.py.
+framepack_server/protocol.py. The one instance owns the server's job queue and a
+pipeline per GPU group (framepack_server/jobs.py, groups.py).
 """
 
 import os
@@ -40,8 +41,9 @@ from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions, SettingsError
 from framepack_server.faults import take_fault
+from framepack_server.groups import OnGroupDevice, plan_groups
 from framepack_server.instance import InstanceConfig
-from framepack_server.jobs import Job, JobQueue, Outcome
+from framepack_server.jobs import Job, JobQueue, Outcome, QueueLoad
 from framepack_server.protocol import (
     EVENT_OUTPUT,
     IMAGE_INPUT,
@@ -100,28 +102,40 @@ class ResponseSender:
 
 
 class JobMetrics:
-    """Prometheus metrics of this instance's jobs, served on Triton's metrics port."""
+    """Prometheus metrics of the server's jobs and queue, served on Triton's metrics port.
 
-    def __init__(self, instance: str, device):
+    `framepack_queue_waiting_jobs` is what an autoscaler scales on (deploy/): jobs that
+    wait because every GPU group is busy.
+    """
+
+    def __init__(self, instance: str, devices):
         family = pb_utils.MetricFamily
         jobs = family("framepack_jobs_total", "Jobs that ended, by outcome", family.COUNTER)
         seconds = family("framepack_job_seconds_total", "Time spent running jobs", family.COUNTER)
         peak = family("framepack_last_job_peak_gpu_bytes", "Peak GPU memory of the last job", family.GAUGE)
-        self._families = (jobs, seconds, peak)  # a family must outlive its metrics
+        waiting = family("framepack_queue_waiting_jobs", "Jobs waiting for a free GPU group", family.GAUGE)
+        busy = family("framepack_busy_groups", "GPU groups running a job", family.GAUGE)
+        groups = family("framepack_groups", "GPU groups that run jobs", family.GAUGE)
+        self._families = (jobs, seconds, peak, waiting, busy, groups)  # a family must outlive its metrics
         self._jobs = {o: jobs.Metric(labels={"instance": instance, "outcome": o.name.lower()}) for o in Outcome}
         self._seconds = seconds.Metric(labels={"instance": instance})
         self._peak = {
-            kind: peak.Metric(labels={"instance": instance, "kind": kind}) for kind in ("allocated", "reserved")
+            (device, kind): peak.Metric(labels={"instance": instance, "kind": kind, "device": str(device)})
+            for device in devices if device.type == "cuda" for kind in ("allocated", "reserved")
         }
-        self._device = device
+        self._load = {name: gauge.Metric(labels={"instance": instance})
+                      for name, gauge in (("waiting", waiting), ("busy", busy), ("groups", groups))}
 
     def observe(self, outcome: Outcome, seconds: float) -> None:
         self._jobs[outcome].increment(1)
         self._seconds.increment(seconds)
-        peak = peak_memory(self._device)
-        for kind, metric in self._peak.items():
-            if peak[f"peak_{kind}_bytes"] is not None:
-                metric.set(peak[f"peak_{kind}_bytes"])
+        for (device, kind), metric in self._peak.items():
+            metric.set(peak_memory(device)[f"peak_{kind}_bytes"])
+
+    def publish_load(self, load: QueueLoad) -> None:
+        self._load["waiting"].set(load.waiting)
+        self._load["busy"].set(load.busy)
+        self._load["groups"].set(load.groups)
 
 
 def _input_image(request):
@@ -144,22 +158,29 @@ class TritonPythonModel:
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
         options = EngineOptions(sampling=config.sampling, fp8=config.fp8)
-        pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, options=options,
-                                            lora_dir=config.lora_dir)
+        groups = plan_groups(config.device, config.groups, torch.cuda.device_count())
+        pipelines = [
+            Pipeline.from_pretrained(config.model_dir, device=group.device, dtype=dtype, options=options,
+                                     lora_dir=config.lora_dir)
+            for group in groups
+        ]
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
-            f"{', FP8' if config.fp8 else ''}) on {config.device} "
-            f"in {time.perf_counter() - start:.1f} s"
+            f"{', FP8' if config.fp8 else ''}) for {len(groups)} GPU group(s): "
+            f"{'; '.join(group.describe() for group in groups)}; in {time.perf_counter() - start:.1f} s"
         )
         if config.fault_injection:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
-        self._options, self._device, self._loras = pipeline.options, pipeline.device, pipeline.loras
+        # Every group loads the same options on the same kind of device, so the first one's
+        # decide which job overrides are allowed and which LoRAs requests may name.
+        self._options, self._device, self._loras = pipelines[0].options, pipelines[0].device, pipelines[0].loras
         self._fault_injection = config.fault_injection
-        self._metrics = JobMetrics(args["model_instance_name"], pipeline.device)
+        self._metrics = JobMetrics(args["model_instance_name"], [pipeline.device for pipeline in pipelines])
         self._jobs = JobQueue(
-            pipeline, log, config.max_queued_jobs, config.shutdown_requested, config.max_job_seconds,
-            observe=self._metrics.observe,
+            [OnGroupDevice(pipeline) for pipeline in pipelines], log, config.max_queued_jobs,
+            config.shutdown_requested, config.max_job_seconds,
+            observe=self._metrics.observe, publish_load=self._metrics.publish_load,
         )
         self._numbers = itertools.count(1)
 
