@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+from mp4_files import mp4_frames
 from PIL import Image
 
 from client import cli, provenance, stream
@@ -47,11 +47,6 @@ def cli_command(server, image: Path, output: Path, *extra: str) -> list[str]:
 
 def run_cli(server, image: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(server, image, output, *extra), capture_output=True, text=True, timeout=300)
-
-
-def mp4_frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 def server_video(server, pixels: np.ndarray, folder: Path) -> np.ndarray:

@@ -10,9 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+from mp4_files import mp4_frames, mp4_packets
 from PIL import Image
 
 from client import cli
@@ -37,15 +37,6 @@ def start_image(tmp_path, image) -> Path:
     return path
 
 
-def mp4_frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def mp4_packets(path: Path) -> list[bytes]:
-    """The encoded video, packet by packet: the MP4's bytes apart from its container metadata."""
-    with av.open(str(path)) as container:
-        return [bytes(packet) for packet in container.demux(video=0) if packet.size]
 
 
 def test_from_repeats_a_random_seed_job_bit_for_bit(triton_server, start_image, tmp_path, capsys):

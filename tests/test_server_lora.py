@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST_SETTINGS
+from mp4_files import mp4_packets
 from safetensors.torch import save_file
 
 from client import stream
@@ -42,7 +43,8 @@ def lora_server(tiny_bundle, tmp_path_factory):
         yield server
 
 
-def cli_mp4(server, output: Path, *loras: str) -> bytes:
+def cli_mp4(server, output: Path, *loras: str) -> list[bytes]:
+    """The encoded video of a CLI job (its metadata records the request, so it differs by the loras asked for)."""
     command = [sys.executable, "-m", "client.cli", "generate", "--image", str(SAMPLE), "--prompt", "a person waves",
                "--output", str(output), "--server", server.grpc_address, "--seconds", "1",
                "--resolution", str(FAST_SETTINGS["resolution"]), "--steps", str(FAST_SETTINGS["steps"])]
@@ -50,7 +52,7 @@ def cli_mp4(server, output: Path, *loras: str) -> bytes:
         command += ["--lora", lora]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return output.read_bytes()
+    return mp4_packets(output)
 
 
 def refusal(server, loras: str) -> stream.ServerError:
