@@ -1,6 +1,7 @@
 """`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
 
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+    framepack generate --video walk.mp4 --prompt "he turns" --seconds 3 --output longer.mp4
     framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
@@ -13,6 +14,11 @@ Before a job is sent, the start image is read as the server wants it (client/ima
 upright, 8-bit RGB, opaque, within the server's pixel limit) and the output paths are
 checked (client/outputs.py); a video that cannot be written at the end goes to a
 fallback file, and the message says where.
+
+`--video` extends a clip instead (client/source_video.py): only the clip's last frames that
+the server's sampling variant reads are sent (`--context-frames` sends fewer), and the MP4
+holds the clip, at the output's size and 30 fps, followed by the new frames
+(`--extension-only`: the new frames alone).
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from framepack_wire import WireRequest
+from framepack_wire import MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
 from .images import load_image
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .progress import JobClock, plan_text, queued_text
+from .source_video import context_frames, read_clip_end, source_frames
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 
 DEFAULT_SERVER = f"localhost:{DEFAULT_GRPC_PORT}"
@@ -76,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make a video from an image and a prompt")
-    generate.add_argument("--image", type=Path, required=True, help="start image (PNG, JPEG, ...)")
+    start = generate.add_mutually_exclusive_group()
+    start.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...)")
+    start.add_argument("--video", type=Path, help="a clip to extend (MP4, WebM, ...) instead of a start image")
+    generate.add_argument("--context-frames", type=context_frame_count, metavar="K",
+                          help="with --video: send at most the clip's last K frames (default: all the server reads, "
+                          f"at most {MAX_VIDEO_FRAMES})")
+    generate.add_argument("--extension-only", action="store_true",
+                          help="with --video: write only the new frames, not the clip before them")
     generate.add_argument("--prompt", required=True, help="what should happen in the video")
     generate.add_argument("--output", type=Path, required=True, help="MP4 to write (replaced atomically)")
     generate.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
@@ -127,6 +141,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def context_frame_count(text: str) -> int:
+    """An argparse type: a number of frames, 1..MAX_VIDEO_FRAMES."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of frames") from None
+    if not 1 <= value <= MAX_VIDEO_FRAMES:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: expected frames in [1, {MAX_VIDEO_FRAMES}]")
+    return value
+
+
 def tcp_port(text: str) -> int:
     """An argparse type: a TCP port, 1..65535."""
     try:
@@ -158,15 +183,33 @@ def main(argv: list[str] | None = None) -> int:
         args.endpoint = endpoint(args)
         crf = CRF_DEFAULT if args.crf is None else parse_crf(args.crf)
         check_output_paths(args.output, args.save_sections, args.save_previews)
-        loaded = load_image(args.image, label="--image")
+        if args.image is None and args.video is None:
+            raise ValueError("give a start image (--image) or a clip to extend (--video)")
+        if args.video is None and (args.context_frames is not None or args.extension_only):
+            raise ValueError("--context-frames and --extension-only go with --video")
+        loaded = load_image(args.image, label="--image") if args.video is None else None
+        clip = None
+        if args.video is not None:
+            clip = read_clip_end(args.video, args.context_frames or MAX_VIDEO_FRAMES, label="--video")
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if loaded.message:
-        print(f"framepack: {loaded.message}", file=sys.stderr)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
-    request = WireRequest(loaded.pixels, args.prompt,
-                          {name: value for name, value in settings.items() if value is not None})
+    parameters = {name: value for name, value in settings.items() if value is not None}
+    if clip is None:
+        assert loaded is not None
+        if loaded.message:
+            print(f"framepack: {loaded.message}", file=sys.stderr)
+        request = WireRequest(loaded.pixels, args.prompt, parameters)
+    else:
+        try:  # only the frames this server's sampling variant reads
+            reads = context_frames(stream.describe(args.endpoint).video, parameters.get("sampling"))
+        except stream.ServerError as e:
+            print(f"framepack: error: {e}", file=sys.stderr)
+            return EXIT_SERVER_ERROR
+        clip = clip.last(min(reads, len(clip.frames)))
+        print(f"framepack: {clip.message}", file=sys.stderr)
+        request = WireRequest(None, args.prompt, parameters, video=clip.frames)
     try:
         saved, final = run_generate(args, request, crf)
     except stream.ServerError as e:
@@ -320,7 +363,15 @@ def run_generate(args: argparse.Namespace, request: WireRequest, crf: int) -> tu
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    return write_video_safely(args.output, video, final.fps, crf, write_mp4), final
+    combine = args.video is not None and not args.extension_only
+
+    def write(path: Path, frames, fps: int, crf: int | None) -> Path:
+        # An extension's MP4 shows the clip, at the video's size, before the new frames (read
+        # afresh for each try: a fallback file needs them again).
+        before = source_frames(args.video, final.width, final.height, label="--video") if combine else ()
+        return write_mp4(path, frames, fps, crf, before=before)
+
+    return write_video_safely(args.output, video, final.fps, crf, write), final
 
 
 def save_section(folder: Path, event: stream.Section, crf: int) -> SavedFile:

@@ -12,7 +12,9 @@ too, but stays in this process.
 The uploaded file reaches the job as it was saved (`type="filepath"`, no mode given, so
 Gradio passes the file on untouched) and is read as the CLI reads it (client/images.py:
 EXIF orientation, 16-bit, transparency, the server's pixel limit); what was done to it is
-shown under the status. `framepack ui` makes the output folder Gradio's cache, so the
+shown under the status. A clip uploaded instead of an image is extended: its last frames
+go to the server as the CLI sends them (client/source_video.py), and the finished MP4 shows
+the clip before the new frames. `framepack ui` makes the output folder Gradio's cache, so the
 page's files (uploads, and the MP4s it shows, which Gradio would otherwise copy into
 /tmp/gradio and keep) stay there; a job keeps only its final MP4.
 """
@@ -28,11 +30,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from framepack_wire import WireRequest
+from framepack_wire import MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
 from .images import ImageLoadError, load_image
+from .source_video import VideoLoadError, context_frames, read_clip_end
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
 
@@ -99,6 +102,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 # clip 16-bit values and blacken transparent areas (load_image handles them).
                 image = gr.Image(label="Start image", type="filepath", image_mode=None,
                                  sources=["upload", "clipboard"], height=320)
+                clip = gr.Video(label="Or a clip to extend", sources=["upload"], height=160, elem_id="clip")
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Subject, motion, qualifiers")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
@@ -131,17 +135,35 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             return {fields[field]: values[field] for field in preset_fields if field in values}
 
         # Gradio passes the request by its annotation; first, because the fields' values follow as *values.
-        def start_job(request: gr.Request, image_path: str | None, prompt_value: str,
+        def start_job(request: gr.Request, image_path: str | None, clip_path: str | None, prompt_value: str,
                       preset_value: str | None, *values):
-            if image_path is None:
-                yield {status: "Upload a start image first."}
+            if image_path is None and clip_path is None:
+                yield {status: "Upload a start image (or a clip to extend) first."}
                 return
-            try:
-                loaded = load_image(image_path)
-            except ImageLoadError as e:
-                yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
+            if image_path is not None and clip_path is not None:
+                yield {status: "Give a start image or a clip to extend, not both."}
                 return
-            note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
+            pixels, video = None, None
+            if clip_path is not None:
+                try:
+                    sampling = dict(zip(names, values)).get("sampling")
+                    loaded_clip = read_clip_end(clip_path, MAX_VIDEO_FRAMES)
+                    loaded_clip = loaded_clip.last(min(context_frames(description.video, sampling),
+                                                       len(loaded_clip.frames)))
+                except VideoLoadError as e:
+                    yield {status: f"Error: the clip {Path(clip_path).name}: {_after_path(e, clip_path)}"}
+                    return
+                video = loaded_clip.frames
+                note = f"Clip {Path(clip_path).name}: {loaded_clip.message.removeprefix(f'{clip_path}: ')}."
+            else:
+                assert image_path is not None  # one of the two, checked above
+                try:
+                    loaded = load_image(image_path)
+                except ImageLoadError as e:
+                    yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
+                    return
+                pixels = loaded.pixels
+                note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
             settings = {name: value for name, value in zip(names, values) if value is not None}
             if preset_value:
                 settings["preset"] = preset_value  # recorded by the server; the fields' values win
@@ -150,13 +172,14 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
-            job = WireRequest(loaded.pixels, prompt_value, settings)
+            job = WireRequest(pixels, prompt_value, settings, video=video)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
                    preview: None, video: None, download: None}
             try:
-                for update in run_job(server, job, folder, flag.is_set, crf):
+                source = Path(clip_path) if clip_path is not None else None
+                for update in run_job(server, job, folder, flag.is_set, crf, source=source):
                     yield _page_update(update, status, preview, video, download, note)
             finally:
                 stops.finish(request.session_hash, flag)
@@ -168,7 +191,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
         start.click(
-            start_job, [image, prompt, preset, *fields.values()], [start, stop, status, preview, video, download],
+            start_job, [image, clip, prompt, preset, *fields.values()], [start, stop, status, preview, video, download],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
         stop.click(stop_job, None, [stop, status], queue=False)
@@ -218,7 +241,7 @@ def _page_update(update: JobUpdate, status, preview, video, download, note: str 
     return changes
 
 
-def _after_path(error: ImageLoadError, path: str) -> str:
+def _after_path(error: ValueError, path: str) -> str:
     """The reason of a load error, without the (temporary, long) upload path it starts with."""
     return str(error).removeprefix(f"{path}: ")
 

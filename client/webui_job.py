@@ -18,6 +18,7 @@ from framepack_wire import WireRequest
 from . import stream
 from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
 from .progress import JobClock, plan_text, queued_text
+from .source_video import source_frames
 from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
@@ -64,9 +65,12 @@ def run_job(
     folder: Path,
     stop_requested: Callable[[], bool],
     crf: int = CRF_DEFAULT,
+    *,
+    source: Path | None = None,
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
-    ended (never raises ServerError).
+    ended (never raises ServerError). `source`: the clip the job extends, which the
+    finished MP4 shows before the new frames.
 
     Connecting comes first, on its own: a server that does not answer is shown at once,
     with the retries left, instead of a job that seems to wait for its first step. Each
@@ -137,7 +141,8 @@ def run_job(
     except ValueError as e:  # frames that do not fit together
         yield JobUpdate(f"Error: {e}")
         return
-    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf)
+    before = source_frames(source, final.width, final.height) if source is not None else ()
+    path = write_mp4(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf, before=before)
     yield JobUpdate(done_text(final), video=path, final=path)
     _discard(shown)
 

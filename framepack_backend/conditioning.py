@@ -153,8 +153,9 @@ def encode_video_latents(
     One encode of the whole clip: latent 0 stands for frame 0 and each later one for the
     next 4 frames (the convolutions are causal in time, but the group norms take their
     statistics over the whole clip, so latent 0 is near, not equal to, frame 0's image
-    latent); diffusers encodes a long clip in overlapping temporal tiles. `tiled` turns the spatial tiling on or off (None: as the VAE
-    is set). Posterior mean times the scaling factor, as encode_image_latent.
+    latent); diffusers encodes a long clip in overlapping temporal tiles. `tiled` turns the
+    spatial tiling on or off (None: as the VAE is set). Posterior mean times the scaling
+    factor, as encode_image_latent.
     """
     if not (isinstance(frames, np.ndarray) and frames.ndim == 4 and len(frames)):
         raise ValueError(f"frames of shape {getattr(frames, 'shape', None)}: expected a uint8 array T×H×W×3, T ≥ 1")

@@ -33,10 +33,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from framepack_wire import MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_FRAMES
+
 from . import conditioning
 from .buckets import resize_and_center_crop
 from .events import Event, GenerationResult, SectionFinished, VideoPlanned
-from .planner import CONTEXT_FRAMES, VAE_TIME_STRIDE, Variant
+from .planner import CONTEXT_FRAMES, VAE_TIME_STRIDE, VARIANTS, Variant
 
 # The frame every decode starts with, which repeats the clip's last frame.
 SEAM_FRAMES = 1
@@ -47,6 +49,18 @@ def context_video_frames(variant: Variant) -> int:
     """The most source frames a job of `variant` reads: f1 fills all 19 context latents,
     made of 1 + 4·18 = 73 frames; inverted only its start frame."""
     return 1 + VAE_TIME_STRIDE * (CONTEXT_FRAMES - 1) if variant == "f1" else 1
+
+
+def describe_video(sampling: Variant | None = None) -> dict[str, object]:
+    """The `video` input for the describe answer: the limits, the frames each variant reads,
+    and the loaded variant (a client sends no more of a clip than that variant reads)."""
+    described: dict[str, object] = {
+        "max_frames": MAX_VIDEO_FRAMES, "max_frame_pixels": MAX_VIDEO_FRAME_PIXELS,
+        "context_frames": {str(variant): context_video_frames(variant) for variant in VARIANTS},
+    }
+    if sampling is not None:
+        described["sampling"] = str(sampling)
+    return described
 
 
 def used_frame_count(frame_count: int, variant: Variant) -> int:

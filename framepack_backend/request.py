@@ -56,7 +56,9 @@ class GenerationRequest:
     video: np.ndarray | None = None
 
     @classmethod
-    def parse(cls, image: object, prompt: object = "", *, video: object = None, **settings: object) -> GenerationRequest:
+    def parse(
+        cls, image: object, prompt: object = "", *, video: object = None, **settings: object
+    ) -> GenerationRequest:
         """`parse_request` with the settings as keyword arguments (tests, scripts)."""
         return parse_request(image, {PROMPT_PARAMETER: prompt, **settings}, video=video)
 

@@ -16,7 +16,7 @@ section, `final`. Servers older than `plan`, `phase` and `queued` send only the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar, Mapping
 
@@ -202,10 +202,15 @@ class DescribeMeta(_Meta):
     settings: dict  # request parameter name -> type, default, low, high, choices, doc
     presets: dict  # preset name -> the settings it sets
     flow_presets: list
+    # The `video` input: max_frames, max_frame_pixels, context_frames (sampling variant ->
+    # how many of a clip's last frames a job reads), sampling (the loaded variant, if said).
+    # Empty from servers older than video extension.
+    video: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any]) -> DescribeMeta:
-        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"))
+        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"),
+                   _dict(meta, "video") if "video" in meta else {})
 
 
 EventMeta = QueuedMeta | PlanMeta | PhaseMeta | ProgressMeta | SectionMeta | FinalMeta | DescribeMeta
