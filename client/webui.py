@@ -143,7 +143,8 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             if image_path is not None and clip_path is not None:
                 yield {status: "Give a start image or a clip to extend, not both."}
                 return
-            pixels, video = None, None
+            # Not `video`: that name is the page's video component, which this function updates.
+            pixels, clip_frames = None, None
             if clip_path is not None:
                 try:
                     sampling = dict(zip(names, values)).get("sampling")
@@ -153,7 +154,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 except VideoLoadError as e:
                     yield {status: f"Error: the clip {Path(clip_path).name}: {_after_path(e, clip_path)}"}
                     return
-                video = loaded_clip.frames
+                clip_frames = loaded_clip.frames
                 note = f"Clip {Path(clip_path).name}: {loaded_clip.message.removeprefix(f'{clip_path}: ')}."
             else:
                 assert image_path is not None  # one of the two, checked above
@@ -172,7 +173,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
-            job = WireRequest(pixels, prompt_value, settings, video=video)
+            job = WireRequest(pixels, prompt_value, settings, video=clip_frames)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
