@@ -221,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("framepack: cancelled; no video written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    frames = f"{final.frame_count} frames"
+    if clip is not None and not args.extension_only:
+        frames = f"{clip.frame_count} frames of the clip then {final.frame_count} new ones"
     print(
-        f"framepack: {final.frame_count} frames, {final.width}×{final.height} at {final.fps} fps, "
+        f"framepack: {frames}, {final.width}×{final.height} at {final.fps} fps, "
         f"seed {final.seed}, {final.timings.get('total_s', 0.0):.1f} s on the server",
         file=sys.stderr,
     )

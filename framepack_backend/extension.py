@@ -27,8 +27,8 @@ the first generated section's 1x slot (the video's end), the clip's last frame t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -109,19 +109,23 @@ def seed_history(history: torch.Tensor, source_latents: torch.Tensor, variant: V
 
 def new_frames_only(events: Iterator[Event], clip: SourceClip) -> Iterator[Event]:
     """A job's events without the seam frame that repeats the clip's last frame; the final
-    settings record how many source frames the job used (`video_frames`)."""
-    for event in events:
-        if isinstance(event, VideoPlanned):
-            yield dataclasses.replace(event, frames=event.frames - SEAM_FRAMES)
-        elif isinstance(event, SectionFinished):
-            cut = max(SEAM_FRAMES - event.start_frame, 0)
-            yield dataclasses.replace(
-                event, start_frame=max(event.start_frame - SEAM_FRAMES, 0), frames=event.frames[cut:],
-                total_frames=event.total_frames - SEAM_FRAMES,
-            )
-        elif isinstance(event, GenerationResult):
-            yield dataclasses.replace(
-                event, frames=event.frames[SEAM_FRAMES:], settings={**event.settings, "video_frames": len(clip.frames)}
-            )
-        else:
-            yield event
+    settings record how many source frames the job used (`video_frames`). Closing this
+    closes `events` at once (the job's clean-up runs while it still holds the pipeline)."""
+    try:
+        for event in events:
+            if isinstance(event, VideoPlanned):
+                yield dataclasses.replace(event, frames=event.frames - SEAM_FRAMES)
+            elif isinstance(event, SectionFinished):
+                cut = max(SEAM_FRAMES - event.start_frame, 0)
+                yield dataclasses.replace(
+                    event, start_frame=max(event.start_frame - SEAM_FRAMES, 0), frames=event.frames[cut:],
+                    total_frames=event.total_frames - SEAM_FRAMES,
+                )
+            elif isinstance(event, GenerationResult):
+                used = {**event.settings, "video_frames": len(clip.frames)}
+                yield dataclasses.replace(event, frames=event.frames[SEAM_FRAMES:], settings=used)
+            else:
+                yield event
+    finally:
+        if isinstance(events, Generator):
+            events.close()
