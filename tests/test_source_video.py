@@ -68,3 +68,16 @@ def test_the_frames_to_send_follow_the_server_s_variant():
     assert context_frames(describe_video("inverted")) == 1
     assert context_frames(describe_video("inverted"), "f1") == 73  # a job asking for f1 (refused unless loaded)
     assert context_frames(describe_video(None)) == 73 == context_frames({})  # not said: the most it accepts
+
+
+@pytest.mark.parametrize("value, ok", [("1", True), ("73", True), ("0", False), ("74", False), ("five", False)])
+def test_context_frames_is_a_count_up_to_the_wire_limit(value, ok, capsys):
+    from client.cli import build_parser
+
+    argv = ["generate", "--video", "c.mp4", "--prompt", "p", "--output", "o.mp4", "--context-frames", value]
+    if ok:
+        assert build_parser().parse_args(argv).context_frames == int(value)
+    else:
+        with pytest.raises(SystemExit) as caught:
+            build_parser().parse_args(argv)
+        assert caught.value.code == 2 and "--context-frames" in capsys.readouterr().err
