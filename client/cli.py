@@ -3,6 +3,7 @@
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
     framepack generate --from wave.mp4 --seed random --output again.mp4   # repeat a job, a new seed
     framepack queue jobs.jsonl --server gpu-a,gpu-b --per-server 2       # many jobs, resumable
+    framepack generate --video walk.mp4 --prompt "he turns" --seconds 3 --output longer.mp4
     framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
@@ -15,6 +16,11 @@ Before a job is sent, the start image is read as the server wants it (client/ima
 upright, 8-bit RGB, opaque, within the server's pixel limit) and the output paths are
 checked (client/outputs.py); a video that cannot be written at the end goes to a
 fallback file, and the message says where.
+
+`--video` extends a clip instead (client/source_video.py): only the clip's last frames that
+the server's sampling variant reads are sent (`--context-frames` sends fewer), and the MP4
+holds the clip, at the output's size and 30 fps, followed by the new frames
+(`--extension-only`: the new frames alone).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from framepack_wire import LORAS_PARAMETER, WireRequest
+from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
@@ -51,6 +57,7 @@ from .queue import (
     server_list,
     summary_table,
 )
+from .source_video import context_frames, read_clip_end, source_frames
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 from .webui_login import login_problem, read_logins
 
@@ -93,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make a video from an image and a prompt")
-    generate.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...)")
+    start = generate.add_mutually_exclusive_group()
+    start.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...)")
+    start.add_argument("--video", type=Path, help="a clip to extend (MP4, WebM, ...) instead of a start image")
+    generate.add_argument("--context-frames", type=context_frame_count, metavar="K",
+                          help="with --video: send at most the clip's last K frames (default: all the server reads, "
+                          f"at most {MAX_VIDEO_FRAMES})")
+    generate.add_argument("--extension-only", action="store_true",
+                          help="with --video: write only the new frames, not the clip before them")
     generate.add_argument("--prompt", help="what should happen in the video")
     generate.add_argument("--output", type=Path, required=True,
                           help="MP4 to write (replaced atomically); its record goes beside it as .json")
@@ -185,6 +199,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def context_frame_count(text: str) -> int:
+    """An argparse type: a number of frames, 1..MAX_VIDEO_FRAMES."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of frames") from None
+    if not 1 <= value <= MAX_VIDEO_FRAMES:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: expected frames in [1, {MAX_VIDEO_FRAMES}]")
+    return value
+
+
 def tcp_port(text: str) -> int:
     """An argparse type: a TCP port, 1..65535."""
     try:
@@ -238,16 +263,32 @@ def main(argv: list[str] | None = None) -> int:
         job = job_inputs(args.source, args.image, args.prompt, given, None if args.crf is None else parse_crf(args.crf))
         crf = CRF_DEFAULT if job.crf is None else job.crf
         check_output_paths(args.output, args.save_sections, args.save_previews)
-        loaded = load_image(job.image, label="--image")
-        image_file = ImageFile.of(job.image)
+        if args.video is None and (args.context_frames is not None or args.extension_only):
+            raise ValueError("--context-frames and --extension-only go with --video")
+        loaded = load_image(job.image, label="--image") if args.video is None else None
+        image_file = ImageFile.of(job.image) if args.video is None else None
+        clip = None
+        if args.video is not None:
+            clip = read_clip_end(args.video, args.context_frames or MAX_VIDEO_FRAMES, label="--video")
     except (ValueError, OSError) as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if job.drawn_seed is not None:
         print(f"framepack: seed {job.drawn_seed} (drawn for --seed random)", file=sys.stderr)
-    if loaded.message:
-        print(f"framepack: {loaded.message}", file=sys.stderr)
-    request = WireRequest(loaded.pixels, job.prompt, job.parameters)
+    if clip is None:
+        assert loaded is not None
+        if loaded.message:
+            print(f"framepack: {loaded.message}", file=sys.stderr)
+        request = WireRequest(loaded.pixels, job.prompt, job.parameters)
+    else:
+        try:  # only the frames this server's sampling variant reads
+            reads = context_frames(stream.describe(args.endpoint).video, job.parameters.get("sampling"))
+        except stream.ServerError as e:
+            print(f"framepack: error: {e}", file=sys.stderr)
+            return EXIT_SERVER_ERROR
+        clip = clip.last(min(reads, len(clip.frames)))
+        print(f"framepack: {clip.message}", file=sys.stderr)
+        request = WireRequest(None, job.prompt, job.parameters, video=clip.frames)
     try:
         saved, final = run_generate(args, request, crf, image_file)
     except stream.ServerError as e:
@@ -259,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("framepack: cancelled; no video written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    frames = f"{final.frame_count} frames"
+    if clip is not None and not args.extension_only:
+        frames = f"{clip.frame_count} frames of the clip then {final.frame_count} new ones"
     print(
-        f"framepack: {final.frame_count} frames, {final.width}×{final.height} at {final.fps} fps, "
+        f"framepack: {frames}, {final.width}×{final.height} at {final.fps} fps, "
         f"seed {final.seed}, {final.timings.get('total_s', 0.0):.1f} s on the server",
         file=sys.stderr,
     )
@@ -415,7 +459,15 @@ def run_generate(
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    return save_video(args.output, video, final.fps, crf, job_record(request, image, crf, final)), final
+    combine = args.video is not None and not args.extension_only
+
+    def before():
+        # An extension's MP4 shows the clip, at the video's size, before the new frames (read
+        # afresh for each try: a fallback file needs them again).
+        return source_frames(args.video, final.width, final.height, label="--video") if combine else ()
+
+    record = job_record(request, image, crf, final)
+    return save_video(args.output, video, final.fps, crf, record, before=before), final
 
 
 def save_section(folder: Path, event: stream.Section, crf: int) -> SavedFile:

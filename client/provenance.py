@@ -24,7 +24,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -93,12 +93,17 @@ def record_path(video: Path | str) -> Path:
     return Path(video).with_suffix(".json")
 
 
-def save_video(path: Path | str, frames: np.ndarray, fps: int, crf: int, record: Mapping[str, Any]) -> SavedFile:
+def save_video(path: Path | str, frames: np.ndarray, fps: int, crf: int, record: Mapping[str, Any],
+               before: Callable[[], Iterable[np.ndarray]] = tuple) -> SavedFile:
     """The MP4 with the record in its `comment` tag, then the record beside it (both atomic;
-    a fallback file, with a message, when `path` cannot be written: outputs.py)."""
+    a fallback file, with a message, when `path` cannot be written: outputs.py). `before()`:
+    frames written first (an extension's source clip), asked for again by each try."""
     text = json.dumps(record, sort_keys=True)
-    saved = write_video_safely(path, frames, fps, crf,
-                               lambda target, f, rate, q: write_mp4(target, f, rate, q, metadata={MP4_TAG: text}))
+
+    def write(target: Path, f: np.ndarray, rate: int, q: int) -> Path:
+        return write_mp4(target, f, rate, q, metadata={MP4_TAG: text}, before=before())
+
+    saved = write_video_safely(path, frames, fps, crf, write)
     beside = write_file_safely(record_path(saved.path), lambda target: write_atomically(target, text + "\n"),
                                what="record")
     if beside.fell_back and not saved.fell_back:
@@ -204,8 +209,6 @@ def job_inputs(
         prompt = recorded_prompt if prompt is None else prompt
         image = recorded_image(record, source) if image is None else image
         crf = record["crf"] if crf is None else crf
-    if image is None:
-        raise ValueError("--image is required (or --from a video or record of an earlier job)")
     if prompt is None:
         raise ValueError("--prompt is required (or --from a video or record of an earlier job)")
     parameters.update(given)

@@ -11,11 +11,12 @@ within a file system), and the temporary file is removed on any failure.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 from fractions import Fraction
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -92,8 +93,12 @@ DETERMINISTIC_X264_PARAMS = "mbtree=0"
 def write_mp4(
     path: Path | str, frames: np.ndarray, fps: int, crf: int | None = None, *, deterministic: bool = True,
     metadata: Mapping[str, str] | None = None,
+    before: Iterable[np.ndarray] = (),
 ) -> Path:
     """Encode uint8 T×H×W×3 RGB frames as H.264 (yuv420p) at `fps`; atomic.
+
+    `before`: frames of the same size written first (the source clip of an extension),
+    taken one at a time, so a long clip need not fit in memory.
 
     yuv420p needs even sides: an odd last row or column is cropped. `crf` None keeps the
     encoder's default quality. `deterministic` (default): the same frames give the same
@@ -123,7 +128,7 @@ def write_mp4(
             if crf is not None:
                 options["crf"] = str(crf)
             stream.options = options
-            for frame in frames:
+            for frame in itertools.chain(before, frames):
                 picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
                 container.mux(stream.encode(picture))
             container.mux(stream.encode())

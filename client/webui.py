@@ -12,7 +12,9 @@ too, but stays in this process.
 The uploaded file reaches the job as it was saved (`type="filepath"`, no mode given, so
 Gradio passes the file on untouched) and is read as the CLI reads it (client/images.py:
 EXIF orientation, 16-bit, transparency, the server's pixel limit); what was done to it is
-shown under the status. `framepack ui` makes the output folder Gradio's cache, so the
+shown under the status. A clip uploaded instead of an image is extended: its last frames
+go to the server as the CLI sends them (client/source_video.py), and the finished MP4 shows
+the clip before the new frames. `framepack ui` makes the output folder Gradio's cache, so the
 page's files (uploads, and the MP4s it shows, which Gradio would otherwise copy into
 /tmp/gradio and keep) stay there; a job keeps only its final MP4.
 """
@@ -28,12 +30,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from framepack_wire import LORAS_PARAMETER, WireRequest
+from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
 from .images import ImageLoadError, load_image
 from .provenance import ImageFile, RecordError, read_record, repeat_request
+from .source_video import VideoLoadError, context_frames, read_clip_end
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
 from .webui_queue import COLUMNS, PageQueue
@@ -101,6 +104,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 # clip 16-bit values and blacken transparent areas (load_image handles them).
                 image = gr.Image(label="Start image", type="filepath", image_mode=None,
                                  sources=["upload", "clipboard"], height=320)
+                clip = gr.Video(label="Or a clip to extend", sources=["upload"], height=160, elem_id="clip")
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Subject, motion, qualifiers")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
@@ -153,17 +157,36 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             return {fields[field]: values[field] for field in preset_fields if field in values}
 
         # Gradio passes the request by its annotation; first, because the fields' values follow as *values.
-        def start_job(request: gr.Request, image_path: str | None, prompt_value: str,
+        def start_job(request: gr.Request, image_path: str | None, clip_path: str | None, prompt_value: str,
                       preset_value: str | None, *values):
-            if image_path is None:
-                yield {status: "Upload a start image first."}
+            if image_path is None and clip_path is None:
+                yield {status: "Upload a start image (or a clip to extend) first."}
                 return
-            try:
-                loaded = load_image(image_path)
-            except ImageLoadError as e:
-                yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
+            if image_path is not None and clip_path is not None:
+                yield {status: "Give a start image or a clip to extend, not both."}
                 return
-            note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
+            # Not `video`: that name is the page's video component, which this function updates.
+            pixels, clip_frames = None, None
+            if clip_path is not None:
+                try:
+                    sampling = dict(zip(names, values)).get("sampling")
+                    loaded_clip = read_clip_end(clip_path, MAX_VIDEO_FRAMES)
+                    loaded_clip = loaded_clip.last(min(context_frames(description.video, sampling),
+                                                       len(loaded_clip.frames)))
+                except VideoLoadError as e:
+                    yield {status: f"Error: the clip {Path(clip_path).name}: {_after_path(e, clip_path)}"}
+                    return
+                clip_frames = loaded_clip.frames
+                note = f"Clip {Path(clip_path).name}: {loaded_clip.message.removeprefix(f'{clip_path}: ')}."
+            else:
+                assert image_path is not None  # one of the two, checked above
+                try:
+                    loaded = load_image(image_path)
+                except ImageLoadError as e:
+                    yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
+                    return
+                pixels = loaded.pixels
+                note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
             try:
                 settings, crf = page_settings(names, preset_value, values)
             except ValueError as e:
@@ -172,13 +195,15 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             chosen = lora_parameter(dict(zip(loras, values[len(names):])))
             if chosen:
                 settings[LORAS_PARAMETER] = chosen
-            job = WireRequest(loaded.pixels, prompt_value, settings)
+            job = WireRequest(pixels, prompt_value, settings, video=clip_frames)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
                    preview: None, video: None, download: None}
             try:
-                for update in run_job(server, job, folder, flag.is_set, crf, ImageFile.of(image_path)):
+                source = Path(clip_path) if clip_path is not None else None
+                image_file = ImageFile.of(image_path) if image_path is not None else None
+                for update in run_job(server, job, folder, flag.is_set, crf, image_file, source=source):
                     changes = _page_update(update, status, preview, video, download, note)
                     if update.record is not None:
                         changes[used] = shown_record(update.record)
@@ -224,7 +249,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
         gr.Timer(1.0).tick(lambda: (page_queue.rows(), page_queue.results()), None, [jobs_table, results],
                            queue=False, show_progress="hidden")
         start.click(
-            start_job, [image, prompt, preset, *fields.values(), *loras.values()],
+            start_job, [image, clip, prompt, preset, *fields.values(), *loras.values()],
             [start, stop, status, preview, video, download, used],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )

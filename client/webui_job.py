@@ -19,6 +19,7 @@ from . import stream
 from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
 from .progress import JobClock, plan_text, queued_text
 from .provenance import ImageFile, job_record, save_video
+from .source_video import source_frames
 from .video import CRF_DEFAULT, FrameAssembler, write_mp4
 
 
@@ -67,10 +68,13 @@ def run_job(
     stop_requested: Callable[[], bool],
     crf: int = CRF_DEFAULT,
     image: ImageFile | None = None,
+    *,
+    source: Path | None = None,
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
     ended (never raises ServerError). The finished MP4 carries its record (the start image's
-    file `image`, when given, included) and has it beside it as JSON.
+    file `image`, when given, included) and has it beside it as JSON. `source`: the clip the
+    job extends, which the finished MP4 shows before the new frames.
 
     Connecting comes first, on its own: a server that does not answer is shown at once,
     with the retries left, instead of a job that seems to wait for its first step. Each
@@ -142,7 +146,11 @@ def run_job(
         yield JobUpdate(f"Error: {e}")
         return
     record = job_record(request, image, crf, final)
-    saved = save_video(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf, record)
+
+    def before():
+        return source_frames(source, final.width, final.height) if source is not None else ()
+
+    saved = save_video(folder / f"framepack_seed{final.seed}.mp4", video, final.fps, crf, record, before=before)
     text = done_text(final) if saved.message is None else f"{done_text(final)}\n{saved.message}"
     yield JobUpdate(text, video=saved.path, final=saved.path, record=record)
     _discard(shown)

@@ -142,6 +142,35 @@ def encode_image_latent(
     return (latent * vae.config.scaling_factor).to(dtype)
 
 
+def encode_video_latents(
+    vae,
+    frames: np.ndarray,
+    device: torch.device | str,
+    tiled: bool | None = None,
+) -> torch.Tensor:
+    """VAE-encode a clip (uint8 T×H×W×3, sides multiples of 8) → latents (1, 16, 1 + ⌊(T−1)/4⌋, H/8, W/8).
+
+    One encode of the whole clip: latent 0 stands for frame 0 and each later one for the
+    next 4 frames (the convolutions are causal in time, but the group norms take their
+    statistics over the whole clip, so latent 0 is near, not equal to, frame 0's image
+    latent); diffusers encodes a long clip in overlapping temporal tiles. `tiled` turns the
+    spatial tiling on or off (None: as the VAE is set). Posterior mean times the scaling
+    factor, as encode_image_latent.
+    """
+    if not (isinstance(frames, np.ndarray) and frames.ndim == 4 and len(frames)):
+        raise ValueError(f"frames of shape {getattr(frames, 'shape', None)}: expected a uint8 array T×H×W×3, T ≥ 1")
+    _check_rgb(frames[0], multiple_of=8)
+    video = torch.from_numpy(frames.astype(np.float32)) / 127.5 - 1.0
+    video = video.permute(3, 0, 1, 2)[None].to(device=device, dtype=vae.dtype)
+    with ExitStack() as stack:
+        if tiled is not None and hasattr(vae, "use_tiling"):
+            stack.callback(setattr, vae, "use_tiling", vae.use_tiling)
+            vae.use_tiling = tiled
+        with torch.no_grad():
+            latent = vae.encode(video).latent_dist.mean
+    return latent * vae.config.scaling_factor
+
+
 def decode_latents(
     vae,
     latents: torch.Tensor,

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import conditioning, planner, provenance
+from . import conditioning, extension, planner, provenance
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
@@ -130,7 +130,7 @@ class Pipeline:
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        if request.image is None:
+        if request.image is None and request.video is None:
             raise ValueError("text-to-video is not built yet: the request has no start image")
         options = self.options.for_job(request.engine)
         attend = Attend.for_setting(options.attention, self.device, self.dtype)
@@ -140,7 +140,9 @@ class Pipeline:
         # The request's LoRAs beside the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype):
-            for event in self._run(request.image, request.prompt, request.settings, options, attend, cancel):
+            source = extension.source_clip(request.video, options.sampling) if request.video is not None else None
+            events = self._run(request.image, request.prompt, request.settings, options, attend, cancel, source)
+            for event in events if source is None else extension.new_frames_only(events, source):
                 if isinstance(event, GenerationResult):
                     if request.loras:
                         event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
@@ -155,8 +157,10 @@ class Pipeline:
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
-             attend: Attend, cancel) -> Iterator:
+             attend: Attend, cancel, source: extension.SourceClip | None = None) -> Iterator:
         c = self.components
+        if source is not None:  # video extension: the clip's frame in the start slot plays the start image
+            image = source.start_frame
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -202,7 +206,11 @@ class Pipeline:
                 ).cropped()
         yield PhaseStarted("image", 0, sections, time.perf_counter() - t_start)
         with self.memory.phase("image"):
-            start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
+            if source is None:
+                start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
+            else:
+                source_latents = extension.encode_source(c.vae, source, width, height, self.device, decode_tiled)
+                start_latent = source_latents[:, :, :1]
             image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
         image_embeds = image_embeds.to(self.dtype)
         timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
@@ -212,6 +220,8 @@ class Pipeline:
         sigmas = schedule_for(settings.steps, window, lh, lw, mu_offset=flow.mu_offset, sigma=flow.sigma)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         history = planner.initial_history(start_latent, sampling)
+        if source is not None:
+            history = extension.seed_history(history, source_latents, sampling)
         # Finished frames go straight into the uint8 video; only the frames the next
         # section's cross-fade still rewrites stay as float pixels (`seam`), so the cost
         # per section does not grow with the video's length.

@@ -4,7 +4,9 @@ The names and the event metadata both sides share live in `framepack_wire` (torc
 imported by the client too); this module turns requests into a `GenerationRequest` and
 the engine's events into responses.
 
-Request: tensor input `image` (UINT8 H×W×3). Request parameters: `prompt` (str, required)
+Request: tensor input `image` (UINT8 H×W×3), or instead `video` (UINT8 T×H×W×3, 1 to
+MAX_VIDEO_FRAMES of a clip's last frames, which the job extends; it sends only the new
+frames, framepack_backend/extension.py). Request parameters: `prompt` (str, required)
 and settings by name (str, int, float or bool; strings are parsed by the engine): every
 per-job setting (`SamplingSettings`) and the instance-option overrides (`EngineOverrides`:
 `attention`, `memory_mode`, `gpu_memory_preservation`, and `sampling`, which must be
@@ -38,8 +40,10 @@ JSON bytes as a UINT8 vector, `{"kind": ...}` (framepack_wire.events):
 A request with the parameter `describe` true (and no image: the input is optional) is
 answered at once by one final `describe` response: `settings` (every setting a request
 may carry: type, default, range or choices and help text), `presets` (name → the
-settings it sets), `flow_presets` and `loras` (the server's LoRA folder: name,
-size_bytes, rank, format; a request names them in `loras` as `NAME[:STRENGTH],...`),
+settings it sets), `flow_presets`, `loras` (the server's LoRA folder: name,
+size_bytes, rank, format; a request names them in `loras` as `NAME[:STRENGTH],...`)
+and `video` (the clip limits, and how many of a clip's last frames a job of each
+sampling variant reads, with the variant this server loaded),
 so front ends show the engine's values without importing it.
 
 Errors travel as Triton errors whose message starts with a status word, e.g.
@@ -56,6 +60,7 @@ from typing import Mapping
 import numpy as np
 
 from framepack_backend.events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
+from framepack_backend.extension import describe_video
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
 from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import SettingsError, describe_settings
@@ -67,6 +72,7 @@ from framepack_wire import (
     MODEL_NAME,
     PREVIEW_OUTPUT,
     PROMPT_PARAMETER,
+    VIDEO_INPUT,
     DescribeMeta,
     FinalMeta,
     PhaseMeta,
@@ -80,7 +86,8 @@ from framepack_wire import (
 
 __all__ = [
     "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
-    "PROMPT_PARAMETER", "Status", "error_message", "GenerationRequest", "parse_request", "request_parameters",
+    "PROMPT_PARAMETER", "VIDEO_INPUT", "Status", "error_message", "GenerationRequest", "parse_request",
+    "request_parameters",
     "is_describe_request", "describe_response", "WireResponse", "to_wire", "queued_response",
 ]
 
@@ -106,13 +113,15 @@ def is_describe_request(parameters: Mapping[str, object]) -> bool:
     return True
 
 
-def describe_response(loras: list[dict] | None = None) -> WireResponse:
-    """`loras`: the instance's LoRA folder listing (framepack_backend/lora/folder.py)."""
+def describe_response(loras: list[dict] | None = None, sampling: str | None = None) -> WireResponse:
+    """What the server accepts. `loras`: the instance's LoRA folder listing
+    (framepack_backend/lora/folder.py); `sampling`: the loaded variant (None: not said)."""
     meta = DescribeMeta(
         settings=describe_settings(),
         presets={name: preset.as_settings() for name, preset in PRESETS.items()},
         flow_presets=list(FLOW_PRESETS),
         loras=loras or [],
+        video=describe_video(sampling),
     )
     return WireResponse(_jsonable(meta.to_json()), {}, final=True)
 

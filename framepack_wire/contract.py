@@ -7,6 +7,7 @@ from enum import Enum
 
 MODEL_NAME = "framepack"
 IMAGE_INPUT = "image"  # UINT8 H×W×3
+VIDEO_INPUT = "video"  # UINT8 T×H×W×3: the last frames of a clip to extend (instead of `image`)
 EVENT_OUTPUT = "event"  # UINT8 vector: the event's JSON metadata, UTF-8
 FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
 PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
@@ -28,6 +29,14 @@ MIN_IMAGE_SIDE = 16
 # strip is upscaled along its long side too: 16×1048576 pixels would become a
 # 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
 MAX_IMAGE_ASPECT = 16
+
+# The source clip of a video extension (checked in framepack_backend/request.py; sides and
+# aspect as the image's). The engine reads at most 19 latent frames of context, which the
+# VAE makes of 1 + 4·18 = 73 video frames, so no job needs more (a test ties this to the
+# planner). A frame is at most Full HD: the engine scales it to the bucket anyway, and 73
+# such frames are already 454 MB in one message; the client downscales larger frames.
+MAX_VIDEO_FRAMES = 73
+MAX_VIDEO_FRAME_PIXELS = 1920 * 1080
 
 
 class Status(str, Enum):

@@ -210,11 +210,15 @@ class DescribeMeta(_Meta):
     flow_presets: list
     # The server's LoRA folder: {name, size_bytes, rank, format} each (empty: none, or an older server)
     loras: list = field(default_factory=list)
+    # The `video` input: max_frames, max_frame_pixels, context_frames (sampling variant ->
+    # how many of a clip's last frames a job reads), sampling (the loaded variant, if said).
+    # Empty from servers older than video extension.
+    video: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any]) -> DescribeMeta:
-        loras = _list(meta, "loras") if "loras" in meta else []
-        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"), loras)
+        return cls(_dict(meta, "settings"), _dict(meta, "presets"), _list(meta, "flow_presets"),
+                   _list(meta, "loras") if "loras" in meta else [], _dict(meta, "video") if "video" in meta else {})
 
 
 EventMeta = QueuedMeta | PlanMeta | PhaseMeta | ProgressMeta | SectionMeta | FinalMeta | DescribeMeta

@@ -460,3 +460,28 @@ def test_a_dropped_record_fills_the_page_and_a_queued_job_is_offered_with_its_re
     with av.open(str(mp4)) as container:
         assert len(list(container.decode(video=0))) == record["final"]["frame_count"] == 37
     assert "done" in page.locator("#queue").inner_text()
+
+
+def test_a_clip_uploaded_instead_of_an_image_is_extended_and_the_mp4_shows_it_first(browser, web_ui, tmp_path,
+                                                                                      webui_output_dir):
+    from client.video import write_mp4
+
+    y, x = np.mgrid[0:96, 0:128]
+    frames = np.stack([np.stack([(x * 2 + 6 * t) % 256, y * 2, (x + y) % 256], -1) for t in range(9)])
+    clip = write_mp4(tmp_path / "walk.mp4", frames.astype(np.uint8), 30, crf=0)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(web_ui)
+    page.locator("#clip input[type=file]").set_input_files(clip)
+    page.locator("#clip video").wait_for()
+    field(page, "Prompt").fill("it goes on")
+    set_fields(page, {"Video length (seconds)": 1, "Steps": 1, "Resolution": FAST_SETTINGS["resolution"]})
+    before = set(webui_output_dir.rglob("*.mp4"))
+    page.get_by_role("button", name="Start").click()
+    done = wait_for_status(page, "Done")
+    assert done.startswith("Done: 36 frames") and "Clip walk.mp4: 1 of its 9 frames sent" in done
+    [video] = set(webui_output_dir.rglob("*.mp4")) - before
+    with av.open(str(video)) as container:
+        assert len(list(container.decode(video=0))) == 9 + 36
+    context.close()

@@ -47,6 +47,7 @@ from framepack_server.jobs import Job, JobQueue, Outcome, QueueLoad
 from framepack_server.protocol import (
     EVENT_OUTPUT,
     IMAGE_INPUT,
+    VIDEO_INPUT,
     Status,
     WireResponse,
     describe_response,
@@ -138,10 +139,11 @@ class JobMetrics:
         self._load["groups"].set(load.groups)
 
 
-def _input_image(request):
-    """The `image` input as a numpy array, or None (optional in the config, because
-    describe requests carry no image; parse_request refuses a video request without one)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+def _input_image(request, name: str = IMAGE_INPUT):
+    """The `image` input (or another by `name`) as a numpy array, or None (optional in the
+    config, because describe requests carry no image; parse_request refuses a video
+    request without one)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
     # DLPack, not as_numpy(): the latter returns empty data under numpy 2. Copy, because
@@ -200,12 +202,13 @@ class TritonPythonModel:
         parameters = request_parameters(request.parameters())
         if is_describe_request(parameters):
             loras = self._loras.describe() if self._loras is not None else []
-            sender.send(describe_response(loras))  # answered at once, even while a job runs
+            sender.send(describe_response(loras, self._options.sampling))  # answered at once, even while a job runs
             return
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
-        job = Job(job_id, parse_request(_input_image(request), parameters, self._loras), sender, fault)
+        video = _input_image(request, VIDEO_INPUT)
+        job = Job(job_id, parse_request(_input_image(request), parameters, self._loras, video=video), sender, fault)
         # The job's overrides of this instance's options, refused now rather than when it runs.
         self._options.for_job(job.request.engine, device_type=self._device.type)
         if not self._jobs.submit(job):
