@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import conditioning, planner
+from . import conditioning, guides, planner, prompt_schedule
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
@@ -119,24 +119,23 @@ class Pipeline:
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        if request.image is None:
-            raise ValueError("text-to-video is not built yet: the request has no start image")
         options = self.options.for_job(request.engine)
+        guides.check_sampling(request.end_image, request.keyframes, request.settings, options.sampling)
         attend = Attend.for_setting(options.attention, self.device, self.dtype)
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
         with self._job_lock:
-            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+            yield from self._run(request, request.settings, options, attend, cancel)
 
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
+    def _run(self, request: GenerationRequest, settings: SamplingSettings, options: EngineOptions,
              attend: Attend, cancel) -> Iterator:
         c = self.components
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
-        height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
+        height, width = guides.start_size(request.image, settings.resolution)
         sampling = options.sampling
         window = settings.window
         plans = planner.plan_sections(settings.seconds, window, sampling)
@@ -163,12 +162,23 @@ class Pipeline:
             sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),
             frames=total_frames, fps=planner.FPS, width=width, height=height,
         )
-        pixels = resize_and_center_crop(image, width, height)
+        if request.image is None:  # text-to-video
+            pixels = guides.init_pixels(settings.latent_init, height, width, settings.seed)
+        else:
+            pixels = resize_and_center_crop(request.image, width, height)
         yield PhaseStarted("text", 0, sections, time.perf_counter() - t_start)
         with self.memory.phase("text"):
-            text = conditioning.encode_prompt(
-                c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
-            ).cropped()
+            encoded = [
+                conditioning.encode_prompt(
+                    c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
+                ).cropped()
+                for prompt in prompt_schedule.distinct_prompts(request.schedule)
+            ]
+            section_texts = [
+                conditioning.mix_prompts(encoded, weights) for weights in prompt_schedule.section_prompt_weights(
+                    request.schedule, sections, window, sampling, settings.prompt_blend_sections)
+            ]
+            text = section_texts[0]
             if settings.cfg == 1:
                 negative = conditioning.zero_prompt_like(text)
             else:
@@ -180,6 +190,10 @@ class Pipeline:
         with self.memory.phase("image"):
             start_latent = conditioning.encode_image_latent(c.vae, pixels, self.device).to(torch.float32)
             image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
+            job_guides, image_embeds = guides.encode_guides(
+                c, request.end_frame, request.keyframes, settings, image_embeds, height, width, sections, sampling,
+                self.device,
+            )
         image_embeds = image_embeds.to(self.dtype)
         timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
 
@@ -211,6 +225,8 @@ class Pipeline:
                 (1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32
             )
             clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, sampling)
+            clean = job_guides.clean_latents(clean, plan)
+            text = section_texts[plan.index]  # read by flow_fn below
             context = dict(
                 image_embeds=image_embeds,
                 indices_latents=plan.indices_latents.to(self.device),

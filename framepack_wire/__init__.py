@@ -9,11 +9,14 @@ protocol itself is described in framepack_server/protocol.py.
 
 from .contract import (
     DESCRIBE_PARAMETER,
+    END_IMAGE_INPUT,
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
     IMAGE_INPUT,
+    KEYFRAMES_INPUT,
     MAX_IMAGE_ASPECT,
     MAX_IMAGE_PIXELS,
+    MAX_KEYFRAMES,
     MIN_IMAGE_SIDE,
     MODEL_NAME,
     PREVIEW_OUTPUT,
@@ -39,7 +42,7 @@ from .request import WireRequest
 
 __all__ = [
     "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS",
-    "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "MIN_IMAGE_SIDE", "MODEL_NAME", "PREVIEW_OUTPUT", "END_IMAGE_INPUT", "KEYFRAMES_INPUT", "MAX_KEYFRAMES",
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
     "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "PhaseMeta", "PlanMeta", "ProgressMeta", "QueuedMeta",
     "SectionMeta", "UnknownEventKind", "event_from_json",
