@@ -1,6 +1,8 @@
 """`framepack generate`: image + prompt → MP4, through a FramePack Triton server.
 
     framepack generate --image photo.png --prompt "she waves" --seconds 5 --output wave.mp4
+    framepack generate --image a.png --end-image b.png --keyframe 2.4:mid.png --prompt "[0s: sits] [2s: jumps]" ...
+    framepack generate --prompt "a cat on a sofa" --latent-init noise --output t2v.mp4   # text-to-video
     framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
@@ -33,6 +35,7 @@ from framepack_wire import WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
+from .guides import keyframe_argument, load_keyframes
 from .images import load_image
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .progress import JobClock, plan_text, queued_text
@@ -69,6 +72,9 @@ SETTINGS: dict[str, str] = {
     "memory_mode": "auto, resident, offload or stream",
     "gpu_memory_preservation": "GB of GPU memory to keep free",
     "preview": "on/off: stream a small preview image every step",
+    "end_strength": "0..1: how strongly --end-image conditions the video's end (default 1)",
+    "prompt_blend_sections": "sections over which a timed prompt change blends in (0 = at once)",
+    "latent_init": "without --image (text-to-video): start from a black, white or noise picture",
 }
 
 
@@ -76,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make a video from an image and a prompt")
-    generate.add_argument("--image", type=Path, required=True, help="start image (PNG, JPEG, ...)")
-    generate.add_argument("--prompt", required=True, help="what should happen in the video")
+    generate.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...); without it: text-to-video")
+    generate.add_argument("--prompt", required=True,
+                          help="what should happen in the video; timed: '[0s: a cat sits] [2.5s: the cat jumps]'")
+    generate.add_argument("--end-image", type=Path, metavar="PATH", help="the image the video should end on")
+    generate.add_argument("--loop", action="store_true", help="end on the start image")
+    generate.add_argument("--keyframe", type=keyframe_argument, action="append", default=[], metavar="SECONDS:PATH",
+                          help="an image the video should show at SECONDS (repeatable; one per section)")
     generate.add_argument("--output", type=Path, required=True, help="MP4 to write (replaced atomically)")
     generate.add_argument("--server", default=DEFAULT_SERVER, help=SERVER_HELP)
     generate.add_argument("--save-previews", type=Path, metavar="DIR", help="save each step's preview as PNG")
@@ -158,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         args.endpoint = endpoint(args)
         crf = CRF_DEFAULT if args.crf is None else parse_crf(args.crf)
         check_output_paths(args.output, args.save_sections, args.save_previews)
-        loaded = load_image(args.image, label="--image")
+        loaded = load_image(args.image, label="--image") if args.image is not None else None
+        end = load_image(args.end_image, label="--end-image") if args.end_image is not None else None
+        keyframes = load_keyframes(args.keyframe, loaded.pixels if loaded is not None else None)
     except ValueError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if loaded.message:
-        print(f"framepack: {loaded.message}", file=sys.stderr)
+    for message in (image.message for image in (loaded, end) if image is not None):
+        if message:
+            print(f"framepack: {message}", file=sys.stderr)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
-    request = WireRequest(loaded.pixels, args.prompt,
-                          {name: value for name, value in settings.items() if value is not None})
+    if args.loop:
+        settings["loop"] = True
+    request = WireRequest(loaded.pixels if loaded is not None else None, args.prompt,
+                          {name: value for name, value in settings.items() if value is not None},
+                          end_image=end.pixels if end is not None else None, keyframes=keyframes)
     try:
         saved, final = run_generate(args, request, crf)
     except stream.ServerError as e:

@@ -29,7 +29,6 @@ from framepack_wire import (
     DESCRIBE_PARAMETER,
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
-    IMAGE_INPUT,
     MODEL_NAME,
     PREVIEW_OUTPUT,
     DescribeMeta,
@@ -171,10 +170,12 @@ def generate(
     server. So does `cancel` returning True (it is polled at least every POLL_S, also
     while no response arrives): the iteration then ends without `Final`.
     """
-    image = request.image_array()
-    image_input = grpcclient.InferInput(IMAGE_INPUT, list(image.shape), "UINT8")
-    image_input.set_data_from_numpy(image)
-    for result in _responses(server, [image_input], request.request_parameters(), request_id, cancel):
+    inputs = []
+    for name, array in request.input_arrays().items():  # image (absent for text-to-video), end_image, keyframes
+        tensor = grpcclient.InferInput(name, list(array.shape), "UINT8")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    for result in _responses(server, inputs, request.request_parameters(), request_id, cancel):
         event = _parse(result)
         if event is not None:
             yield event

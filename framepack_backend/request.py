@@ -81,8 +81,8 @@ def parse_request(image: object, parameters: Mapping[str, object], end_image: ob
     prompt_schedule.check_schedule_fits(schedule, sections, settings.window)
     start = None if image is None else validate_image(image)
     end = None if end_image is None else validate_image(end_image, "end_image")
-    if end is not None and settings.loop:
-        raise SettingsError("loop", True, "no end image with loop (a loop ends on the start image)")
+    if settings.loop and (end is not None or start is None):
+        raise SettingsError("loop", True, "a start image and no end image (a loop ends on the start image)")
     guide_frames = _keyframe_images(keyframes)
     timed = guides.keyframe_schedule(settings.keyframe_times, guide_frames, sections, settings.window)
     return GenerationRequest(start, prompt, settings, engine, end, timed, schedule)

@@ -38,7 +38,7 @@ from .events import (
     UnknownEventKind,
     event_from_json,
 )
-from .request import WireRequest
+from .request import KEYFRAME_TIMES_PARAMETER, WireRequest
 
 __all__ = [
     "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MAX_IMAGE_ASPECT", "MAX_IMAGE_PIXELS",
@@ -46,5 +46,5 @@ __all__ = [
     "PROMPT_PARAMETER", "Status", "error_message", "parse_error_message",
     "DescribeMeta", "EventKind", "EventMeta", "FinalMeta", "PhaseMeta", "PlanMeta", "ProgressMeta", "QueuedMeta",
     "SectionMeta", "UnknownEventKind", "event_from_json",
-    "WireRequest",
+    "WireRequest", "KEYFRAME_TIMES_PARAMETER",
 ]

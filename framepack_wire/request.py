@@ -7,32 +7,45 @@ from typing import Mapping
 
 import numpy as np
 
-from .contract import PROMPT_PARAMETER
+from .contract import END_IMAGE_INPUT, IMAGE_INPUT, KEYFRAMES_INPUT, PROMPT_PARAMETER
+
+KEYFRAME_TIMES_PARAMETER = "keyframe_times"  # the seconds of the `keyframes` input's images, comma-separated
 
 ParameterValue = str | int | float | bool
 
 
 @dataclass(frozen=True, eq=False)
 class WireRequest:
-    """What one request carries: input `image` (uint8 H×W×3) and request parameters.
+    """What one request carries: input `image` (uint8 H×W×3; None: text-to-video) and request parameters,
+    and optionally an `end_image` and `keyframes` ((seconds, uint8 H×W×3), all of one size).
 
     `parameters` are the settings by their request-parameter names, passed as given:
     the server parses and checks them, and the names and ranges it accepts come from its
     `describe` answer. Client-side options (the MP4's crf) do not belong here.
     """
 
-    image: np.ndarray
+    image: np.ndarray | None
     prompt: str
     parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+    end_image: np.ndarray | None = None
+    keyframes: tuple[tuple[float, np.ndarray], ...] = ()
 
     def __post_init__(self) -> None:
         if PROMPT_PARAMETER in self.parameters:
             raise ValueError(f"the prompt goes in WireRequest.prompt, not in parameters[{PROMPT_PARAMETER!r}]")
 
     def request_parameters(self) -> dict[str, ParameterValue]:
-        """The gRPC request parameters: the prompt and the settings."""
-        return {PROMPT_PARAMETER: self.prompt, **self.parameters}
+        """The gRPC request parameters: the prompt, the settings and the keyframes' times."""
+        times = {KEYFRAME_TIMES_PARAMETER: ",".join(f"{s:g}" for s, _ in self.keyframes)} if self.keyframes else {}
+        return {PROMPT_PARAMETER: self.prompt, **self.parameters, **times}
 
-    def image_array(self) -> np.ndarray:
-        """The image as the contiguous uint8 array the `image` input sends."""
-        return np.ascontiguousarray(self.image, dtype=np.uint8)
+    def image_array(self) -> np.ndarray | None:
+        """The image as the contiguous uint8 array the `image` input sends (None: text-to-video)."""
+        return None if self.image is None else np.ascontiguousarray(self.image, dtype=np.uint8)
+
+    def input_arrays(self) -> dict[str, np.ndarray]:
+        """Every image input by its tensor name: `image`, `end_image`, `keyframes` (K×H×W×3), those given."""
+        arrays = {IMAGE_INPUT: self.image, END_IMAGE_INPUT: self.end_image}
+        if self.keyframes:
+            arrays[KEYFRAMES_INPUT] = np.stack([image for _, image in self.keyframes])
+        return {name: np.ascontiguousarray(a, dtype=np.uint8) for name, a in arrays.items() if a is not None}

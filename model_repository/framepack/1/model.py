@@ -36,6 +36,7 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
+from framepack_backend.guides import check_sampling
 from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions, SettingsError
@@ -43,8 +44,10 @@ from framepack_server.faults import take_fault
 from framepack_server.instance import InstanceConfig
 from framepack_server.jobs import Job, JobQueue, Outcome
 from framepack_server.protocol import (
+    END_IMAGE_INPUT,
     EVENT_OUTPUT,
     IMAGE_INPUT,
+    KEYFRAMES_INPUT,
     Status,
     WireResponse,
     describe_response,
@@ -124,10 +127,10 @@ class JobMetrics:
                 metric.set(peak[f"peak_{kind}_bytes"])
 
 
-def _input_image(request):
-    """The `image` input as a numpy array, or None (optional in the config, because
-    describe requests carry no image; parse_request refuses a video request without one)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT)
+def _input_image(request, name=IMAGE_INPUT):
+    """An image input (`image`, `end_image`, `keyframes`) as a numpy array, or None: all are
+    optional (describe requests carry none; without `image` a job is text-to-video)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
     # DLPack, not as_numpy(): the latter returns empty data under numpy 2. Copy, because
@@ -182,9 +185,12 @@ class TritonPythonModel:
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
-        job = Job(job_id, parse_request(_input_image(request), parameters), sender, fault)
+        parsed = parse_request(_input_image(request), parameters, _input_image(request, END_IMAGE_INPUT),
+                               _input_image(request, KEYFRAMES_INPUT))
+        job = Job(job_id, parsed, sender, fault)
         # The job's overrides of this instance's options, refused now rather than when it runs.
         self._options.for_job(job.request.engine, device_type=self._device.type)
+        check_sampling(parsed.end_frame, parsed.keyframes, parsed.settings, self._options.sampling)
         if not self._jobs.submit(job):
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
