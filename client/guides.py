@@ -50,3 +50,20 @@ def load_keyframes(
         return ()
     height, width = (start if start is not None else loaded[0][1]).shape[:2]
     return tuple((seconds, cover(pixels, height, width)) for seconds, pixels in loaded)
+
+
+def load_guides(
+    end_path: str | Path | None, keyframe_paths: list | None, times: str, start: np.ndarray | None
+) -> dict[str, object]:
+    """The web UI's end image and keyframes (files, with their times as typed) as WireRequest
+    arguments; ValueError (ImageLoadError for a file) with one line when they do not fit."""
+    paths = [Path(getattr(path, "name", path)) for path in keyframe_paths or []]
+    texts = [text for text in (times or "").split(",") if text.strip()]
+    if len(texts) != len(paths):
+        raise ValueError(f"keyframe times {times!r}: give one time in seconds per keyframe image ({len(paths)})")
+    try:
+        keyframes = [keyframe_argument(f"{text.strip()}:{path}") for text, path in zip(texts, paths)]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"keyframe times {times!r}: {e}") from None
+    end = load_image(end_path, label="end image").pixels if end_path else None
+    return {"end_image": end, "keyframes": load_keyframes(keyframes, start)}

@@ -32,6 +32,7 @@ from framepack_wire import WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
+from .guides import load_guides
 from .images import ImageLoadError, load_image
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
@@ -45,6 +46,9 @@ EXAMPLE_PROMPTS = (
     "The person makes subtle movements, with a calm expression.",
 )
 
+CREATIVE_GROUP = "End frame, keyframes, text to video"
+TIMED_PROMPT_HELP = "Subject, motion, qualifiers; or timed: [0s: a cat sits] [2.5s: the cat jumps]"
+
 # Where each setting sits on the page. A setting the server describes that is missing
 # here still gets a field, under "More"; one the server does not describe gets none,
 # except the client's own options (CLIENT_SETTINGS).
@@ -53,9 +57,11 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "Sampling": ("steps", "gs", "cfg", "rs", "window", "flow_preset"),
     "TeaCache": ("teacache", "teacache_threshold", "teacache_mode"),
     "Advanced": ("attention", "memory_mode", "solver", "gpu_memory_preservation", "sampling"),
+    # docs/creative-controls.md; the group also holds the end-image and keyframe uploads.
+    CREATIVE_GROUP: ("end_strength", "loop", "keyframe_times", "prompt_blend_sections", "latent_init"),
 }
 # Groups shown folded: settings most jobs leave at the server's choice.
-FOLDED_GROUPS = ("Advanced", "More")
+FOLDED_GROUPS = ("Advanced", "More", CREATIVE_GROUP)
 # Options this client applies itself, in the describe answer's shape; never sent.
 CLIENT_SETTINGS = {"crf": CRF_SPEC}
 FIELDS_PER_ROW = 4
@@ -83,6 +89,11 @@ LABELS = {
     "gpu_memory_preservation": "GPU memory preservation (GB)",
     "preview": "Stream previews",
     "negative_prompt": "Negative prompt",
+    "end_strength": "End image strength",
+    "loop": "Loop (end on the start image)",
+    "keyframe_times": "Keyframe times (seconds, comma-separated)",
+    "prompt_blend_sections": "Prompt blend sections",
+    "latent_init": "Text-to-video start",
 }
 
 
@@ -99,7 +110,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 # clip 16-bit values and blacken transparent areas (load_image handles them).
                 image = gr.Image(label="Start image", type="filepath", image_mode=None,
                                  sources=["upload", "clipboard"], height=320)
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Subject, motion, qualifiers")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=TIMED_PROMPT_HELP)
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop", variant="stop", interactive=False)
@@ -118,6 +129,13 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 download = gr.File(label="MP4", interactive=False, elem_id="download")
         for group, group_names in _groups(description).items():
             with gr.Accordion(group, open=group not in FOLDED_GROUPS):
+                if group == CREATIVE_GROUP:
+                    with gr.Row():
+                        text_to_video = gr.Checkbox(label="Text to video (no start image)", value=False)
+                        end_image = gr.Image(label="End image", type="filepath", image_mode=None,
+                                             sources=["upload", "clipboard"], height=160, elem_id="end-image")
+                        keyframe_files = gr.File(label="Keyframe images (in the order of their times)",
+                                                 file_count="multiple", file_types=["image"], elem_id="keyframes")
                 for row in range(0, len(group_names), FIELDS_PER_ROW):
                     with gr.Row():
                         for name in group_names[row : row + FIELDS_PER_ROW]:
@@ -132,17 +150,23 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 
         # Gradio passes the request by its annotation; first, because the fields' values follow as *values.
         def start_job(request: gr.Request, image_path: str | None, prompt_value: str,
-                      preset_value: str | None, *values):
-            if image_path is None:
-                yield {status: "Upload a start image first."}
+                      preset_value: str | None, t2v: bool, end_path: str | None, keyframe_paths: list | None,
+                      *values):
+            if image_path is None and not t2v:
+                yield {status: "Upload a start image first (or tick text to video)."}
                 return
-            try:
-                loaded = load_image(image_path)
-            except ImageLoadError as e:
-                yield {status: f"Error: the start image {Path(image_path).name}: {_after_path(e, image_path)}"}
-                return
-            note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
             settings = {name: value for name, value in zip(names, values) if value is not None}
+            try:
+                loaded = None if t2v else load_image(image_path)
+                guides = load_guides(end_path, keyframe_paths, settings.pop("keyframe_times", ""),
+                                     loaded.pixels if loaded is not None else None)
+            except ImageLoadError as e:
+                yield {status: f"Error: the image {_after_path(e, str(image_path))}"}
+                return
+            except ValueError as e:
+                yield {status: f"Error: {e}"}
+                return
+            note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded and loaded.notes else ""
             if preset_value:
                 settings["preset"] = preset_value  # recorded by the server; the fields' values win
             try:
@@ -150,7 +174,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
-            job = WireRequest(loaded.pixels, prompt_value, settings)
+            job = WireRequest(loaded.pixels if loaded is not None else None, prompt_value, settings, **guides)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
@@ -168,7 +192,8 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
         start.click(
-            start_job, [image, prompt, preset, *fields.values()], [start, stop, status, preview, video, download],
+            start_job, [image, prompt, preset, text_to_video, end_image, keyframe_files, *fields.values()],
+            [start, stop, status, preview, video, download],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
         stop.click(stop_job, None, [stop, status], queue=False)
