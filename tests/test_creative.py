@@ -205,6 +205,11 @@ def test_bad_keyframes_are_refused_naming_the_value(image, extra, field, words):
 def test_bad_guide_images_and_loop_with_an_end_image_are_refused(image):
     with pytest.raises(SettingsError, match="end_image"):
         request(image, "a cat", end_image=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(SettingsError, match="at most 16777216 pixels") as oversize:
+        request(image, "a cat", end_image=np.zeros((4097, 4096, 3), np.uint8))
+    assert oversize.value.field == "end_image"
+    with pytest.raises(SettingsError, match="a start image and no end image"):
+        request(None, "a cat", loop=True)  # text-to-video has no start image to loop to
     with pytest.raises(SettingsError, match="keyframes"):
         request(image, "a cat", keyframes=np.zeros((17, 32, 32, 3), np.uint8), keyframe_times="0")
     with pytest.raises(SettingsError, match="loop"):

@@ -190,7 +190,7 @@ class TritonPythonModel:
         job = Job(job_id, parsed, sender, fault)
         # The job's overrides of this instance's options, refused now rather than when it runs.
         self._options.for_job(job.request.engine, device_type=self._device.type)
-        check_sampling(parsed.end_frame, parsed.keyframes, parsed.settings, self._options.sampling)
+        check_sampling(parsed.end_image, parsed.keyframes, parsed.settings, self._options.sampling)
         if not self._jobs.submit(job):
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
