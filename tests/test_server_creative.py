@@ -59,10 +59,12 @@ def test_end_image_keyframe_and_timed_prompt_make_the_planned_video(triton_serve
 
 
 def test_loop_and_text_to_video_make_the_planned_videos(triton_server, tmp_path):
-    loop = generate(triton_server, tmp_path / "loop.mp4", "--image", str(SAMPLE), "--loop", "--prompt", "waves")
+    # The default window: one section of 36 frames + the start frame (36n + 1).
+    loop = generate(triton_server, tmp_path / "loop.mp4", "--image", str(SAMPLE), "--loop", "--prompt", "waves",
+                    "--window", "9", "--seconds", "1.2")
     assert loop.returncode == 0, loop.stderr
     height, width = bucket_for(*load_image(SAMPLE).pixels.shape[:2], RESOLUTION)
-    assert read_mp4(tmp_path / "loop.mp4") == (25, height, width, 30.0)
+    assert read_mp4(tmp_path / "loop.mp4") == (37, height, width, 30.0)
     t2v = generate(triton_server, tmp_path / "t2v.mp4", "--latent-init", "noise", "--prompt", "a cat")
     assert t2v.returncode == 0, t2v.stderr
     assert read_mp4(tmp_path / "t2v.mp4") == (25, *bucket_for(RESOLUTION, RESOLUTION, RESOLUTION), 30.0)
