@@ -77,6 +77,9 @@ SETTINGS: dict[str, str] = {
     "latent_init": "without --image (text-to-video): start from a black, white or noise picture",
 }
 
+# Settings this command line spells its own way (client/guides.py: the keyframes carry their times).
+CLI_SPELLING = {"keyframe_times": "--keyframe SECONDS:PATH", "loop": "--loop"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video client.")
@@ -274,7 +277,8 @@ def settings_table(specs: dict[str, dict], presets: dict[str, dict]) -> str:
             allowed = "on, off"
         else:
             allowed = spec["type"]
-        rows.append((f"--{name.replace('_', '-')}", _shown(spec["default"]), allowed, spec["doc"]))
+        rows.append((CLI_SPELLING.get(name, f"--{name.replace('_', '-')}"), _shown(spec["default"]), allowed,
+                     spec["doc"]))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     if presets:

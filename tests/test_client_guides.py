@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.cli import build_parser
+from client.cli import build_parser, settings_table
 from client.guides import cover, keyframe_argument, load_guides, load_keyframes
 from framepack_wire import END_IMAGE_INPUT, IMAGE_INPUT, KEYFRAMES_INPUT, WireRequest
 
@@ -60,3 +60,10 @@ def test_the_web_ui_pairs_keyframe_files_with_the_typed_times(tmp_path):
         load_guides(None, [str(tmp_path / "k.png")], "", None)
     with pytest.raises(ValueError, match="SECONDS:PATH"):
         load_guides(None, [str(tmp_path / "k.png")], "soon", None)
+
+
+def test_the_settings_table_names_the_options_this_command_line_takes():
+    specs = {name: {"type": kind, "default": default, "low": None, "high": None, "choices": None, "doc": "d"}
+             for name, kind, default in (("keyframe_times", "str", ""), ("loop", "bool", False))}
+    rows = settings_table(specs, {}).splitlines()
+    assert rows[1].startswith("--keyframe SECONDS:PATH") and rows[2].startswith("--loop ")
