@@ -4,6 +4,8 @@
     framepack generate --from wave.mp4 --seed random --output again.mp4   # repeat a job, a new seed
     framepack queue jobs.jsonl --server gpu-a,gpu-b --per-server 2       # many jobs, resumable
     framepack generate --video walk.mp4 --prompt "he turns" --seconds 3 --output longer.mp4
+    framepack generate --image a.png --end-image b.png --keyframe 2.4:mid.png --prompt "[0s: sits] [2s: jumps]" ...
+    framepack generate --prompt "a cat on a sofa" --latent-init noise --output t2v.mp4   # text-to-video
     framepack settings --server gpu-box                  # the settings' defaults and ranges
     framepack ui --server localhost:8001 --port 7860     # the web UI (the `ui` extra)
 
@@ -43,6 +45,7 @@ from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
+from .guides import keyframe_argument, load_keyframes
 from .images import load_image
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .progress import JobClock, plan_text, queued_text
@@ -93,7 +96,13 @@ SETTINGS: dict[str, str] = {
     "memory_mode": "auto, resident, offload or stream",
     "gpu_memory_preservation": "GB of GPU memory to keep free",
     "preview": "on/off: stream a small preview image every step",
+    "end_strength": "0..1: how strongly --end-image conditions the video's end (default 1)",
+    "prompt_blend_sections": "sections over which a timed prompt change blends in (0 = at once)",
+    "latent_init": "without --image (text-to-video): start from a black, white or noise picture",
 }
+
+# Settings this command line spells its own way (client/guides.py: the keyframes carry their times).
+CLI_SPELLING = {"keyframe_times": "--keyframe SECONDS:PATH", "loop": "--loop"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,14 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="make a video from an image and a prompt")
     start = generate.add_mutually_exclusive_group()
-    start.add_argument("--image", type=Path, help="start image (PNG, JPEG, ...)")
+    start.add_argument("--image", type=Path,
+                       help="start image (PNG, JPEG, ...); without it (and --video): text-to-video")
     start.add_argument("--video", type=Path, help="a clip to extend (MP4, WebM, ...) instead of a start image")
     generate.add_argument("--context-frames", type=context_frame_count, metavar="K",
                           help="with --video: send at most the clip's last K frames (default: all the server reads, "
                           f"at most {MAX_VIDEO_FRAMES})")
     generate.add_argument("--extension-only", action="store_true",
                           help="with --video: write only the new frames, not the clip before them")
-    generate.add_argument("--prompt", help="what should happen in the video")
+    generate.add_argument("--prompt",
+                          help="what should happen in the video; timed: '[0s: a cat sits] [2.5s: the cat jumps]'")
+    generate.add_argument("--end-image", type=Path, metavar="PATH", help="the image the video should end on")
+    generate.add_argument("--loop", action="store_true", help="end on the start image")
+    generate.add_argument("--keyframe", type=keyframe_argument, action="append", default=[], metavar="SECONDS:PATH",
+                          help="an image the video should show at SECONDS (repeatable; one per section)")
     generate.add_argument("--output", type=Path, required=True,
                           help="MP4 to write (replaced atomically); its record goes beside it as .json")
     generate.add_argument("--from", dest="source", type=Path, metavar="MP4_OR_JSON",
@@ -257,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     settings = {name: getattr(args, f"setting_{name}") for name in SETTINGS}
     settings[LORAS_PARAMETER] = ",".join(args.lora) or None  # the server checks names and strengths
+    if args.loop:
+        settings["loop"] = True
     try:
         args.endpoint = endpoint(args)
         given = {name: value for name, value in settings.items() if value is not None}
@@ -265,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         check_output_paths(args.output, args.save_sections, args.save_previews)
         if args.video is None and (args.context_frames is not None or args.extension_only):
             raise ValueError("--context-frames and --extension-only go with --video")
-        loaded = load_image(job.image, label="--image") if args.video is None else None
-        image_file = ImageFile.of(job.image) if args.video is None else None
+        loaded = load_image(job.image, label="--image") if job.image is not None else None
+        image_file = ImageFile.of(job.image) if job.image is not None else None
+        end = load_image(args.end_image, label="--end-image") if args.end_image is not None else None
+        keyframes = load_keyframes(args.keyframe, loaded.pixels if loaded is not None else None)
         clip = None
         if args.video is not None:
             clip = read_clip_end(args.video, args.context_frames or MAX_VIDEO_FRAMES, label="--video")
@@ -275,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if job.drawn_seed is not None:
         print(f"framepack: seed {job.drawn_seed} (drawn for --seed random)", file=sys.stderr)
+    for message in (image.message for image in (loaded, end) if image is not None):
+        if message:
+            print(f"framepack: {message}", file=sys.stderr)
+    guides = dict(end_image=end.pixels if end is not None else None, keyframes=keyframes)
     if clip is None:
-        assert loaded is not None
-        if loaded.message:
-            print(f"framepack: {loaded.message}", file=sys.stderr)
-        request = WireRequest(loaded.pixels, job.prompt, job.parameters)
+        pixels = loaded.pixels if loaded is not None else None  # None: text-to-video
+        request = WireRequest(pixels, job.prompt, job.parameters, **guides)
     else:
         try:  # only the frames this server's sampling variant reads
             reads = context_frames(stream.describe(args.endpoint).video, job.parameters.get("sampling"))
@@ -288,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SERVER_ERROR
         clip = clip.last(min(reads, len(clip.frames)))
         print(f"framepack: {clip.message}", file=sys.stderr)
-        request = WireRequest(None, job.prompt, job.parameters, video=clip.frames)
+        request = WireRequest(None, job.prompt, job.parameters, video=clip.frames, **guides)
     try:
         saved, final = run_generate(args, request, crf, image_file)
     except stream.ServerError as e:
@@ -394,7 +415,8 @@ def settings_table(specs: dict[str, dict], presets: dict[str, dict]) -> str:
             allowed = "on, off"
         else:
             allowed = spec["type"]
-        rows.append((f"--{name.replace('_', '-')}", _shown(spec["default"]), allowed, spec["doc"]))
+        rows.append((CLI_SPELLING.get(name, f"--{name.replace('_', '-')}"), _shown(spec["default"]), allowed,
+                     spec["doc"]))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
     if presets:

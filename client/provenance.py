@@ -207,7 +207,8 @@ def job_inputs(
         record = read_record(source)
         recorded_prompt, parameters = repeat_request(record)
         prompt = recorded_prompt if prompt is None else prompt
-        image = recorded_image(record, source) if image is None else image
+        if image is None and record.get("image") is not None:  # none recorded: text-to-video
+            image = recorded_image(record, source)
         crf = record["crf"] if crf is None else crf
     if prompt is None:
         raise ValueError("--prompt is required (or --from a video or record of an earlier job)")

@@ -177,9 +177,10 @@ def generate(
     while no response arrives): the iteration then ends without `Final`.
     """
     inputs = []
-    for name, array in request.inputs().items():
-        inputs.append(grpcclient.InferInput(name, list(array.shape), "UINT8"))
-        inputs[-1].set_data_from_numpy(array)
+    for name, array in request.input_arrays().items():  # image (absent for text-to-video), video, end_image, keyframes
+        tensor = grpcclient.InferInput(name, list(array.shape), "UINT8")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
     for result in _responses(server, inputs, request.request_parameters(), request_id, cancel):
         event = _parse(result)
         if event is not None:

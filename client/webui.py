@@ -34,6 +34,7 @@ from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
+from .guides import load_guides
 from .images import ImageLoadError, load_image
 from .provenance import ImageFile, RecordError, read_record, repeat_request
 from .source_video import VideoLoadError, context_frames, read_clip_end
@@ -50,6 +51,9 @@ EXAMPLE_PROMPTS = (
     "The person makes subtle movements, with a calm expression.",
 )
 
+CREATIVE_GROUP = "End frame, keyframes, text to video"
+TIMED_PROMPT_HELP = "Subject, motion, qualifiers; or timed: [0s: a cat sits] [2.5s: the cat jumps]"
+
 # Where each setting sits on the page. A setting the server describes that is missing
 # here still gets a field, under "More"; one the server does not describe gets none,
 # except the client's own options (CLIENT_SETTINGS).
@@ -58,9 +62,11 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "Sampling": ("steps", "gs", "cfg", "rs", "window", "flow_preset"),
     "TeaCache": ("teacache", "teacache_threshold", "teacache_mode"),
     "Advanced": ("attention", "memory_mode", "solver", "gpu_memory_preservation", "sampling"),
+    # docs/creative-controls.md; the group also holds the end-image and keyframe uploads.
+    CREATIVE_GROUP: ("end_strength", "loop", "keyframe_times", "prompt_blend_sections", "latent_init"),
 }
 # Groups shown folded: settings most jobs leave at the server's choice.
-FOLDED_GROUPS = ("Advanced", "More")
+FOLDED_GROUPS = ("Advanced", "More", CREATIVE_GROUP)
 # Options this client applies itself, in the describe answer's shape; never sent.
 CLIENT_SETTINGS = {"crf": CRF_SPEC}
 FIELDS_PER_ROW = 4
@@ -88,6 +94,11 @@ LABELS = {
     "gpu_memory_preservation": "GPU memory preservation (GB)",
     "preview": "Stream previews",
     "negative_prompt": "Negative prompt",
+    "end_strength": "End image strength",
+    "loop": "Loop (end on the start image)",
+    "keyframe_times": "Keyframe times (seconds, comma-separated)",
+    "prompt_blend_sections": "Prompt blend sections",
+    "latent_init": "Text-to-video start",
 }
 
 
@@ -105,7 +116,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 image = gr.Image(label="Start image", type="filepath", image_mode=None,
                                  sources=["upload", "clipboard"], height=320)
                 clip = gr.Video(label="Or a clip to extend", sources=["upload"], height=160, elem_id="clip")
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Subject, motion, qualifiers")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder=TIMED_PROMPT_HELP)
                 with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     stop = gr.Button("Stop", variant="stop", interactive=False)
@@ -128,6 +139,13 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                                type="filepath", elem_id="load")
         for group, group_names in _groups(description).items():
             with gr.Accordion(group, open=group not in FOLDED_GROUPS):
+                if group == CREATIVE_GROUP:
+                    with gr.Row():
+                        text_to_video = gr.Checkbox(label="Text to video (no start image)", value=False)
+                        end_image = gr.Image(label="End image", type="filepath", image_mode=None,
+                                             sources=["upload", "clipboard"], height=160, elem_id="end-image")
+                        keyframe_files = gr.File(label="Keyframe images (in the order of their times)",
+                                                 file_count="multiple", file_types=["image"], elem_id="keyframes")
                 for row in range(0, len(group_names), FIELDS_PER_ROW):
                     with gr.Row():
                         for name in group_names[row : row + FIELDS_PER_ROW]:
@@ -158,15 +176,22 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 
         # Gradio passes the request by its annotation; first, because the fields' values follow as *values.
         def start_job(request: gr.Request, image_path: str | None, clip_path: str | None, prompt_value: str,
-                      preset_value: str | None, *values):
-            if image_path is None and clip_path is None:
-                yield {status: "Upload a start image (or a clip to extend) first."}
+                      preset_value: str | None, t2v: bool, end_path: str | None, keyframe_paths: list | None,
+                      *values):
+            if image_path is None and clip_path is None and not t2v:
+                yield {status: "Upload a start image (or a clip to extend, or tick text to video) first."}
                 return
             if image_path is not None and clip_path is not None:
                 yield {status: "Give a start image or a clip to extend, not both."}
                 return
+            try:
+                settings, crf = page_settings(names, preset_value, values)
+            except ValueError as e:
+                yield {status: f"Error: {e}"}
+                return
+            keyframe_times = settings.pop("keyframe_times", "")
             # Not `video`: that name is the page's video component, which this function updates.
-            pixels, clip_frames = None, None
+            pixels, clip_frames, note = None, None, ""
             if clip_path is not None:
                 try:
                     sampling = dict(zip(names, values)).get("sampling")
@@ -178,8 +203,8 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                     return
                 clip_frames = loaded_clip.frames
                 note = f"Clip {Path(clip_path).name}: {loaded_clip.message.removeprefix(f'{clip_path}: ')}."
-            else:
-                assert image_path is not None  # one of the two, checked above
+            elif not t2v:
+                assert image_path is not None  # checked above
                 try:
                     loaded = load_image(image_path)
                 except ImageLoadError as e:
@@ -188,14 +213,17 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 pixels = loaded.pixels
                 note = f"Start image {Path(image_path).name}: {'; '.join(loaded.notes)}." if loaded.notes else ""
             try:
-                settings, crf = page_settings(names, preset_value, values)
+                guides = load_guides(end_path, keyframe_paths, keyframe_times, pixels)
+            except ImageLoadError as e:
+                yield {status: f"Error: the image {_after_path(e, str(end_path))}"}
+                return
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
             chosen = lora_parameter(dict(zip(loras, values[len(names):])))
             if chosen:
                 settings[LORAS_PARAMETER] = chosen
-            job = WireRequest(pixels, prompt_value, settings, video=clip_frames)
+            job = WireRequest(pixels, prompt_value, settings, video=clip_frames, **guides)
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
@@ -249,7 +277,8 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
         gr.Timer(1.0).tick(lambda: (page_queue.rows(), page_queue.results()), None, [jobs_table, results],
                            queue=False, show_progress="hidden")
         start.click(
-            start_job, [image, clip, prompt, preset, *fields.values(), *loras.values()],
+            start_job, [image, clip, prompt, preset, text_to_video, end_image, keyframe_files, *fields.values(),
+                        *loras.values()],
             [start, stop, status, preview, video, download, used],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )

@@ -250,3 +250,20 @@ def _check_rgb(pixels: np.ndarray, multiple_of: int) -> None:
         shown = f"array {pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
         sides = f" with height and width multiples of {multiple_of}" if multiple_of > 1 else ""
         raise ValueError(f"image={shown} is not allowed: expected a uint8 numpy array of shape H×W×3 (RGB){sides}")
+
+
+def mix_prompts(embeddings: list[PromptEmbedding], weights: tuple[tuple[int, float], ...]) -> PromptEmbedding:
+    """The weighted sum of prompt embeddings `((index, weight), …)`; one prompt is returned as it is.
+
+    Prompts of different token lengths are zero-padded to the longest first (the zeros the
+    transformer's 512-slot layout pads with), and the mix keeps every token of the longest.
+    """
+    if len(weights) == 1:
+        return embeddings[weights[0][0]]
+    length = max(embeddings[index].hidden.shape[1] for index, _ in weights)
+    padded = [(embeddings[index].padded(length), weight) for index, weight in weights]
+    hidden = sum(weight * e.hidden.float() for e, weight in padded)
+    pooled = sum(weight * e.pooled.float() for e, weight in padded)
+    first = padded[0][0]
+    mask = torch.ones_like(first.mask)
+    return PromptEmbedding(hidden.to(first.hidden.dtype), mask, pooled.to(first.pooled.dtype))  # type: ignore[union-attr]

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import conditioning, extension, planner, provenance
+from . import conditioning, extension, guides, planner, prompt_schedule, provenance
 from .attention import Attend
 from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
@@ -130,9 +130,8 @@ class Pipeline:
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        if request.image is None and request.video is None:
-            raise ValueError("text-to-video is not built yet: the request has no start image")
         options = self.options.for_job(request.engine)
+        guides.check_sampling(request.end_image, request.keyframes, request.settings, options.sampling)
         attend = Attend.for_setting(options.attention, self.device, self.dtype)
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
@@ -141,7 +140,7 @@ class Pipeline:
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype):
             source = extension.source_clip(request.video, options.sampling) if request.video is not None else None
-            events = self._run(request.image, request.prompt, request.settings, options, attend, cancel, source)
+            events = self._run(request, request.settings, options, attend, cancel, source)
             for event in events if source is None else extension.new_frames_only(events, source):
                 if isinstance(event, GenerationResult):
                     if request.loras:
@@ -156,15 +155,15 @@ class Pipeline:
         return provenance.model_identity(self.model_dir, self.options.sampling.transformer_folder)
 
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
+    def _run(self, request: GenerationRequest, settings: SamplingSettings, options: EngineOptions,
              attend: Attend, cancel, source: extension.SourceClip | None = None) -> Iterator:
         c = self.components
-        if source is not None:  # video extension: the clip's frame in the start slot plays the start image
-            image = source.start_frame
+        # Video extension: the clip's frame in the start slot plays the start image.
+        image = source.start_frame if source is not None else request.image
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
-        height, width = bucket_for(image.shape[0], image.shape[1], settings.resolution)
+        height, width = guides.start_size(image, settings.resolution)
         sampling = options.sampling
         window = settings.window
         plans = planner.plan_sections(settings.seconds, window, sampling)
@@ -191,12 +190,23 @@ class Pipeline:
             sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),
             frames=total_frames, fps=planner.FPS, width=width, height=height,
         )
-        pixels = resize_and_center_crop(image, width, height)
+        if image is None:  # text-to-video
+            pixels = guides.init_pixels(settings.latent_init, height, width, settings.seed)
+        else:
+            pixels = resize_and_center_crop(image, width, height)
         yield PhaseStarted("text", 0, sections, time.perf_counter() - t_start)
         with self.memory.phase("text"):
-            text = conditioning.encode_prompt(
-                c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
-            ).cropped()
+            encoded = [
+                conditioning.encode_prompt(
+                    c.tokenizer, c.text_encoder, c.tokenizer_2, c.text_encoder_2, prompt, self.device, self.dtype
+                ).cropped()
+                for prompt in prompt_schedule.distinct_prompts(request.schedule)
+            ]
+            section_texts = [
+                conditioning.mix_prompts(encoded, weights) for weights in prompt_schedule.section_prompt_weights(
+                    request.schedule, sections, window, sampling, settings.prompt_blend_sections)
+            ]
+            text = section_texts[0]
             if settings.cfg == 1:
                 negative = conditioning.zero_prompt_like(text)
             else:
@@ -212,6 +222,10 @@ class Pipeline:
                 source_latents = extension.encode_source(c.vae, source, width, height, self.device, decode_tiled)
                 start_latent = source_latents[:, :, :1]
             image_embeds = conditioning.encode_image_embeds(c.feature_extractor, c.image_encoder, pixels, self.device)
+            job_guides, image_embeds = guides.encode_guides(
+                c, request.end_frame, request.keyframes, settings, image_embeds, height, width, sections, sampling,
+                self.device,
+            )
         image_embeds = image_embeds.to(self.dtype)
         timings["encode_s"] = time.perf_counter() - t_start - timings["placement_s"]
 
@@ -245,6 +259,8 @@ class Pipeline:
                 (1, c.transformer.config.in_channels, window, lh, lw), generator=generator, dtype=torch.float32
             )
             clean, latents_2x, latents_4x = planner.context_from_history(history, start_latent, sampling)
+            clean = job_guides.clean_latents(clean, plan)
+            text = section_texts[plan.index]  # read by flow_fn below
             context = dict(
                 image_embeds=image_embeds,
                 indices_latents=plan.indices_latents.to(self.device),

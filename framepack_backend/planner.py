@@ -277,3 +277,39 @@ def soft_append(
     seam = weight * front[:, :, kept:] + (1.0 - weight) * back[:, :, :overlap]
     joined = torch.cat([front[:, :, :kept], seam, back[:, :, overlap:]], dim=_TIME)
     return joined.to(history_pixels.dtype)
+
+
+# Video time of the sections. A video section k (0-based, in playback order) holds latents
+# 1 + k·window .. (k+1)·window, i.e. video frames 4k·window + 1 .. 4(k+1)·window; the first
+# section also shows frame 0, the start latent. Generation order differs: inverted runs
+# make the video's end first.
+
+
+def video_section(index: int, sections: int, variant: Variant = "inverted") -> int:
+    """The playback position (0 = the video's first section) of the section generated `index`-th."""
+    _check_variant(variant)
+    if not 0 <= index < sections:
+        raise ValueError(f"section index must be in [0, {sections}), got {index}")
+    return sections - 1 - index if variant == "inverted" else index
+
+
+def section_seconds(section: int, window: int, fps: int = FPS) -> tuple[float, float]:
+    """(start, end) in video seconds of playback section `section`: frames 4k·window .. 4(k+1)·window."""
+    frames = VAE_TIME_STRIDE * window
+    return section * frames / fps, (section + 1) * frames / fps
+
+
+def video_seconds(sections: int, window: int, fps: int = FPS) -> float:
+    """The time of the video's last frame: (36n + 1 − 1) / 30 s at window 9."""
+    return (video_frame_count(sections, window) - 1) / fps
+
+
+def section_at(seconds: float, sections: int, window: int, fps: int = FPS) -> int:
+    """The playback section that shows the frame at `seconds` (0 ≤ seconds ≤ video_seconds).
+
+    Frame f > 0 belongs to section (f − 1) // (4·window); frame 0 (the start latent) to section 0.
+    """
+    if not 0 <= seconds <= video_seconds(sections, window, fps):
+        raise ValueError(f"seconds must be in [0, {video_seconds(sections, window, fps):g}], got {seconds!r}")
+    frame = round(seconds * fps)
+    return min(max(frame - 1, 0) // (VAE_TIME_STRIDE * window), sections - 1)

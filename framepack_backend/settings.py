@@ -49,6 +49,7 @@ def _spec(default: Any, kind: type, *, low=None, high=None, choices=None, doc: s
 ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
 SOLVERS = ("bh1", "bh2")
+LATENT_INITS = ("black", "white", "noise")
 TEACACHE_MODES = ("default", "detail")
 
 MAX_PROMPT_CHARS = 4000
@@ -107,6 +108,23 @@ class SamplingSettings(_FieldSpecs):
     resolution: int = _spec(640, int, low=128, high=1280, doc="bucket base resolution (multiple of 16)")
     solver: str = _spec("bh1", str, choices=SOLVERS, doc="UniPC variant")
     preview: bool = _spec(True, bool, doc="send a small preview image every step")
+    # Creative controls (docs/creative-controls.md); their images travel as tensor inputs.
+    end_strength: float = _spec(
+        1.0, float, low=0.0, high=1.0,
+        doc="how strongly the end image conditions the video's end (0 = as if none was given)",
+    )
+    loop: bool = _spec(False, bool, doc="end on the start image (the end image is the start image)")
+    keyframe_times: str = _spec(
+        "", str, doc="seconds of the keyframe images, comma-separated, in the order of the 'keyframes' input",
+    )
+    prompt_blend_sections: int = _spec(
+        0, int, low=0, high=16,
+        doc="sections over which a timed prompt change blends linearly into the new prompt (0 = at once)",
+    )
+    latent_init: str = _spec(
+        "black", str, choices=LATENT_INITS,
+        doc="text-to-video (no start image): the start frame, a black, white or seeded-noise picture",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -4,9 +4,14 @@ The names and the event metadata both sides share live in `framepack_wire` (torc
 imported by the client too); this module turns requests into a `GenerationRequest` and
 the engine's events into responses.
 
-Request: tensor input `image` (UINT8 H×W×3), or instead `video` (UINT8 T×H×W×3, 1 to
+Request: tensor input `image` (UINT8 H×W×3; without it, and without a `video`, the job is
+text-to-video from the `latent_init` picture), or instead `video` (UINT8 T×H×W×3, 1 to
 MAX_VIDEO_FRAMES of a clip's last frames, which the job extends; it sends only the new
-frames, framepack_backend/extension.py). Request parameters: `prompt` (str, required)
+frames, framepack_backend/extension.py), optional `end_image` (UINT8 H×W×3, the video's
+last frame; the `loop` setting uses the start image instead) and optional `keyframes`
+(UINT8 K×H×W×3, at most 16, at the seconds listed in the `keyframe_times` parameter, e.g.
+"1.2,3.6"); each image within the start image's limits. Timed prompts travel inside `prompt`:
+`[0s: a cat sits] [2.5s: the cat jumps]` (docs/creative-controls.md). Request parameters: `prompt` (str, required)
 and settings by name (str, int, float or bool; strings are parsed by the engine): every
 per-job setting (`SamplingSettings`) and the instance-option overrides (`EngineOverrides`:
 `attention`, `memory_mode`, `gpu_memory_preservation`, and `sampling`, which must be
@@ -66,9 +71,11 @@ from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import SettingsError, describe_settings
 from framepack_wire import (
     DESCRIBE_PARAMETER,
+    END_IMAGE_INPUT,
     EVENT_OUTPUT,
     FRAMES_OUTPUT,
     IMAGE_INPUT,
+    KEYFRAMES_INPUT,
     MODEL_NAME,
     PREVIEW_OUTPUT,
     PROMPT_PARAMETER,
@@ -85,7 +92,8 @@ from framepack_wire import (
 )
 
 __all__ = [
-    "DESCRIBE_PARAMETER", "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
+    "DESCRIBE_PARAMETER", "END_IMAGE_INPUT", "KEYFRAMES_INPUT",
+    "EVENT_OUTPUT", "FRAMES_OUTPUT", "IMAGE_INPUT", "MODEL_NAME", "PREVIEW_OUTPUT",
     "PROMPT_PARAMETER", "VIDEO_INPUT", "Status", "error_message", "GenerationRequest", "parse_request",
     "request_parameters",
     "is_describe_request", "describe_response", "WireResponse", "to_wire", "queued_response",

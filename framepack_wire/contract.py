@@ -8,6 +8,8 @@ from enum import Enum
 MODEL_NAME = "framepack"
 IMAGE_INPUT = "image"  # UINT8 H×W×3
 VIDEO_INPUT = "video"  # UINT8 T×H×W×3: the last frames of a clip to extend (instead of `image`)
+END_IMAGE_INPUT = "end_image"  # UINT8 H×W×3, optional: the video's last frame
+KEYFRAMES_INPUT = "keyframes"  # UINT8 K×H×W×3, optional: at the seconds of the `keyframe_times` parameter
 EVENT_OUTPUT = "event"  # UINT8 vector: the event's JSON metadata, UTF-8
 FRAMES_OUTPUT = "frames"  # UINT8 T×H×W×3, with `section` events
 PREVIEW_OUTPUT = "preview"  # UINT8 h×w×3, with `progress` events when the engine made one
@@ -29,6 +31,8 @@ MIN_IMAGE_SIDE = 16
 # strip is upscaled along its long side too: 16×1048576 pixels would become a
 # 136-gigapixel array at resolution 1280. A bounded ratio bounds that allocation.
 MAX_IMAGE_ASPECT = 16
+# Keyframe images per request; each within the start image's limits.
+MAX_KEYFRAMES = 16
 
 # The source clip of a video extension (checked in framepack_backend/request.py; sides and
 # aspect as the image's). The engine reads at most 19 latent frames of context, which the

@@ -141,7 +141,8 @@ def bad_input(name: str, field: str, inputs: Callable, **parameters) -> BadReque
 PNG_BYTES = SAMPLE.read_bytes()
 CORPUS = [
     # inputs: missing, wrong dtype, rank, channels, size, name, encoded instead of pixels
-    bad_input("no image input", "image", lambda image: []),
+    # (no image input is text-to-video; looping to a start image that is not there is not)
+    bad_input("no image input, but a loop", "loop", lambda image: [], loop=True),
     bad_input("image as FP32", "image", lambda image: [image_input(image.astype(np.float32), "FP32")]),
     bad_input("image as INT32", "image", lambda image: [image_input(image.astype(np.int32), "INT32")]),
     bad_input("image of rank 2", "image", lambda image: [image_input(image[..., 0].copy())]),

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from framepack_backend.prompt_schedule import TimedPrompt
 from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import EngineOptions, EngineOverrides, SamplingSettings, SettingsError
 from framepack_backend.variants import SamplingVariant
@@ -39,7 +40,7 @@ def test_a_request_is_frozen():
 
 
 @pytest.mark.parametrize("image, parameters, field, allowed", [
-    (None, {"prompt": "x"}, "image", "a UINT8 H×W×3 input tensor 'image'"),
+    (None, {"prompt": "x", "latent_init": "green"}, "latent_init", "one of 'black', 'white', 'noise'"),
     (IMAGE[:, :, :2], {"prompt": "x"}, "image", "shape H×W×3 (RGB)"),
     (IMAGE.astype(np.float32), {"prompt": "x"}, "image", "dtype uint8"),
     (IMAGE, {}, "prompt", "a text prompt in the request parameter 'prompt'"),
@@ -53,6 +54,12 @@ def test_bad_input_is_refused_at_the_boundary_naming_the_field(image, parameters
     with pytest.raises(SettingsError) as caught:
         parse_request(image, parameters)
     assert caught.value.field == field and allowed in caught.value.allowed
+
+
+def test_a_request_without_an_image_is_text_to_video_from_its_latent_init():
+    request = parse_request(None, {"prompt": "a cat", "latent_init": "white"})
+    assert request.image is None and request.settings.latent_init == "white"
+    assert request.schedule == (TimedPrompt(0.0, "a cat"),)
 
 
 def test_overrides_apply_to_a_copy_of_the_instance_options():

@@ -63,16 +63,17 @@ def test_the_server_describes_its_settings_and_presets(triton_server):
 
 
 @pytest.mark.server
-def test_a_video_request_without_an_image_is_an_invalid_argument_naming_it(triton_server):
+def test_a_request_without_an_image_is_text_to_video_and_its_settings_are_checked(triton_server):
     errors = []
     client = grpcclient.InferenceServerClient(triton_server.grpc_address)
     client.start_stream(callback=lambda result, error: errors.append(error))
-    client.async_stream_infer("framepack", [], parameters={"prompt": "x"}, enable_empty_final_response=True)
+    client.async_stream_infer("framepack", [], parameters={"prompt": "x", "latent_init": "green"},
+                              enable_empty_final_response=True)
     client.stop_stream()  # waits for the request's responses
     client.close()
     assert len(errors) == 1 and errors[0] is not None
     assert errors[0].message() == (
-        "INVALID_ARGUMENT: image=None is not allowed: expected a UINT8 H×W×3 input tensor 'image'"
+        "INVALID_ARGUMENT: latent_init='green' is not allowed: expected one of 'black', 'white', 'noise'"
     )
 
 

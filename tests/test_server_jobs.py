@@ -353,7 +353,11 @@ def test_model_config_matches_the_protocol():
     config = text_format.Parse((REPOSITORY / "framepack" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == protocol.MODEL_NAME and config.backend == "python" and config.max_batch_size == 0
     assert config.model_transaction_policy.decoupled
-    assert [(i.name, list(i.dims)) for i in config.input] == [(protocol.IMAGE_INPUT, [-1, -1, 3])]
+    assert [(i.name, list(i.dims), i.optional) for i in config.input] == [
+        (protocol.IMAGE_INPUT, [-1, -1, 3], True),  # optional: describe requests and text-to-video
+        (protocol.END_IMAGE_INPUT, [-1, -1, 3], True),
+        (protocol.KEYFRAMES_INPUT, [-1, -1, -1, 3], True),
+    ]
     outputs = {o.name: list(o.dims) for o in config.output}
     assert outputs == {protocol.EVENT_OUTPUT: [-1], protocol.FRAMES_OUTPUT: [-1, -1, -1, 3],
                        protocol.PREVIEW_OUTPUT: [-1, -1, 3]}

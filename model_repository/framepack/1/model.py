@@ -37,6 +37,7 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
+from framepack_backend.guides import check_sampling
 from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions, SettingsError
@@ -45,8 +46,10 @@ from framepack_server.groups import OnGroupDevice, plan_groups
 from framepack_server.instance import InstanceConfig
 from framepack_server.jobs import Job, JobQueue, Outcome, QueueLoad
 from framepack_server.protocol import (
+    END_IMAGE_INPUT,
     EVENT_OUTPUT,
     IMAGE_INPUT,
+    KEYFRAMES_INPUT,
     VIDEO_INPUT,
     Status,
     WireResponse,
@@ -140,9 +143,9 @@ class JobMetrics:
 
 
 def _input_image(request, name: str = IMAGE_INPUT):
-    """The `image` input (or another by `name`) as a numpy array, or None (optional in the
-    config, because describe requests carry no image; parse_request refuses a video
-    request without one)."""
+    """A tensor input (`image`, `video`, `end_image`, `keyframes`) as a numpy array, or None:
+    all are optional (describe requests carry none; without `image` or `video` a job is
+    text-to-video)."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
@@ -207,10 +210,14 @@ class TritonPythonModel:
         number = next(self._numbers)
         job_id = f"{number} ({request.request_id()})" if request.request_id() else str(number)
         fault = take_fault(parameters, self._fault_injection)
-        video = _input_image(request, VIDEO_INPUT)
-        job = Job(job_id, parse_request(_input_image(request), parameters, self._loras, video=video), sender, fault)
+        parsed = parse_request(_input_image(request), parameters, self._loras,
+                               video=_input_image(request, VIDEO_INPUT),
+                               end_image=_input_image(request, END_IMAGE_INPUT),
+                               keyframes=_input_image(request, KEYFRAMES_INPUT))
+        job = Job(job_id, parsed, sender, fault)
         # The job's overrides of this instance's options, refused now rather than when it runs.
         self._options.for_job(job.request.engine, device_type=self._device.type)
+        check_sampling(parsed.end_image, parsed.keyframes, parsed.settings, self._options.sampling)
         if not self._jobs.submit(job):
             sender.fail(Status.UNAVAILABLE, self._jobs.refusal())
 
