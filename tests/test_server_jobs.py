@@ -355,6 +355,7 @@ def test_model_config_matches_the_protocol():
     assert config.model_transaction_policy.decoupled
     assert [(i.name, list(i.dims), i.optional) for i in config.input] == [
         (protocol.IMAGE_INPUT, [-1, -1, 3], True),  # optional: describe requests and text-to-video
+        (protocol.VIDEO_INPUT, [-1, -1, -1, 3], True),
         (protocol.END_IMAGE_INPUT, [-1, -1, 3], True),
         (protocol.KEYFRAMES_INPUT, [-1, -1, -1, 3], True),
     ]
