@@ -23,6 +23,8 @@ from .presets import FLOW_PRESETS
 from .preview import latent_preview
 from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
+from .sequence_group import SequenceParallelGroup, WorkerSpec
+from .sequence_parallel import check_heads_divide
 from .schedule import schedule_for
 from .settings import EngineOptions, SamplingSettings, SettingsError
 from .teacache import TeaCache
@@ -50,11 +52,19 @@ class Pipeline:
         self.memory = MemoryManager(components, device)
         # One job at a time: a job places the weights and picks the attention backend.
         self._job_lock = threading.Lock()
+        # The other ranks when options.sequence_parallel > 1 (sequence_group.py); None: this process alone.
+        self.sequence_group: SequenceParallelGroup | None = None
 
     @property
     def sampling(self) -> SamplingVariant:
         """The loaded transformer's sampling variant."""
         return self.options.sampling
+
+    def close(self) -> None:
+        """Stop the sequence-parallel workers, if any (the pipeline runs no job after this)."""
+        if self.sequence_group is not None:
+            self.sequence_group.close()
+            self.sequence_group = None
 
     @classmethod
     def from_pretrained(
@@ -68,6 +78,7 @@ class Pipeline:
         fused_kernels: bool | None = None,
         fp8: bool | None = None,
         fp32_output: bool | None = None,
+        sequence_parallel: int | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
@@ -85,8 +96,12 @@ class Pipeline:
         fp32, as the FramePack demo does (FramePackTransformer.set_fp32_output).
         Weights load into host memory; the memory manager then places them for the
         instance's memory mode (a job that overrides it moves them again).
+        `sequence_parallel` > 1 starts that many ranks minus this one as worker processes,
+        each holding the transformer on the next device, and splits every forward's blocks
+        over them (framepack_backend/sequence_parallel.py); `close()` stops them.
         """
-        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output}
+        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output,
+                     "sequence_parallel": sequence_parallel}
         options = (options or EngineOptions()).replace(**{k: v for k, v in shortcuts.items() if v is not None})
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
@@ -98,6 +113,10 @@ class Pipeline:
         )
         options = configure_transformer(components.transformer, device, options)
         pipeline = cls(components, device, dtype, model_dir, options)
+        if options.sequence_parallel > 1:
+            pipeline.sequence_group = start_sequence_parallel(
+                components.transformer, model_dir / options.sampling.transformer_folder, device, dtype, options
+            )
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
@@ -127,6 +146,8 @@ class Pipeline:
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
         with self._job_lock:
+            if self.sequence_group is not None:
+                self.sequence_group.ensure_ready()
             yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
 
     @torch.inference_mode()
@@ -320,6 +341,21 @@ class Pipeline:
             settings={**settings.to_dict(), **options.to_dict(), "sampling": sampling.value},
             timings=timings,
         )
+
+
+def start_sequence_parallel(
+    transformer, transformer_dir: Path, device: torch.device, dtype: torch.dtype, options: EngineOptions
+) -> SequenceParallelGroup:
+    """Start the other ranks of a sequence-parallel group and run `transformer`'s blocks over it.
+
+    The head count is checked before any process starts (ValueError naming the allowed sizes).
+    """
+    check_heads_divide(transformer.config.num_attention_heads, options.sequence_parallel)
+    spec = WorkerSpec(str(transformer_dir), str(dtype).removeprefix("torch."), str(device),
+                      bool(options.fused_kernels), options.fp8, bool(options.fp32_output))
+    group = SequenceParallelGroup.start(spec, options.sequence_parallel)
+    group.attach(transformer)
+    return group
 
 
 def _check_cancel(cancel: Callable[[], bool] | None, where: str) -> None:
