@@ -23,9 +23,9 @@ from .presets import FLOW_PRESETS
 from .preview import latent_preview
 from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
+from .schedule import schedule_for
 from .sequence_group import SequenceParallelGroup, WorkerSpec
 from .sequence_parallel import check_heads_divide
-from .schedule import schedule_for
 from .settings import EngineOptions, SamplingSettings, SettingsError
 from .teacache import TeaCache
 from .variants import SamplingVariant

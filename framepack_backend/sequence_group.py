@@ -188,6 +188,8 @@ class SequenceParallelGroup:
 
     def __call__(self, latents, context, temb, rope, key_mask, attend):
         """The transformer's block runner on rank 0: the split plan, with a lost worker as one clear error."""
+        if self._runner is None:
+            raise RuntimeError("attach(transformer) first")
         if self.broken:
             raise SequenceParallelError("the sequence-parallel group lost a worker; it restarts for the next job")
         try:

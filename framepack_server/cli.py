@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
+    parser.add_argument("--sequence-parallel", type=int, metavar="N",
+                        help="split each job's transformer over N processes, one device each, by attention heads "
+                             "(Ulysses; N must divide the heads: 24 for FramePack); default: config, 1")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
         parser.error("--grpc-server-cert and --grpc-server-key go together")
+    if args.sequence_parallel is not None and args.sequence_parallel < 1:
+        parser.error(f"--sequence-parallel {args.sequence_parallel}: expected a process count >= 1")
     if args.grpc_client_ca is not None and args.grpc_server_cert is None:
         parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
 
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             grpc_tls=tls, restart_on_failure=not args.no_restart,
             overrides=InstanceOverrides(
                 max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds, sampling=args.sampling,
-                fp8=True if args.fp8 else None, fault_injection=args.fault_injection,
+                fp8=True if args.fp8 else None, sequence_parallel=args.sequence_parallel,
+                fault_injection=args.fault_injection,
             ),
         )
     except ValueError as e:

@@ -1,5 +1,5 @@
 """Where and how one Triton model instance runs: model directory, device, dtype, FP8,
-queue size, time limit per job.
+sequence-parallel degree, queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -25,6 +25,7 @@ ENV_OVERRIDES = {
     "max_job_seconds": "FRAMEPACK_MAX_JOB_SECONDS",
     "sampling": "FRAMEPACK_SAMPLING",
     "fp8": "FRAMEPACK_FP8",
+    "sequence_parallel": "FRAMEPACK_SEQUENCE_PARALLEL",
 }
 FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -58,6 +59,7 @@ class InstanceOverrides:
     max_job_seconds: float | None = None  # 0: no limit
     sampling: str | None = None  # a VARIANT_NAMES entry
     fp8: bool | None = None
+    sequence_parallel: int | None = None  # processes (one device each) per job; must divide the heads
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -86,6 +88,9 @@ class InstanceConfig:
     fault_injection: bool = False
     sampling: SamplingVariant = SamplingVariant.INVERTED
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
+    # Ranks splitting each forward over attention heads: this instance (rank 0) and its
+    # worker processes (framepack_backend/sequence_group.py), on consecutive devices.
+    sequence_parallel: int = 1
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -134,6 +139,13 @@ class InstanceConfig:
         if fp8 not in FP8_VALUES:
             raise InstanceConfigError(f"fp8={fp8!r} is not allowed: expected 'true' or 'false'")
 
+        sequence_parallel = value("sequence_parallel", "1")
+        if not sequence_parallel.isdigit() or int(sequence_parallel) < 1:
+            raise InstanceConfigError(
+                f"sequence_parallel={sequence_parallel!r} is not allowed: expected an integer >= 1 "
+                "that divides the transformer's attention heads"
+            )
+
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
             raise InstanceConfigError(
@@ -151,4 +163,5 @@ class InstanceConfig:
             environ.get(FAULT_INJECTION_ENV, "") == "1",
             SamplingVariant(sampling),
             FP8_VALUES[fp8],
+            int(sequence_parallel),
         )

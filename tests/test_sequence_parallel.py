@@ -146,7 +146,8 @@ def run(pipeline: Pipeline, image, **settings) -> list:
     return list(pipeline.generate(request(image, "a robot waves", **{**FAST, "seconds": 2, **settings})))
 
 
-@pytest.mark.parametrize(("sampling", "teacache"), [("inverted", False), ("inverted", True), ("f1", True)])
+# Inverted without TeaCache is compared in the killed-worker test, after the group restarts.
+@pytest.mark.parametrize(("sampling", "teacache"), [("inverted", True), ("f1", True)])
 def test_two_ranks_make_the_same_video_as_one(tiny_bundle, plain, image, sampling, teacache):
     split = sequence_parallel_pipeline(tiny_bundle, sampling)
     settings = {"teacache": teacache, "teacache_threshold": 0.5} if teacache else {"teacache": False}

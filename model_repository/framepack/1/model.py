@@ -143,16 +143,21 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        options = EngineOptions(sampling=config.sampling, fp8=config.fp8)
+        options = EngineOptions(sampling=config.sampling, fp8=config.fp8, sequence_parallel=config.sequence_parallel)
         pipeline = Pipeline.from_pretrained(config.model_dir, device=config.device, dtype=dtype, options=options)
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
             f"{', FP8' if config.fp8 else ''}) on {config.device} "
+            f"{f'with {config.sequence_parallel} sequence-parallel ranks ' if config.sequence_parallel > 1 else ''}"
             f"in {time.perf_counter() - start:.1f} s"
         )
+        if pipeline.sequence_group is not None:
+            pids = ", ".join(str(worker.pid) for worker in pipeline.sequence_group.workers)
+            log.info(f"sequence-parallel worker pids (ranks 1 to {config.sequence_parallel - 1}): {pids}")
         if config.fault_injection:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
+        self._pipeline = pipeline
         self._options, self._device = pipeline.options, pipeline.device
         self._fault_injection = config.fault_injection
         self._metrics = JobMetrics(args["model_instance_name"], pipeline.device)
@@ -194,3 +199,4 @@ class TritonPythonModel:
         # running at the exit timeout never gets here: tritonserver exits and the launcher
         # kills the stubs before reaping it (framepack_server/processes.py says why).
         self._jobs.close()
+        self._pipeline.close()  # its sequence-parallel workers, if any
