@@ -123,8 +123,12 @@ def joint_over_heads(
     """Ulysses attention on joint [this rank's latents | whole context] buffers (B, n_r + m, H, D).
 
     `run(q, k, v)` is the backend on one complete problem; returns (B, n_r + m, H, D) like
-    unsplit attention would for these rows.
+    unsplit attention would for these rows. A group of one rank holds every token and every
+    head: its exchanges are the identity, so none runs (the degree-1 path costs what the
+    plain path costs; benchmarks/multi_gpu.py overhead).
     """
+    if shards.ranks == 1:
+        return run(q, k, v)
     heads = q.shape[2] // shards.ranks
     mine = slice(shards.rank * heads, (shards.rank + 1) * heads)
 
@@ -138,6 +142,8 @@ def joint_over_heads(
 
 def gather_tokens(x: torch.Tensor, shards: TokenShards) -> torch.Tensor:
     """Every rank's latent shard (B, n_r, C) back in token order (B, n, C)."""
+    if shards.ranks == 1:
+        return x
     # all_gather wants equal sizes: pad the shorter shards by one token, then drop the padding.
     longest = max(shards.sizes)
     padded = x.new_zeros(x.shape[0], longest, x.shape[2])
