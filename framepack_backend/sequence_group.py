@@ -7,12 +7,15 @@ the block stack when rank 0 says so. They are started, watched and restarted her
 - `SequenceParallelGroup.start` spawns the workers (`python -m framepack_backend.sequence_group`),
   each on its own device, and meets them at a TCP rendezvous on 127.0.0.1
   (torch.distributed: NCCL on GPUs, gloo on CPUs).
-- Before a forward runs its blocks, rank 0 broadcasts a header and the block stack's
-  inputs (latents, context, conditioning vector, RoPE tables, backend); every rank then
-  runs its shard (sequence_parallel.py) and rank 0 keeps the gathered output.
+- Before a forward runs its blocks, rank 0 writes one line to each worker's stdin, then
+  broadcasts a header and the block stack's inputs (latents, context, conditioning
+  vector, RoPE tables, backend); every rank then runs its shard (sequence_parallel.py)
+  and rank 0 keeps the gathered output. Idle workers wait on their stdin, not in a
+  collective, so a collective's timeout bounds only a running forward, never the time
+  between jobs; and a worker whose rank 0 is gone reads end-of-file and exits.
 - Every decision that must agree across ranks is rank 0's alone, so none can disagree:
   a TeaCache skip, a cancel and a deadline all mean rank 0 simply sends nothing, and the
-  workers wait for the next header. Events, the encoders and the VAE decode never leave
+  workers wait on their stdin. Events, the encoders and the VAE decode never leave
   rank 0.
 - A worker that dies makes rank 0's next collective fail; the job fails with one line
   naming the worker and its exit code (`SequenceParallelError`), and `ensure_ready`
@@ -40,11 +43,13 @@ from .attention import BACKEND_NAMES, Attend
 from .sequence_parallel import SequenceParallelBlocks, apply_sequence_parallel
 
 RENDEZVOUS_HOST = "127.0.0.1"
-# A collective that waits this long has lost a peer that did not close its sockets.
-COLLECTIVE_TIMEOUT_S = 600.0
+# A collective of a running forward that waits this long has lost a peer that did not
+# close its sockets (NCCL); a forward of the 13B model takes seconds.
+COLLECTIVE_TIMEOUT_S = 300.0
 STARTUP_TIMEOUT_S = 600.0
 
-RUN, STOP = 1, 0
+RUN = 1
+GO = b"run\n"  # rank 0 -> a worker's stdin: a header follows on the group
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # command, batch, latent tokens, width, context tokens, temb width, head dim, backend, dtype
 HEADER_FIELDS = 9
@@ -98,7 +103,7 @@ def _worker_environment() -> dict[str, str]:
 
 
 def broadcast_blocks_input(latents, context, temb, rope, attend: Attend) -> None:
-    """Rank 0: tell the workers to run the block stack on these inputs (sequence_parallel's `before_run`)."""
+    """Rank 0, once the workers were woken: the block stack's inputs, header first."""
     header = torch.tensor(
         [RUN, latents.shape[0], latents.shape[1], latents.shape[2], context.shape[1], temb.shape[-1],
          rope.cos.shape[-1], BACKEND_NAMES.index(attend.name), DTYPES.index(latents.dtype)],
@@ -109,17 +114,17 @@ def broadcast_blocks_input(latents, context, temb, rope, attend: Attend) -> None
         dist.broadcast(tensor.contiguous(), 0)
 
 
-def serve_blocks(transformer, device: torch.device) -> None:
-    """A worker's loop: run the block stack whenever rank 0 broadcasts its inputs, until STOP."""
+def serve_blocks(transformer, device: torch.device, wake=None) -> None:
+    """A worker's loop: for every line on stdin (`wake`), receive the block stack's inputs
+    from rank 0 and run this rank's shard; return at end-of-file (rank 0 stopped or died)."""
     from .models.transformer import Rope
 
+    wake = wake if wake is not None else sys.stdin.buffer
     runner = transformer.block_runner
-    while True:
+    while wake.readline() == GO:
         header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
         dist.broadcast(header, 0)
-        command, batch, tokens, width, context_tokens, temb_width, head_dim, backend, dtype = header.tolist()
-        if command == STOP:
-            return
+        _, batch, tokens, width, context_tokens, temb_width, head_dim, backend, dtype = header.tolist()
         model_dtype = DTYPES[dtype]
         latents = torch.empty(batch, tokens, width, dtype=model_dtype, device=device)
         context = torch.empty(batch, context_tokens, width, dtype=model_dtype, device=device)
@@ -160,7 +165,7 @@ class SequenceParallelGroup:
         command = [_python(), "-m", "framepack_backend.sequence_group", "--spec", json.dumps(asdict(self.spec)),
                    "--ranks", str(self.ranks), "--port", str(port)]
         self.workers = [
-            subprocess.Popen([*command, "--rank", str(rank)], env=_worker_environment(), stdin=subprocess.DEVNULL)
+            subprocess.Popen([*command, "--rank", str(rank)], env=_worker_environment(), stdin=subprocess.PIPE)
             for rank in range(1, self.ranks)
         ]
         try:
@@ -183,8 +188,15 @@ class SequenceParallelGroup:
     def attach(self, transformer) -> None:
         """Run `transformer`'s block stack over this group, rank 0 sending each forward's inputs."""
         self._runner = apply_sequence_parallel(transformer, None, self.ranks)
-        self._runner.before_run = broadcast_blocks_input
+        self._runner.before_run = self._send_inputs
         transformer.block_runner = self
+
+    def _send_inputs(self, latents, context, temb, rope, attend: Attend) -> None:
+        for worker in self.workers:
+            assert worker.stdin is not None
+            worker.stdin.write(GO)
+            worker.stdin.flush()
+        broadcast_blocks_input(latents, context, temb, rope, attend)
 
     def __call__(self, latents, context, temb, rope, key_mask, attend):
         """The transformer's block runner on rank 0: the split plan, with a lost worker as one clear error."""
@@ -210,11 +222,12 @@ class SequenceParallelGroup:
             self._start()
 
     def close(self) -> None:
-        """Stop the workers and leave the process group."""
-        if not self.broken and self.workers and all(worker.poll() is None for worker in self.workers):
+        """Stop the workers (end-of-file on their stdin) and leave the process group."""
+        for worker in self.workers:
             try:
-                dist.broadcast(torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=self.device), 0)
-            except Exception:  # noqa: BLE001 - stopping anyway
+                if worker.stdin is not None:
+                    worker.stdin.close()
+            except OSError:  # a dead worker's pipe
                 pass
         self._stop_workers()
         if dist.is_initialized():

@@ -178,3 +178,17 @@ def test_a_killed_worker_fails_that_job_in_one_line_and_the_next_job_runs(tiny_b
     got = run(split, image, teacache=False)[-1]
     assert group.starts == starts + 1 and group.workers[0].pid != worker.pid
     assert np.abs(got.frames.astype(int) - expected.frames.astype(int)).max() <= 1
+
+
+def test_an_idle_worker_waits_on_its_stdin_and_stops_at_its_end_without_a_collective(tiny_bundle):
+    """Between jobs a worker sits in readline, not in a collective with a timeout; end-of-file
+    (rank 0 closed the pipe or died) ends its loop."""
+    import io
+
+    from framepack_backend.models.transformer import FramePackTransformer
+    from framepack_backend.sequence_group import serve_blocks
+
+    transformer = FramePackTransformer.from_pretrained(tiny_bundle / "transformer", dtype=torch.float32)
+    transformer.block_runner = object()  # never called: no line asks for a run
+    assert serve_blocks(transformer, torch.device("cpu"), wake=io.BytesIO(b"")) is None
+    assert not dist.is_initialized()
