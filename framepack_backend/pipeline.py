@@ -348,9 +348,13 @@ def start_sequence_parallel(
 ) -> SequenceParallelGroup:
     """Start the other ranks of a sequence-parallel group and run `transformer`'s blocks over it.
 
-    The head count is checked before any process starts (ValueError naming the allowed sizes).
+    The head count and, on GPUs, the visible GPU count are checked before any process
+    starts (ValueError naming what is allowed).
     """
     check_heads_divide(transformer.config.num_attention_heads, options.sequence_parallel)
+    if device.type == "cuda" and torch.cuda.device_count() < options.sequence_parallel:
+        raise ValueError(f"sequence_parallel={options.sequence_parallel} is not allowed: it needs one GPU per "
+                         f"rank and {torch.cuda.device_count()} are visible to this process")
     spec = WorkerSpec(str(transformer_dir), str(dtype).removeprefix("torch."), str(device),
                       bool(options.fused_kernels), options.fp8, bool(options.fp32_output))
     group = SequenceParallelGroup.start(spec, options.sequence_parallel)
