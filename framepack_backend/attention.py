@@ -30,17 +30,18 @@ into the joint buffers, so the seam costs no copy: the split point travels as an
 integer, not as separate tensors. The text refiner's attention (text tokens only, before
 the blocks) is `attend.local(...)` and is never split.
 
-Sequence parallelism over heads (Ulysses; not implemented yet) will use `Attend.group`.
-Each of the P ranks then holds 1/P of the latent tokens and the whole context,
-replicated: 729 + ≤256 tokens do not divide evenly over ranks and cost little to
-repeat. `joint` will
-  1. all-to-all the latent part `q/k/v[:, :n_latent]`, (B, n/P, H, D) -> (B, n, H/P, D);
-  2. take this rank's H/P heads of the context part, a view: no communication;
-  3. run the backend on [latents | context] over those H/P heads, a complete attention
+Sequence parallelism over heads (Ulysses) uses `Attend.group`, a
+`sequence_parallel.TokenShards` set for one sharded forward (`split_over`). Each of the
+P ranks then holds about 1/P of the latent tokens and the whole context, replicated:
+729 + ≤256 tokens do not divide evenly over ranks and cost little to repeat. `joint`
+  1. all-to-alls the latent part `q/k/v[:, :n_latent]`, (B, n/P, H, D) -> (B, n, H/P, D);
+  2. takes this rank's H/P heads of the context part, a slice: no communication;
+  3. runs the backend on [latents | context] over those H/P heads, a complete attention
      problem, which is why every backend taking (batch, seq, heads, head_dim) can be split;
-  4. all-to-all the latent output back to (B, n/P, H, D) and all-gather the heads of the
-     context output, which every rank needs whole.
-A key mask is gathered over its latent part the same way.
+  4. all-to-alls the latent output back to (B, n/P, H, D) and all-gathers the heads of
+     the context output, which every rank needs whole.
+A key mask is refused there (batch 1 crops its text). The split plan as a whole is in
+framepack_backend/sequence_parallel.py.
 """
 
 from collections.abc import Callable
@@ -168,17 +169,17 @@ def resolve_backend(requested: str, device: str | torch.device, dtype: torch.dty
 
 @dataclass(frozen=True)
 class Attend:
-    """Attention bound for one job: the chosen backend and, later, a sequence-parallel group.
+    """Attention bound for one job: the chosen backend and, in a sequence-parallel forward, its group.
 
     Built once per job (`for_setting`, `named`, `default`) and passed to the
     transformer's forward, which hands it to every block. `local` is plain attention;
     `joint` is the seam every block attention goes through, given joint
     [latent | context] buffers and the number of latent tokens (module docstring).
 
-    `group` (a torch.distributed process group) is where the head-sharded all-to-all
-    of sequence parallelism will come in: `joint` will exchange only the first
-    `n_latent` tokens over it and keep the context replicated. Until that exists, a
-    group is refused at the seam.
+    `group` is None, or a `sequence_parallel.TokenShards` (the process group and each
+    rank's latent token count) bound by `split_over` for one sharded forward: `joint`
+    then exchanges only the first `n_latent` tokens over it and keeps the context
+    replicated.
     """
 
     backend: AttentionBackend
@@ -211,6 +212,10 @@ class Attend:
     def name(self) -> str:
         return self.backend.name
 
+    def split_over(self, shards: Any) -> "Attend":
+        """This attention for one rank of a sequence-parallel forward (a sequence_parallel.TokenShards)."""
+        return Attend(self.backend, shards)
+
     def local(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -236,12 +241,16 @@ class Attend:
     ) -> torch.Tensor:
         """Attention over joint [latent | context] buffers whose first `n_latent` tokens are latents.
 
-        Same result as `local`; the split point is where a sequence-parallel group will
-        exchange the latent part only (module docstring).
+        Same result as `local`; with a sequence-parallel group the latent part is this
+        rank's shard, exchanged over the group (module docstring).
         """
-        if self.group is not None:
-            raise NotImplementedError("sequence-parallel attention (head-sharded all-to-all) is not implemented yet")
-        return self.local(q, k, v, key_mask)
+        if self.group is None:
+            return self.local(q, k, v, key_mask)
+        if key_mask is not None:
+            raise ValueError("sequence-parallel attention takes no key mask; crop the text (batch 1) instead")
+        from .sequence_parallel import joint_over_heads  # it imports torch.distributed
+
+        return joint_over_heads(lambda q, k, v: self.backend.run(q, k, v, None), q, k, v, n_latent, self.group)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:

@@ -29,6 +29,8 @@ from .preview import latent_preview
 from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
+from .sequence_group import SequenceParallelGroup, WorkerSpec
+from .sequence_parallel import check_heads_divide
 from .settings import EngineOptions, SamplingSettings, SettingsError
 from .teacache import TeaCache
 from .variants import SamplingVariant
@@ -57,11 +59,19 @@ class Pipeline:
         self.memory = MemoryManager(components, device)
         # One job at a time: a job places the weights and picks the attention backend.
         self._job_lock = threading.Lock()
+        # The other ranks when options.sequence_parallel > 1 (sequence_group.py); None: this process alone.
+        self.sequence_group: SequenceParallelGroup | None = None
 
     @property
     def sampling(self) -> SamplingVariant:
         """The loaded transformer's sampling variant."""
         return self.options.sampling
+
+    def close(self) -> None:
+        """Stop the sequence-parallel workers, if any (the pipeline runs no job after this)."""
+        if self.sequence_group is not None:
+            self.sequence_group.close()
+            self.sequence_group = None
 
     @classmethod
     def from_pretrained(
@@ -76,6 +86,7 @@ class Pipeline:
         fp8: bool | None = None,
         fp32_output: bool | None = None,
         lora_dir: str | Path | None = None,
+        sequence_parallel: int | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
 
@@ -94,8 +105,12 @@ class Pipeline:
         Weights load into host memory; the memory manager then places them for the
         instance's memory mode (a job that overrides it moves them again).
         `lora_dir`: the folder whose LoRA files requests may name (framepack_backend/lora/).
+        `sequence_parallel` > 1 starts that many ranks minus this one as worker processes,
+        each holding the transformer on the next device, and splits every forward's blocks
+        over them (framepack_backend/sequence_parallel.py); `close()` stops them.
         """
-        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output}
+        shortcuts = {"sampling": sampling, "fused_kernels": fused_kernels, "fp8": fp8, "fp32_output": fp32_output,
+                     "sequence_parallel": sequence_parallel}
         options = (options or EngineOptions()).replace(**{k: v for k, v in shortcuts.items() if v is not None})
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
@@ -109,6 +124,10 @@ class Pipeline:
         loras = LoraFolder(lora_dir) if lora_dir is not None else None
         pipeline = cls(components, device, dtype, model_dir, options, loras)
         pipeline.model_identity  # noqa: B018 - computed at load, not during the first job
+        if options.sequence_parallel > 1:
+            pipeline.sequence_group = start_sequence_parallel(
+                components.transformer, model_dir / options.sampling.transformer_folder, device, dtype, options
+            )
         defaults = SamplingSettings()
         height, width = bucket_for(defaults.resolution, defaults.resolution, defaults.resolution)
         pipeline.memory.prepare(options.memory_mode, options.gpu_memory_preservation, height, width, defaults.window)
@@ -132,6 +151,10 @@ class Pipeline:
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
         options = self.options.for_job(request.engine)
         guides.check_sampling(request.end_image, request.keyframes, request.settings, options.sampling)
+        if request.loras and options.sequence_parallel > 1:
+            # The worker ranks run the blocks with their own copy of the base weights.
+            raise SettingsError(LORAS_FIELD, ",".join(map(str, request.loras)),
+                                "no LoRAs on a server that splits jobs over sequence-parallel ranks")
         attend = Attend.for_setting(options.attention, self.device, self.dtype)
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
@@ -139,6 +162,8 @@ class Pipeline:
         # The request's LoRAs beside the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype):
+            if self.sequence_group is not None:
+                self.sequence_group.ensure_ready()
             source = extension.source_clip(request.video, options.sampling) if request.video is not None else None
             events = self._run(request, request.settings, options, attend, cancel, source)
             for event in events if source is None else extension.new_frames_only(events, source):
@@ -370,6 +395,25 @@ class Pipeline:
             settings={**settings.to_dict(), **options.to_dict(), "sampling": sampling.value},
             timings=timings,
         )
+
+
+def start_sequence_parallel(
+    transformer, transformer_dir: Path, device: torch.device, dtype: torch.dtype, options: EngineOptions
+) -> SequenceParallelGroup:
+    """Start the other ranks of a sequence-parallel group and run `transformer`'s blocks over it.
+
+    The head count and, on GPUs, the visible GPU count are checked before any process
+    starts (ValueError naming what is allowed).
+    """
+    check_heads_divide(transformer.config.num_attention_heads, options.sequence_parallel)
+    if device.type == "cuda" and torch.cuda.device_count() < options.sequence_parallel:
+        raise ValueError(f"sequence_parallel={options.sequence_parallel} is not allowed: it needs one GPU per "
+                         f"rank and {torch.cuda.device_count()} are visible to this process")
+    spec = WorkerSpec(str(transformer_dir), str(dtype).removeprefix("torch."), str(device),
+                      bool(options.fused_kernels), options.fp8, bool(options.fp32_output))
+    group = SequenceParallelGroup.start(spec, options.sequence_parallel)
+    group.attach(transformer)
+    return group
 
 
 def _check_cancel(cancel: Callable[[], bool] | None, where: str) -> None:

@@ -160,6 +160,11 @@ class EngineOptions(_FieldSpecs):
     fp32_output: bool | None = _spec(
         None, bool, doc="final projection in fp32, as the FramePack demo (default: on for bf16/fp16 weights)"
     )
+    sequence_parallel: int = _spec(
+        1, int, low=1, high=64,
+        doc="processes, one device each, that split every transformer forward over attention heads (Ulysses); "
+            "must divide the head count (framepack_backend/sequence_parallel.py)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

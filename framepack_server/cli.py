@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "on the CPU N copies of the model)")
     parser.add_argument("--api-key-file", type=Path, metavar="FILE",
                         help="require this file's key (header x-api-key) on every request but health checks")
+    parser.add_argument("--sequence-parallel", type=int, metavar="N",
+                        help="split each job's transformer over N processes, one device each, by attention heads "
+                             "(Ulysses; N must divide the heads: 24 for FramePack); default: config, 1")
     tls_options = parser.add_argument_group("TLS for gRPC", "clients then connect with `framepack generate --ssl ...`")
     tls_options.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate (turns TLS on)")
     tls_options.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="its private key")
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.grpc_server_cert is None) != (args.grpc_server_key is None):
         parser.error("--grpc-server-cert and --grpc-server-key go together")
+    if args.sequence_parallel is not None and args.sequence_parallel < 1:
+        parser.error(f"--sequence-parallel {args.sequence_parallel}: expected a process count >= 1")
     if args.grpc_client_ca is not None and args.grpc_server_cert is None:
         parser.error("--grpc-client-ca needs --grpc-server-cert and --grpc-server-key")
     if args.groups is not None and args.groups < 1:
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides=InstanceOverrides(
                 max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds, sampling=args.sampling,
                 lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None,
-                fp8=True if args.fp8 else None, groups=args.groups, fault_injection=args.fault_injection,
+                fp8=True if args.fp8 else None, groups=args.groups, sequence_parallel=args.sequence_parallel,
+                fault_injection=args.fault_injection,
             ),
         )
     except ValueError as e:

@@ -1,5 +1,5 @@
 """Where and how the Triton model instance runs: model directory, device, dtype, FP8,
-GPU groups, queue size, time limit per job.
+GPU groups, sequence-parallel degree, queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -27,6 +27,7 @@ ENV_OVERRIDES = {
     "fp8": "FRAMEPACK_FP8",
     "lora_dir": "FRAMEPACK_LORA_DIR",
     "groups": "FRAMEPACK_GROUPS",
+    "sequence_parallel": "FRAMEPACK_SEQUENCE_PARALLEL",
 }
 FP8_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -62,6 +63,7 @@ class InstanceOverrides:
     fp8: bool | None = None
     lora_dir: str | None = None  # the folder whose LoRA files requests may name
     groups: int | None = None  # GPU groups that run jobs (groups.py)
+    sequence_parallel: int | None = None  # processes (one device each) per job; must divide the heads
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -92,6 +94,9 @@ class InstanceConfig:
     fp8: bool = False  # the transformer blocks' linear layers in FP8 e4m3 (Hopper)
     lora_dir: Path | None = None  # None: requests may not name LoRAs
     groups: int | None = None  # GPU groups that run jobs; None: one per visible GPU (groups.py)
+    # Ranks splitting each forward over attention heads: this instance (rank 0) and its
+    # worker processes (framepack_backend/sequence_group.py), on consecutive devices.
+    sequence_parallel: int = 1
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -143,6 +148,12 @@ class InstanceConfig:
         groups = value("groups", "auto")
         if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):
             raise InstanceConfigError(f"groups={groups!r} is not allowed: expected 'auto' or an integer >= 1")
+        sequence_parallel = value("sequence_parallel", "1")
+        if not sequence_parallel.isdigit() or int(sequence_parallel) < 1:
+            raise InstanceConfigError(
+                f"sequence_parallel={sequence_parallel!r} is not allowed: expected an integer >= 1 "
+                "that divides the transformer's attention heads"
+            )
 
         model_dir = Path(value("model_dir", "/models")).expanduser()
         if not model_dir.is_dir():
@@ -170,4 +181,5 @@ class InstanceConfig:
             FP8_VALUES[fp8],
             lora_dir,
             None if groups == "auto" else int(groups),
+            int(sequence_parallel),
         )

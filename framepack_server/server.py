@@ -350,6 +350,7 @@ class TritonServer:
         if libraries:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
         env["FRAMEPACK_PYTHONPATH"] = os.pathsep.join(stub_python_path())
+        env["FRAMEPACK_PYTHON"] = sys.executable  # the stub's sys.executable is not this environment's Python
         env[ENV_OVERRIDES["model_dir"]] = str(model_dir)
         env[SHUTDOWN_FILE_ENV] = str(self._shutdown_file())
         # Triton makes one instance per visible GPU, or one CPU instance when it sees none.

@@ -201,11 +201,11 @@ def test_joint_attention_equals_local_attention_and_checks_the_key_mask():
         no_mask.joint(q, k, v, 7, key_mask=torch.ones(1, 10, dtype=torch.bool))
 
 
-def test_a_process_group_is_refused_until_sequence_parallel_attention_exists():
+def test_a_backend_that_cannot_be_split_refuses_a_group_and_a_split_joint_refuses_a_key_mask():
     q = torch.zeros(1, 4, 2, 8)
-    group = object()  # stands in for a torch.distributed process group
-    with pytest.raises(NotImplementedError, match="head-sharded all-to-all"):
-        Attend.named("sdpa", group=group).joint(q, q, q, n_latent=3)
+    group = object()  # stands in for a sequence_parallel.TokenShards
+    with pytest.raises(ValueError, match="sequence-parallel attention takes no key mask"):
+        Attend.named("sdpa").split_over(group).joint(q, q, q, 3, key_mask=torch.ones(1, 4, dtype=torch.bool))
     unsplittable = fake_backend("whole", lambda q, k, v, m: v, lambda: True, sequence_parallel=False)
     with pytest.raises(ValueError, match="'whole' cannot be split for sequence parallelism"):
         Attend(unsplittable, group=group)

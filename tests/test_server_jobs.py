@@ -319,6 +319,10 @@ def test_instance_config_from_parameters_and_environment(tmp_path):
     assert InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), fp8="true"), {}).fp8 is True
     fp8_on = triton_args(model_dir=str(tmp_path), fp8="true")
     assert InstanceConfig.from_triton(fp8_on, {"FRAMEPACK_FP8": "false"}).fp8 is False
+    assert config.sequence_parallel == 1
+    two = InstanceConfig.from_triton(triton_args(model_dir=str(tmp_path), sequence_parallel="4"),
+                                     InstanceOverrides(sequence_parallel=2).environment())
+    assert two.sequence_parallel == 2
 
 
 def test_what_the_launcher_overrides_is_what_the_instance_reads(tmp_path):
@@ -342,6 +346,8 @@ def test_what_the_launcher_overrides_is_what_the_instance_reads(tmp_path):
                                                ("sampling", "sideways", "sampling"),
                                                ("fp8", "yes", "fp8"),
                                                ("groups", "0", "groups"), ("groups", "two", "groups"),
+                                               ("sequence_parallel", "0", "sequence_parallel"),
+                                               ("sequence_parallel", "two", "sequence_parallel"),
                                                ("model_dir", "/no/such/dir", "model_dir")])
 def test_bad_instance_config_names_the_parameter(tmp_path, key, value, named):
     args = triton_args(**{"model_dir": str(tmp_path), key: value})

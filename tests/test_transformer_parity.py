@@ -265,7 +265,7 @@ def test_every_block_attention_goes_through_the_joint_seam_and_the_refiner_stays
 
 def test_no_model_function_takes_a_backend_name():
     """The bound Attend travels instead: through the forward, the refiner, both kinds of block,
-    both attentions and both fused forwards."""
+    both attentions, both fused forwards and the block stack (a parallel plan's seam)."""
     from framepack_backend.models import fp8, fused, loading, transformer
 
     def functions(module):
@@ -277,7 +277,7 @@ def test_no_model_function_takes_a_backend_name():
     signatures = {name: inspect.signature(f).parameters for m in (transformer, fused, fp8, loading)
                   for name, f in functions(m)}
     assert [name for name, params in signatures.items() if "backend" in params] == []
-    assert len([name for name, params in signatures.items() if "attend" in params]) == 12
+    assert len([name for name, params in signatures.items() if "attend" in params]) == 13
 
 
 def test_fp32_output_projects_the_final_norm_in_fp32_as_the_framepack_demo():

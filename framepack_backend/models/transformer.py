@@ -14,8 +14,9 @@ single-stream blocks run on their concatenation. Only the noisy tokens are proje
 Attention is the job's `Attend` (framepack_backend/attention.py), an argument of
 `forward` handed to every block: each block attention is `attend.joint` on the
 [latents | context] sequence with the number of latent tokens, the point where sequence
-parallelism will split the latents and keep the context whole; the text refiner's
-attention is `attend.local`.
+parallelism splits the latents and keeps the context whole; the text refiner's
+attention is `attend.local`. Sequence parallelism is applied from outside
+(framepack_backend/sequence_parallel.py): it replaces `block_runner`.
 """
 
 import json
@@ -582,6 +583,9 @@ class FramePackTransformer(nn.Module):
 
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size**2 * cfg.out_channels)
+        # What runs the block stack; None: `run_block_stack` on this process. A parallel plan
+        # applied from outside replaces it (framepack_backend/sequence_parallel.py).
+        self.block_runner: Any = None
 
     # -- construction
 
@@ -813,6 +817,23 @@ class FramePackTransformer(nn.Module):
                 return teacache.apply_cached(latents)
             before = latents
 
+        run = self.block_runner if self.block_runner is not None else self.run_block_stack
+        latents = run(latents, context, temb, rope, key_mask, attend)
+
+        if teacache is not None:
+            teacache.remember(before, latents)
+        return latents
+
+    def run_block_stack(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        temb: torch.Tensor,
+        rope: Rope,
+        key_mask: torch.Tensor | None,
+        attend: Attend,
+    ) -> torch.Tensor:
+        """The dual- then single-stream blocks on these latent tokens; returns them."""
         for block in self.transformer_blocks:
             latents, context = block(latents, context, temb, rope, key_mask, attend)
         # The single-stream blocks share one sequence: concatenate once, not once per block.
@@ -820,11 +841,7 @@ class FramePackTransformer(nn.Module):
         joint = torch.cat([latents, context], dim=1)
         for block in self.single_transformer_blocks:
             joint = block(joint, temb, n_latent, rope, key_mask, attend)
-        latents = joint[:, :n_latent]
-
-        if teacache is not None:
-            teacache.remember(before, latents)
-        return latents
+        return joint[:, :n_latent]
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, T*H*W, C*pt*p*p) -> (B, C, T*pt, H*p, W*p)."""

@@ -162,8 +162,9 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        options = EngineOptions(sampling=config.sampling, fp8=config.fp8)
-        groups = plan_groups(config.device, config.groups, torch.cuda.device_count())
+        options = EngineOptions(sampling=config.sampling, fp8=config.fp8, sequence_parallel=config.sequence_parallel)
+        groups = plan_groups(config.device, config.groups, torch.cuda.device_count(),
+                             gpus_per_group=config.sequence_parallel)
         pipelines = [
             Pipeline.from_pretrained(config.model_dir, device=group.device, dtype=dtype, options=options,
                                      lora_dir=config.lora_dir)
@@ -171,14 +172,21 @@ class TritonPythonModel:
         ]
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
-            f"{', FP8' if config.fp8 else ''}) for {len(groups)} GPU group(s): "
+            f"{', FP8' if config.fp8 else ''}) for {len(groups)} GPU group(s)"
+            f"{f' of {config.sequence_parallel} sequence-parallel ranks' if config.sequence_parallel > 1 else ''}: "
             f"{'; '.join(group.describe() for group in groups)}; in {time.perf_counter() - start:.1f} s"
         )
+        for group, pipeline in zip(groups, pipelines):
+            if pipeline.sequence_group is not None:
+                pids = ", ".join(str(worker.pid) for worker in pipeline.sequence_group.workers)
+                log.info(f"group {group.index}: sequence-parallel worker pids (ranks 1 to "
+                         f"{config.sequence_parallel - 1}): {pids}")
         if config.fault_injection:
             log.error("fault injection is enabled: requests may ask for a failure (tests only)")
         self._log = log
         # Every group loads the same options on the same kind of device, so the first one's
         # decide which job overrides are allowed and which LoRAs requests may name.
+        self._pipelines = pipelines
         self._options, self._device, self._loras = pipelines[0].options, pipelines[0].device, pipelines[0].loras
         self._fault_injection = config.fault_injection
         self._metrics = JobMetrics(args["model_instance_name"], [pipeline.device for pipeline in pipelines])
@@ -227,3 +235,5 @@ class TritonPythonModel:
         # running at the exit timeout never gets here: tritonserver exits and the launcher
         # kills the stubs before reaping it (framepack_server/processes.py says why).
         self._jobs.close()
+        for pipeline in self._pipelines:
+            pipeline.close()  # its sequence-parallel workers, if any
