@@ -25,7 +25,7 @@ from .request import GenerationRequest
 from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
 from .settings import EngineOptions, SamplingSettings, SettingsError
-from .teacache import TeaCache
+from .step_cache import step_cache_for
 from .variants import SamplingVariant
 
 
@@ -194,10 +194,7 @@ class Pipeline:
         video: np.ndarray | None = None
         seam: torch.Tensor | None = None
         video_frames = 0  # frames decoded so far
-        teacache = TeaCache(
-            settings.teacache_threshold, settings.steps,
-            detail=settings.teacache_mode == "detail", enabled=settings.teacache,
-        )
+        teacache = step_cache_for(settings, sampling)  # TeaCache, MagCache or none (step_cache.py)
         guidance = torch.full((1,), settings.gs * 1000.0, device=self.device, dtype=self.dtype)
         sampling_s = decode_s = 0.0
         # Re-decoding fewer previous-section latents than the reference's whole window cuts

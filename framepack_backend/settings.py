@@ -50,6 +50,7 @@ ATTENTION_BACKENDS = ("auto", *BACKEND_NAMES)
 MEMORY_MODES = ("auto", "resident", "offload", "stream")
 SOLVERS = ("bh1", "bh2")
 TEACACHE_MODES = ("default", "detail")
+STEP_CACHES = ("teacache", "magcache", "none")
 
 MAX_PROMPT_CHARS = 4000
 
@@ -101,6 +102,16 @@ class SamplingSettings(_FieldSpecs):
     teacache: bool = _spec(True, bool, doc="reuse transformer residuals on slowly changing steps")
     teacache_threshold: float = _spec(0.15, float, low=0.01, high=1.0, doc="TeaCache accumulated-change threshold")
     teacache_mode: str = _spec("default", str, choices=TEACACHE_MODES, doc="'detail' computes more steps")
+    cache: str = _spec(
+        "teacache", str, choices=STEP_CACHES,
+        doc="step cache: 'teacache' (on or off by the teacache setting), 'magcache' or 'none'",
+    )
+    # MagCache's defaults are its authors' for FramePack (MagCache4FramePack's demo).
+    magcache_threshold: float = _spec(0.1, float, low=0.0, high=1.0, doc="MagCache accumulated-error threshold")
+    magcache_max_skips: int = _spec(3, int, low=0, high=25, doc="MagCache: most consecutive steps skipped (K)")
+    magcache_retention: float = _spec(
+        0.2, float, low=0.0, high=1.0, doc="MagCache: fraction of the first steps always computed"
+    )
     preset: str = _spec("", str, choices=("",) + tuple(PRESETS), doc="named preset applied before other settings")
     flow_preset: str = _spec("standard", str, choices=tuple(FLOW_PRESETS), doc="schedule shape for a kind of motion")
     negative_prompt: str = _spec("", str, doc="negative prompt (used when cfg > 1)")

@@ -547,9 +547,15 @@ class SingleStreamBlock(nn.Module):
 
 
 class TeaCacheHook(Protocol):
-    """What the model asks of a TeaCache (framepack_backend/teacache.py implements it)."""
+    """What the model asks of a step cache (framepack_backend/teacache.py and magcache.py implement it).
 
-    def should_compute(self, modulated: torch.Tensor) -> bool: ...
+    `reads_signal`: whether `should_compute` needs the first block's modulated input
+    (TeaCache's signal); MagCache decides from its schedule and is handed None.
+    """
+
+    reads_signal: bool
+
+    def should_compute(self, modulated: torch.Tensor | None) -> bool: ...
     def apply_cached(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
     def remember(self, before: torch.Tensor, after: torch.Tensor) -> None: ...
 
@@ -808,7 +814,9 @@ class FramePackTransformer(nn.Module):
     ) -> torch.Tensor:
         """All dual- then single-stream blocks; returns the latent stream. TeaCache may skip them all."""
         if teacache is not None:
-            signal = self.transformer_blocks[0].modulated_attention_input(latents, temb)
+            signal = None
+            if teacache.reads_signal:
+                signal = self.transformer_blocks[0].modulated_attention_input(latents, temb)
             if not teacache.should_compute(signal):
                 return teacache.apply_cached(latents)
             before = latents
