@@ -337,6 +337,8 @@ def configure_transformer(transformer, device: torch.device, options: EngineOpti
     if fp32_output is None:
         fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
     transformer.set_fp32_output(fp32_output)
+    if options.fused_qkv:  # before FP8, which then quantizes the fused layers
+        transformer.fuse_qkv()
     if options.fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("fp8=True is not allowed: expected a GPU with FP8 tensor cores "

@@ -147,6 +147,10 @@ class EngineOptions(_FieldSpecs):
     memory_mode: str = _spec("auto", str, choices=MEMORY_MODES, doc="where weights live during a job")
     gpu_memory_preservation: float = _spec(6.0, float, low=0.0, high=256.0, doc="GB of GPU memory to keep free")
     fp8: bool = _spec(False, bool, doc="FP8 e4m3 linear layers in the transformer blocks (compute capability 8.9+)")
+    fused_qkv: bool = _spec(
+        False, bool, doc="each attention's q/k/v projections as one GEMM (same math; a per-layer LoRA module "
+        "on to_q/to_k/to_v is then bypassed)",
+    )
     fused_kernels: bool | None = _spec(
         None, bool, doc="run the blocks on the Triton kernels (default: on for CUDA when Triton is installed)"
     )

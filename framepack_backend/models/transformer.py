@@ -35,6 +35,7 @@ from framepack_backend.models.loading import (
     load_safetensors_state_dict,
     save_sharded_safetensors,
 )
+from framepack_backend.models.qkv import project_qkv
 
 DIFFUSERS_CLASS_NAME = "HunyuanVideoFramepackTransformer3DModel"
 TIMESTEP_CHANNELS = 256
@@ -441,12 +442,10 @@ class JointAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.heads
-        q = apply_rope(self.norm_q(split_heads(self.to_q(x), h)), rope)
-        k = apply_rope(self.norm_k(split_heads(self.to_k(x), h)), rope)
-        v = split_heads(self.to_v(x), h)
-        cq = self.norm_added_q(split_heads(self.add_q_proj(context), h))
-        ck = self.norm_added_k(split_heads(self.add_k_proj(context), h))
-        cv = split_heads(self.add_v_proj(context), h)
+        q, k, v = (split_heads(p, h) for p in project_qkv(self, x))
+        cq, ck, cv = (split_heads(p, h) for p in project_qkv(self, context, "add_qkv_proj"))
+        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+        cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
         n = x.shape[1]
         out = attend.joint(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), n, key_mask)
         out = out.flatten(2)
@@ -506,9 +505,8 @@ class SingleStreamAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, n_latent: int, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> torch.Tensor:
-        q = self.norm_q(split_heads(self.to_q(x), self.heads))
-        k = self.norm_k(split_heads(self.to_k(x), self.heads))
-        v = split_heads(self.to_v(x), self.heads)
+        q, k, v = (split_heads(p, self.heads) for p in project_qkv(self, x))
+        q, k = self.norm_q(q), self.norm_k(k)
         # Rotate the latent tokens in place: q and k are fresh tensors from the norms, and
         # writing into them avoids a concatenated copy of the whole sequence.
         q[:, :n_latent] = apply_rope(q[:, :n_latent], rope)
@@ -549,11 +547,10 @@ class SingleStreamBlock(nn.Module):
 class TeaCacheHook(Protocol):
     """What the model asks of a step cache (framepack_backend/teacache.py and magcache.py implement it).
 
-    `reads_signal`: whether `should_compute` needs the first block's modulated input
-    (TeaCache's signal); MagCache decides from its schedule and is handed None.
+    `reads_signal` (optional, default True): whether `should_compute` needs the first
+    block's modulated input (TeaCache's signal); MagCache decides from its schedule and
+    is handed None.
     """
-
-    reads_signal: bool
 
     def should_compute(self, modulated: torch.Tensor | None) -> bool: ...
     def apply_cached(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
@@ -641,6 +638,12 @@ class FramePackTransformer(nn.Module):
         records each tensor's dtype then), as with `quantize_fp8`.
         """
         self.proj_out.to(torch.float32 if enabled else self.norm_out.linear.weight.dtype)
+
+    def fuse_qkv(self) -> int:
+        """Each attention's q/k/v projections as one GEMM (models/qkv.py); public keys kept. Irreversible."""
+        from .qkv import fuse_qkv_projections
+
+        return fuse_qkv_projections([block.attn for block in self.blocks()])
 
     def quantize_fp8(self) -> int:
         """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
@@ -815,7 +818,7 @@ class FramePackTransformer(nn.Module):
         """All dual- then single-stream blocks; returns the latent stream. TeaCache may skip them all."""
         if teacache is not None:
             signal = None
-            if teacache.reads_signal:
+            if getattr(teacache, "reads_signal", True):  # a hook that does not say reads it
                 signal = self.transformer_blocks[0].modulated_attention_input(latents, temb)
             if not teacache.should_compute(signal):
                 return teacache.apply_cached(latents)
