@@ -127,7 +127,10 @@ class Pipeline:
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
         with self._job_lock:
-            yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+            try:
+                yield from self._run(request.image, request.prompt, request.settings, options, attend, cancel)
+            finally:
+                self.components.transformer.enable_cuda_graphs(False)  # a job's graphs hold memory
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, prompt: str, settings: SamplingSettings, options: EngineOptions,
@@ -158,6 +161,8 @@ class Pipeline:
             )
         decode_tiled = decode_plan.tiled if decode_plan is not None else None
         options = options.replace(memory_mode=mode)
+        # A graph replays the weight addresses it captured: only weights that stay put.
+        c.transformer.enable_cuda_graphs(options.cuda_graphs and mode == "resident")
         timings["placement_s"] = time.perf_counter() - t_start
         yield VideoPlanned(
             sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),
@@ -337,6 +342,8 @@ def configure_transformer(transformer, device: torch.device, options: EngineOpti
     if fp32_output is None:
         fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
     transformer.set_fp32_output(fp32_output)
+    if options.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True is not allowed: expected a CUDA device, not {device}")
     if options.fused_qkv:  # before FP8, which then quantizes the fused layers
         transformer.fuse_qkv()
     if options.fp8:

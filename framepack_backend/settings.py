@@ -151,6 +151,9 @@ class EngineOptions(_FieldSpecs):
         False, bool, doc="each attention's q/k/v projections as one GEMM (same math; a per-layer LoRA module "
         "on to_q/to_k/to_v is then bypassed)",
     )
+    cuda_graphs: bool = _spec(
+        False, bool, doc="replay the transformer blocks from CUDA graphs captured per job (CUDA, resident weights)",
+    )
     fused_kernels: bool | None = _spec(
         None, bool, doc="run the blocks on the Triton kernels (default: on for CUDA when Triton is installed)"
     )

@@ -565,6 +565,8 @@ class TransformerOutput:
 class FramePackTransformer(nn.Module):
     """The FramePack denoiser. Keyword arguments are `TransformerConfig` fields (diffusers' config keys)."""
 
+    block_graphs: Any = None  # a models/graphs.py BlockGraphs after enable_cuda_graphs(True)
+
     def __init__(self, **config: Any) -> None:
         super().__init__()
         cfg = self.config = TransformerConfig.from_dict(config)
@@ -644,6 +646,16 @@ class FramePackTransformer(nn.Module):
         from .qkv import fuse_qkv_projections
 
         return fuse_qkv_projections([block.attn for block in self.blocks()])
+
+    def enable_cuda_graphs(self, enabled: bool, max_graphs: int = 2) -> None:
+        """Replay the blocks from CUDA graphs, one per input shape (models/graphs.py); off drops them.
+
+        Only for weights that stay where they are (memory mode resident): a graph keeps the
+        addresses it was captured with.
+        """
+        from .graphs import BlockGraphs
+
+        self.block_graphs = BlockGraphs(self.blocks_forward, max_graphs) if enabled else None
 
     def quantize_fp8(self) -> int:
         """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
@@ -824,6 +836,19 @@ class FramePackTransformer(nn.Module):
                 return teacache.apply_cached(latents)
             before = latents
 
+        run = self.blocks_forward if self.block_graphs is None else self.block_graphs
+        latents = run(latents, context, temb, *rope, key_mask, attend=attend)
+
+        if teacache is not None:
+            teacache.remember(before, latents)
+        return latents
+
+    def blocks_forward(
+        self, latents: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rotation: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None, *, attend: Attend,
+    ) -> torch.Tensor:
+        """The dual- then single-stream blocks on tensors only (what a CUDA graph captures)."""
+        rope = Rope(rotation, cos, sin)
         for block in self.transformer_blocks:
             latents, context = block(latents, context, temb, rope, key_mask, attend)
         # The single-stream blocks share one sequence: concatenate once, not once per block.
@@ -831,11 +856,7 @@ class FramePackTransformer(nn.Module):
         joint = torch.cat([latents, context], dim=1)
         for block in self.single_transformer_blocks:
             joint = block(joint, temb, n_latent, rope, key_mask, attend)
-        latents = joint[:, :n_latent]
-
-        if teacache is not None:
-            teacache.remember(before, latents)
-        return latents
+        return joint[:, :n_latent]
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, T*H*W, C*pt*p*p) -> (B, C, T*pt, H*p, W*p)."""
