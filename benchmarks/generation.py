@@ -1,12 +1,14 @@
 """One whole generation at full model size (random weights): seconds per video frame.
 
 Text encoding (Llama 8B + CLIP-L), SigLIP, VAE encode, the 13B transformer for every
-section and step, and VAE decode, through `Pipeline.generate`, with TeaCache off and on.
+section and step, and VAE decode, through `Pipeline.generate`, with the step cache off,
+TeaCache 0.15 ("on") or MagCache at its authors' defaults ("mag").
 The weights are random (no downloads here), built directly on the GPU in the public
 models' full configurations; the tokenizers are the tiny bundle's (token ids only
 select rows of the embedding table, so their vocabulary size does not change the cost).
 
-    python benchmarks/generation.py [--seconds 5] [--steps 25] [--runs exact-off,fp8-on] [--no-kernels]
+    python benchmarks/generation.py [--seconds 5] [--steps 25] [--runs exact-off,exact-mag,fp8-on] [--no-kernels]
+        [--fused-qkv] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def build_components(device: torch.device, weight_scale: float) -> Components:
     )
 
 
-RUNS = ("exact-off", "exact-on", "fp8-off", "fp8-on")  # precision - TeaCache 0.15 off/on
+# precision - step cache: off, TeaCache 0.15 (on), MagCache (mag)
+RUNS = ("exact-off", "exact-on", "exact-mag", "fp8-off", "fp8-on", "fp8-mag")
 
 
 def generate_once(pipeline: Pipeline, image: np.ndarray, settings: dict) -> dict:
@@ -110,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--no-kernels", action="store_true", help="eager blocks instead of the fused kernels")
+    parser.add_argument("--fused-qkv", action="store_true", help="q/k/v as one GEMM (EngineOptions.fused_qkv)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="blocks replayed from CUDA graphs")
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--runs", default="exact-off,exact-on",
                         help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "
@@ -127,22 +132,25 @@ def main() -> None:
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
     # The engine's options (Pipeline.from_pretrained): fused kernels unless --no-kernels, fp32 output.
-    options = configure_transformer(components.transformer, device, EngineOptions(fused_kernels=not args.no_kernels))
+    options = configure_transformer(components.transformer, device, EngineOptions(
+        fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs))
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"), options)
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "framepack_server/assets/sample.png")
                        .convert("RGB"))
     runs = []
     for name in (r for r in RUNS if r in wanted):
-        precision, teacache = name.split("-")
+        precision, cache = name.split("-")
         if precision == "fp8" and not any(r["precision"] == "fp8" for r in runs):
             components.transformer.quantize_fp8()
         for blend in args.blend_latents:
-            settings = {"seconds": args.seconds, "steps": args.steps, "teacache": teacache == "on",
+            settings = {"seconds": args.seconds, "steps": args.steps, "teacache": cache == "on",
                         "teacache_threshold": 0.15, "memory_mode": "resident", "preview": True}
+            if cache == "mag":
+                settings["cache"] = "magcache"
             if blend is not None:
                 settings["blend_latents"] = blend
-            run = dict(precision=precision, teacache=teacache == "on", blend_latents=blend,
+            run = dict(precision=precision, teacache=cache == "on", magcache=cache == "mag", blend_latents=blend,
                        **generate_once(pipeline, image, settings))
             runs.append(run)
             print(json.dumps(run, default=str), flush=True)
@@ -150,10 +158,12 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}")
     for run in runs:
-        print(f"{run['precision']:5s} TeaCache {'0.15' if run['teacache'] else 'off ':4s} "
+        cache = "TeaCache 0.15" if run["teacache"] else "MagCache     " if run["magcache"] else "no cache     "
+        print(f"{run['precision']:5s} {cache} "
               f"blend {run['blend_latents'] or 'default'}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
     record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fused_kernels=not args.no_kernels,
+                  fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs,
                   versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

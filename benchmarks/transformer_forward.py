@@ -4,6 +4,10 @@ Same process, same weights (one random state dict shared by both models), same i
 Prints a table and writes JSON under benchmarks/results/.
 
     python benchmarks/transformer_forward.py [--config full|small] [--repeats 5] [--no-compile]
+
+Beside diffusers eager (and compiled), ours: eager, fused kernels, + CUDA graphs (the
+blocks replayed, capture time reported), + q/k/v as one GEMM, FP8 with the same
+variants; each against diffusers as a ratio.
 """
 
 from __future__ import annotations
@@ -150,10 +154,25 @@ def main() -> None:
         ours_runs[f"fused-kernels-fp32-output{suffix}"] = measure(f"ours fused kernels + fp32 output{label}", ours,
                                                                   peer_out=peer_out, attend=fastest_attend)[0]
         ours.set_fp32_output(False)
+        captures = {}
+
+        def with_graphs(name, model):
+            model.enable_cuda_graphs(True)
+            ours_runs[name] = measure(f"ours {name.replace('-', ' ')}", model, peer_out=peer_out,
+                                      attend=fastest_attend)[0]
+            captures[name] = model.block_graphs.capture_s
+            print(f"  capture {captures[name]} s", flush=True)
+            model.enable_cuda_graphs(False)
+
+        with_graphs(f"fused-kernels-graphs{suffix}", ours)
+        ours.fuse_qkv()  # from here on, `ours` runs q/k/v as one GEMM
+        ours_runs[f"fused-kernels-qkv{suffix}"] = measure(f"ours fused kernels + qkv{label}", ours,
+                                                          peer_out=peer_out, attend=fastest_attend)[0]
+        with_graphs(f"fused-kernels-qkv-graphs{suffix}", ours)
         if not args.no_compile:
             # Inductor keeps the Triton kernels and fuses what is left around them.
             ours.compile_blocks()
-            ours_runs[f"fused-kernels-compiled{suffix}"] = measure(f"ours fused kernels + compiled{label}", ours,
+            ours_runs[f"fused-kernels-qkv-compiled{suffix}"] = measure(f"ours fused + qkv + compiled{label}", ours,
                                                                    peer_out=peer_out, attend=fastest_attend)[0]
         if torch.cuda.get_device_capability() >= (9, 0):
             with torch.device("meta"):
@@ -163,6 +182,17 @@ def main() -> None:
             fp8.set_fused_kernels(True)
             ours_runs[f"fp8-fused-kernels{suffix}"] = measure(f"ours fp8 + fused kernels{label}", fp8,
                                                               peer_out=peer_out, attend=fastest_attend)[0]
+            with_graphs(f"fp8-fused-kernels-graphs{suffix}", fp8)
+            with torch.device("meta"):
+                fp8_qkv = FramePackTransformer(**config)
+            fp8_qkv.load_state_dict(peer.state_dict(), strict=True, assign=True)
+            fp8_qkv.eval().requires_grad_(False).fuse_qkv()
+            fp8_qkv.quantize_fp8()
+            fp8_qkv.set_fused_kernels(True)
+            ours_runs[f"fp8-fused-kernels-qkv{suffix}"] = measure(f"ours fp8 + fused kernels + qkv{label}", fp8_qkv,
+                                                                  peer_out=peer_out, attend=fastest_attend)[0]
+            with_graphs(f"fp8-fused-kernels-qkv-graphs{suffix}", fp8_qkv)
+            del fp8_qkv
             if not args.no_compile:
                 fp8.compile_blocks()
                 ours_runs[f"fp8-fused-kernels-compiled{suffix}"] = measure(
@@ -185,7 +215,7 @@ def main() -> None:
     save_result(
         args.out, f"transformer_forward_{args.config}", "transformer_forward", config=args.config,
         versions=dict(diffusers=__import__("diffusers").__version__),
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30, graph_capture_s=captures,
         rows=[dict(model=r[0], median_s=r[1], min_s=r[2], max_s=r[3], warmup_s=r[4], rel_error=r[5]) for r in rows],
         pairs=results,
     )

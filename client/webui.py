@@ -60,13 +60,14 @@ TIMED_PROMPT_HELP = "Subject, motion, qualifiers; or timed: [0s: a cat sits] [2.
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "Video": ("seconds", "seed", "resolution", "crf", "preview"),
     "Sampling": ("steps", "gs", "cfg", "rs", "window", "flow_preset"),
-    "TeaCache": ("teacache", "teacache_threshold", "teacache_mode"),
+    "Step cache": ("cache", "teacache", "teacache_threshold", "teacache_mode"),
+    "MagCache": ("magcache_threshold", "magcache_max_skips", "magcache_retention"),
     "Advanced": ("attention", "memory_mode", "solver", "gpu_memory_preservation", "sampling"),
     # docs/creative-controls.md; the group also holds the end-image and keyframe uploads.
     CREATIVE_GROUP: ("end_strength", "loop", "keyframe_times", "prompt_blend_sections", "latent_init"),
 }
 # Groups shown folded: settings most jobs leave at the server's choice.
-FOLDED_GROUPS = ("Advanced", "More", CREATIVE_GROUP)
+FOLDED_GROUPS = ("MagCache", "Advanced", "More", CREATIVE_GROUP)
 # Options this client applies itself, in the describe answer's shape; never sent.
 CLIENT_SETTINGS = {"crf": CRF_SPEC}
 FIELDS_PER_ROW = 4
@@ -89,6 +90,10 @@ LABELS = {
     "teacache": "TeaCache",
     "teacache_threshold": "TeaCache threshold",
     "teacache_mode": "TeaCache mode",
+    "cache": "Step cache",
+    "magcache_threshold": "MagCache threshold",
+    "magcache_max_skips": "MagCache max consecutive skips (K)",
+    "magcache_retention": "MagCache retention ratio",
     "attention": "Attention backend",
     "memory_mode": "Memory mode",
     "gpu_memory_preservation": "GPU memory preservation (GB)",

@@ -32,7 +32,7 @@ from .schedule import schedule_for
 from .sequence_group import SequenceParallelGroup, WorkerSpec
 from .sequence_parallel import check_heads_divide
 from .settings import EngineOptions, SamplingSettings, SettingsError
-from .teacache import TeaCache
+from .step_cache import step_cache_for
 from .variants import SamplingVariant
 
 
@@ -166,13 +166,16 @@ class Pipeline:
                 self.sequence_group.ensure_ready()
             source = extension.source_clip(request.video, options.sampling) if request.video is not None else None
             events = self._run(request, request.settings, options, attend, cancel, source)
-            for event in events if source is None else extension.new_frames_only(events, source):
-                if isinstance(event, GenerationResult):
-                    if request.loras:
-                        event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
-                    event = dataclasses.replace(event, parameters=request.to_parameters(),
-                                                model=self.model_identity, versions=dict(provenance.versions()))
-                yield event
+            try:
+                for event in events if source is None else extension.new_frames_only(events, source):
+                    if isinstance(event, GenerationResult):
+                        if request.loras:
+                            event.settings[LORAS_FIELD] = ",".join(map(str, request.loras))  # what the job ran with
+                        event = dataclasses.replace(event, parameters=request.to_parameters(),
+                                                    model=self.model_identity, versions=dict(provenance.versions()))
+                    yield event
+            finally:
+                self.components.transformer.enable_cuda_graphs(False)  # a job's graphs hold memory
 
     @functools.cached_property
     def model_identity(self) -> dict:
@@ -210,6 +213,8 @@ class Pipeline:
             )
         decode_tiled = decode_plan.tiled if decode_plan is not None else None
         options = options.replace(memory_mode=mode)
+        # A graph replays the weight addresses it captured: only weights that stay put.
+        c.transformer.enable_cuda_graphs(options.cuda_graphs and mode == "resident")
         timings["placement_s"] = time.perf_counter() - t_start
         yield VideoPlanned(
             sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),
@@ -267,10 +272,7 @@ class Pipeline:
         video: np.ndarray | None = None
         seam: torch.Tensor | None = None
         video_frames = 0  # frames decoded so far
-        teacache = TeaCache(
-            settings.teacache_threshold, settings.steps,
-            detail=settings.teacache_mode == "detail", enabled=settings.teacache,
-        )
+        teacache = step_cache_for(settings, sampling)  # TeaCache, MagCache or none (step_cache.py)
         guidance = torch.full((1,), settings.gs * 1000.0, device=self.device, dtype=self.dtype)
         sampling_s = decode_s = 0.0
         # Re-decoding fewer previous-section latents than the reference's whole window cuts
@@ -434,6 +436,10 @@ def configure_transformer(transformer, device: torch.device, options: EngineOpti
     if fp32_output is None:
         fp32_output = next(transformer.parameters()).dtype in (torch.bfloat16, torch.float16)
     transformer.set_fp32_output(fp32_output)
+    if options.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True is not allowed: expected a CUDA device, not {device}")
+    if options.fused_qkv:  # before FP8, which then quantizes the fused layers
+        transformer.fuse_qkv()
     if options.fp8:
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("fp8=True is not allowed: expected a GPU with FP8 tensor cores "

@@ -51,6 +51,7 @@ MEMORY_MODES = ("auto", "resident", "offload", "stream")
 SOLVERS = ("bh1", "bh2")
 LATENT_INITS = ("black", "white", "noise")
 TEACACHE_MODES = ("default", "detail")
+STEP_CACHES = ("teacache", "magcache", "none")
 
 MAX_PROMPT_CHARS = 4000
 
@@ -102,6 +103,16 @@ class SamplingSettings(_FieldSpecs):
     teacache: bool = _spec(True, bool, doc="reuse transformer residuals on slowly changing steps")
     teacache_threshold: float = _spec(0.15, float, low=0.01, high=1.0, doc="TeaCache accumulated-change threshold")
     teacache_mode: str = _spec("default", str, choices=TEACACHE_MODES, doc="'detail' computes more steps")
+    cache: str = _spec(
+        "teacache", str, choices=STEP_CACHES,
+        doc="step cache: 'teacache' (on or off by the teacache setting), 'magcache' or 'none'",
+    )
+    # MagCache's defaults are its authors' for FramePack (MagCache4FramePack's demo).
+    magcache_threshold: float = _spec(0.1, float, low=0.0, high=1.0, doc="MagCache accumulated-error threshold")
+    magcache_max_skips: int = _spec(3, int, low=0, high=25, doc="MagCache: most consecutive steps skipped (K)")
+    magcache_retention: float = _spec(
+        0.2, float, low=0.0, high=1.0, doc="MagCache: fraction of the first steps always computed"
+    )
     preset: str = _spec("", str, choices=("",) + tuple(PRESETS), doc="named preset applied before other settings")
     flow_preset: str = _spec("standard", str, choices=tuple(FLOW_PRESETS), doc="schedule shape for a kind of motion")
     negative_prompt: str = _spec("", str, doc="negative prompt (used when cfg > 1)")
@@ -154,6 +165,13 @@ class EngineOptions(_FieldSpecs):
     memory_mode: str = _spec("auto", str, choices=MEMORY_MODES, doc="where weights live during a job")
     gpu_memory_preservation: float = _spec(6.0, float, low=0.0, high=256.0, doc="GB of GPU memory to keep free")
     fp8: bool = _spec(False, bool, doc="FP8 e4m3 linear layers in the transformer blocks (compute capability 8.9+)")
+    fused_qkv: bool = _spec(
+        False, bool, doc="each attention's q/k/v projections as one GEMM (same math; a per-layer LoRA module "
+        "on to_q/to_k/to_v is then bypassed)",
+    )
+    cuda_graphs: bool = _spec(
+        False, bool, doc="replay the transformer blocks from CUDA graphs captured per job (CUDA, resident weights)",
+    )
     fused_kernels: bool | None = _spec(
         None, bool, doc="run the blocks on the Triton kernels (default: on for CUDA when Triton is installed)"
     )

@@ -36,6 +36,8 @@ def rescaled_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tens
 
 
 class TeaCache:
+    reads_signal = True  # should_compute compares the first block's modulated input
+
     def __init__(self, threshold: float, steps: int, detail: bool = False, enabled: bool = True):
         self.enabled = enabled
         self.steps = steps

@@ -24,6 +24,7 @@ from framepack_kernels import (
 
 from ..attention import Attend
 from .fp8 import Fp8Linear, quantize_activation
+from .qkv import first_reader, project_qkv
 
 
 def modulation(norm: torch.nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -86,18 +87,20 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, attend: Attend)
     shift, scale, gate_attn, shift_ff, scale_ff, gate_ff = modulation(block.norm1, temb)
     c_shift, c_scale, c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff = modulation(block.norm1_context, temb)
     attn, heads = block.attn, block.attn.heads
-    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), attn.to_q)
-    c_in = shared_input(adaln_layernorm_modulate(context, c_shift, c_scale), attn.add_q_proj)
+    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), first_reader(attn))
+    c_in = shared_input(adaln_layernorm_modulate(context, c_shift, c_scale), first_reader(attn, "add_qkv_proj"))
+    x_q, x_k, x_v = project_qkv(attn, x_in)
+    c_q, c_k, c_v = project_qkv(attn, c_in, "add_qkv_proj")
 
     n, m = x.shape[1], context.shape[1]
     head_dim = x.shape[2] // heads
     q = x.new_empty(x.shape[0], n + m, heads, head_dim)
     k = torch.empty_like(q)
-    qk_rmsnorm_rope(_heads(attn.to_q(x_in), heads), attn.norm_q.weight, rope.cos, rope.sin, out=q[:, :n])
-    qk_rmsnorm_rope(_heads(attn.to_k(x_in), heads), attn.norm_k.weight, rope.cos, rope.sin, out=k[:, :n])
-    qk_rmsnorm_rope(_heads(attn.add_q_proj(c_in), heads), attn.norm_added_q.weight, None, None, out=q[:, n:])
-    qk_rmsnorm_rope(_heads(attn.add_k_proj(c_in), heads), attn.norm_added_k.weight, None, None, out=k[:, n:])
-    v = torch.cat([_heads(attn.to_v(x_in), heads), _heads(attn.add_v_proj(c_in), heads)], dim=1)
+    qk_rmsnorm_rope(_heads(x_q, heads), attn.norm_q.weight, rope.cos, rope.sin, out=q[:, :n])
+    qk_rmsnorm_rope(_heads(x_k, heads), attn.norm_k.weight, rope.cos, rope.sin, out=k[:, :n])
+    qk_rmsnorm_rope(_heads(c_q, heads), attn.norm_added_q.weight, None, None, out=q[:, n:])
+    qk_rmsnorm_rope(_heads(c_k, heads), attn.norm_added_k.weight, None, None, out=k[:, n:])
+    v = torch.cat([_heads(x_v, heads), _heads(c_v, heads)], dim=1)
     # The joint buffers go to the seam whole; `n` marks where the latents end.
     out = attend.joint(q, k, v, n, key_mask).flatten(2)
 
@@ -114,13 +117,14 @@ def single_stream_forward(block, x, temb, n_latent, rope, key_mask, attend: Atte
     shift, scale, gate = modulation(block.norm, temb)
     attn, heads = block.attn, block.attn.heads
     fp8 = isinstance(block.proj_out, Fp8Linear)
-    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), attn.to_q)
+    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), first_reader(attn))
     # FP8: the GELU is applied while quantizing [attention | MLP] for the output projection.
     mlp = block.proj_mlp(x_in) if fp8 else linear_gelu(block.proj_mlp, x_in)
 
-    q = qk_rmsnorm_rope(_heads(attn.to_q(x_in), heads), attn.norm_q.weight, rope.cos, rope.sin, rope_tokens=n_latent)
-    k = qk_rmsnorm_rope(_heads(attn.to_k(x_in), heads), attn.norm_k.weight, rope.cos, rope.sin, rope_tokens=n_latent)
-    out = attend.joint(q, k, _heads(attn.to_v(x_in), heads), n_latent, key_mask).flatten(2)
+    x_q, x_k, x_v = project_qkv(attn, x_in)
+    q = qk_rmsnorm_rope(_heads(x_q, heads), attn.norm_q.weight, rope.cos, rope.sin, rope_tokens=n_latent)
+    k = qk_rmsnorm_rope(_heads(x_k, heads), attn.norm_k.weight, rope.cos, rope.sin, rope_tokens=n_latent)
+    out = attend.joint(q, k, _heads(x_v, heads), n_latent, key_mask).flatten(2)
     if fp8:
         projected = block.proj_out(quantize_activation(out, mlp, gelu_extra=True))
     else:

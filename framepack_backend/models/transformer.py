@@ -36,6 +36,7 @@ from framepack_backend.models.loading import (
     load_safetensors_state_dict,
     save_sharded_safetensors,
 )
+from framepack_backend.models.qkv import project_qkv
 
 DIFFUSERS_CLASS_NAME = "HunyuanVideoFramepackTransformer3DModel"
 TIMESTEP_CHANNELS = 256
@@ -442,12 +443,10 @@ class JointAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.heads
-        q = apply_rope(self.norm_q(split_heads(self.to_q(x), h)), rope)
-        k = apply_rope(self.norm_k(split_heads(self.to_k(x), h)), rope)
-        v = split_heads(self.to_v(x), h)
-        cq = self.norm_added_q(split_heads(self.add_q_proj(context), h))
-        ck = self.norm_added_k(split_heads(self.add_k_proj(context), h))
-        cv = split_heads(self.add_v_proj(context), h)
+        q, k, v = (split_heads(p, h) for p in project_qkv(self, x))
+        cq, ck, cv = (split_heads(p, h) for p in project_qkv(self, context, "add_qkv_proj"))
+        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+        cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
         n = x.shape[1]
         out = attend.joint(torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1), n, key_mask)
         out = out.flatten(2)
@@ -507,9 +506,8 @@ class SingleStreamAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, n_latent: int, rope: Rope, key_mask: torch.Tensor | None, attend: Attend
     ) -> torch.Tensor:
-        q = self.norm_q(split_heads(self.to_q(x), self.heads))
-        k = self.norm_k(split_heads(self.to_k(x), self.heads))
-        v = split_heads(self.to_v(x), self.heads)
+        q, k, v = (split_heads(p, self.heads) for p in project_qkv(self, x))
+        q, k = self.norm_q(q), self.norm_k(k)
         # Rotate the latent tokens in place: q and k are fresh tensors from the norms, and
         # writing into them avoids a concatenated copy of the whole sequence.
         q[:, :n_latent] = apply_rope(q[:, :n_latent], rope)
@@ -548,9 +546,14 @@ class SingleStreamBlock(nn.Module):
 
 
 class TeaCacheHook(Protocol):
-    """What the model asks of a TeaCache (framepack_backend/teacache.py implements it)."""
+    """What the model asks of a step cache (framepack_backend/teacache.py and magcache.py implement it).
 
-    def should_compute(self, modulated: torch.Tensor) -> bool: ...
+    `reads_signal` (optional, default True): whether `should_compute` needs the first
+    block's modulated input (TeaCache's signal); MagCache decides from its schedule and
+    is handed None.
+    """
+
+    def should_compute(self, modulated: torch.Tensor | None) -> bool: ...
     def apply_cached(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
     def remember(self, before: torch.Tensor, after: torch.Tensor) -> None: ...
 
@@ -562,6 +565,8 @@ class TransformerOutput:
 
 class FramePackTransformer(nn.Module):
     """The FramePack denoiser. Keyword arguments are `TransformerConfig` fields (diffusers' config keys)."""
+
+    block_graphs: Any = None  # a models/graphs.py BlockGraphs after enable_cuda_graphs(True)
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -639,6 +644,22 @@ class FramePackTransformer(nn.Module):
         records each tensor's dtype then), as with `quantize_fp8`.
         """
         self.proj_out.to(torch.float32 if enabled else self.norm_out.linear.weight.dtype)
+
+    def fuse_qkv(self) -> int:
+        """Each attention's q/k/v projections as one GEMM (models/qkv.py); public keys kept. Irreversible."""
+        from .qkv import fuse_qkv_projections
+
+        return fuse_qkv_projections([block.attn for block in self.blocks()])
+
+    def enable_cuda_graphs(self, enabled: bool, max_graphs: int = 2) -> None:
+        """Replay the blocks from CUDA graphs, one per input shape (models/graphs.py); off drops them.
+
+        Only for weights that stay where they are (memory mode resident): a graph keeps the
+        addresses it was captured with.
+        """
+        from .graphs import BlockGraphs
+
+        self.block_graphs = BlockGraphs(self.blocks_forward, max_graphs) if enabled else None
 
     def quantize_fp8(self) -> int:
         """Turn the blocks' linear layers into FP8 e4m3 (Hopper); returns how many. Irreversible."""
@@ -812,17 +833,30 @@ class FramePackTransformer(nn.Module):
     ) -> torch.Tensor:
         """All dual- then single-stream blocks; returns the latent stream. TeaCache may skip them all."""
         if teacache is not None:
-            signal = self.transformer_blocks[0].modulated_attention_input(latents, temb)
+            signal = None
+            if getattr(teacache, "reads_signal", True):  # a hook that does not say reads it
+                signal = self.transformer_blocks[0].modulated_attention_input(latents, temb)
             if not teacache.should_compute(signal):
                 return teacache.apply_cached(latents)
             before = latents
 
-        run = self.block_runner if self.block_runner is not None else self.run_block_stack
-        latents = run(latents, context, temb, rope, key_mask, attend)
+        if self.block_runner is not None:  # sequence parallel (sequence_parallel.py)
+            latents = self.block_runner(latents, context, temb, rope, key_mask, attend)
+        elif self.block_graphs is not None:
+            latents = self.block_graphs(latents, context, temb, *rope, key_mask, attend=attend)
+        else:
+            latents = self.run_block_stack(latents, context, temb, rope, key_mask, attend)
 
         if teacache is not None:
             teacache.remember(before, latents)
         return latents
+
+    def blocks_forward(
+        self, latents: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rotation: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None, *, attend: Attend,
+    ) -> torch.Tensor:
+        """`run_block_stack` on tensors only (what a CUDA graph captures)."""
+        return self.run_block_stack(latents, context, temb, Rope(rotation, cos, sin), key_mask, attend)
 
     def run_block_stack(
         self,
