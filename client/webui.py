@@ -162,7 +162,8 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             with gr.Accordion("LoRAs", open=False):
                 for lora in description.loras:
                     loras[lora["name"]] = gr.Slider(-2, 2, value=0, step=0.05, label=lora["name"],
-                                                    info=f"rank {lora['rank']}, {lora['format']}")
+                                                    info=f"rank {lora['rank']}, {lora['format']}",
+                                                    elem_id=f"lora-{lora['name']}")
 
         with gr.Accordion("Queue", open=False):
             jobs_table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="queue")

@@ -13,6 +13,7 @@ import torch
 from conftest import FAST_SETTINGS
 from mp4_files import mp4_packets
 from safetensors.torch import save_file
+from test_webui import TIMEOUT_MS, browser, field, set_fields, wait_for_status  # noqa: F401 - browser: a fixture
 
 from client import stream
 from client.images import load_image
@@ -82,3 +83,34 @@ def test_lora_jobs_end_to_end(lora_server, tmp_path):
     assert with_lora != before
     assert cli_mp4(lora_server, tmp_path / "zero.mp4", "style:0") == before
     assert cli_mp4(lora_server, tmp_path / "after.mp4") == before  # served on, base model untouched
+
+
+def test_the_web_ui_runs_a_job_with_the_strength_its_slider_sets(lora_server, browser, tmp_path):  # noqa: F811
+    from client.provenance import read_record
+    from client.webui import build_app
+
+    app = build_app(lora_server.grpc_address, stream.describe(lora_server.grpc_address), tmp_path)
+    (port,) = free_ports(1)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                       allowed_paths=[str(tmp_path)])
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("input[type=file]").first.set_input_files(SAMPLE)
+        field(page, "Prompt").fill("a person waves")
+        set_fields(page, {"Video length (seconds)": 1, "Steps": FAST_SETTINGS["steps"],
+                          "Resolution": FAST_SETTINGS["resolution"]})
+        page.get_by_role("button", name="LoRAs").click()  # the folded group
+        page.locator("#lora-style input[type=number]").fill("1.5")
+        page.locator("#lora-style input[type=number]").press("Enter")
+        page.get_by_role("button", name="Start").click()
+        assert wait_for_status(page, "Done").startswith("Done")
+    finally:
+        context.close()
+        app.close()
+    [video] = tmp_path.rglob("*.mp4")
+    record = read_record(video)
+    assert record["sent"]["parameters"]["loras"] == "style:1.5"
+    assert record["final"]["settings"]["loras"] == "style:1.5"  # what the job ran with
