@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from framepack_wire import PROMPT_PARAMETER, FinalMeta, WireRequest
+from framepack_wire import IMAGE_INPUT, PROMPT_PARAMETER, FinalMeta, WireRequest
 
 from .outputs import SavedFile, write_file_safely, write_video_safely
 from .video import write_mp4
@@ -72,6 +72,7 @@ def job_record(request: WireRequest, image: ImageFile | None, crf: int, final: F
         "image": None if image is None else image.to_json(),
         "crf": crf,
         "sent": sent_part(request),
+        "inputs": sorted(request.input_arrays()),  # the tensor inputs the job was made from
         "final": final.to_json(),
     }
 
@@ -171,6 +172,16 @@ def repeat_request(record: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return sent.get("prompt", ""), {**sent.get("parameters", {}), "seed": final["seed"]}
 
 
+def check_repeatable(record: Mapping[str, Any], source: Path | str) -> None:
+    """RecordError when the job used inputs a record does not keep (a clip, an end image,
+    keyframes): repeating it without them would make a different video."""
+    kept = {IMAGE_INPUT}
+    others = sorted(set(record.get("inputs") or ()) - kept)
+    if others:
+        raise RecordError(f"{source}: the job was made from {', '.join(others)} as well, which a record does not "
+                          "keep; --from repeats jobs made from a start image or from text alone")
+
+
 def recorded_image(record: Mapping[str, Any], source: Path | str) -> Path:
     """The recorded start image's path, checked to hold what it held; RecordError otherwise."""
     image = record.get("image")
@@ -205,6 +216,7 @@ def job_inputs(
     parameters: dict[str, Any] = {}
     if source is not None:
         record = read_record(source)
+        check_repeatable(record, source)
         recorded_prompt, parameters = repeat_request(record)
         prompt = recorded_prompt if prompt is None else prompt
         if image is None and record.get("image") is not None:  # none recorded: text-to-video

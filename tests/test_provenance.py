@@ -198,6 +198,16 @@ def test_from_repeats_the_job_and_options_given_win(tmp_path, start_image):
     assert (job.prompt, job.parameters, job.crf, job.drawn_seed) == ("a cat", {"seed": 123, "steps": "5"}, 30, None)
 
 
+def test_from_refuses_a_job_made_from_inputs_the_record_does_not_keep(tmp_path, start_image):
+    image = np.zeros((48, 64, 3), np.uint8)
+    request = WireRequest(image, "a dog", {"end_strength": 1}, end_image=image)
+    path = tmp_path / "ends.mp4"
+    save_video(path, video(), 30, 18, job_record(request, ImageFile.of(start_image), 18, final_meta()))
+    assert read_record(path)["inputs"] == ["end_image", "image"]
+    with pytest.raises(RecordError, match="made from end_image as well"):
+        job_inputs(path, None, None, {}, None)
+
+
 def test_from_refuses_a_missing_or_changed_image_unless_one_is_given(tmp_path, start_image):
     source = recorded(tmp_path, start_image)
     Image.fromarray(np.full((48, 64, 3), 91, np.uint8)).save(start_image)
