@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--group-counts", type=int, nargs="*",
                         help="throughput: the group counts to run (default: 1..G; with --cpu: 1 2)")
     parser.add_argument("--clients", type=int, help="throughput: concurrent clients (default: 2x the groups)")
-    parser.add_argument("--jobs", type=int, help="throughput: timed jobs per group count (default: 2x the clients)")
+    parser.add_argument("--jobs", type=int, help="throughput: timed jobs per group count (default: 4x the groups)")
     parser.add_argument("--model-dir", type=Path, help="throughput: the model directory (benchmarks/full_bundle.py)")
     parser.add_argument("--seconds", type=float, help="throughput: video length per job (default: the server's)")
     parser.add_argument("--steps", type=int, help="throughput: sampling steps per section (default: the server's)")
