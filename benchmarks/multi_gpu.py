@@ -1,9 +1,13 @@
-"""Sequence parallelism on the GPUs present: one forward's cost at degree 1 against today's
-path, and seconds per step with 1..G ranks. Runs with one GPU.
+"""Several GPUs: one forward's cost at sequence-parallel degree 1 against today's path,
+seconds per step with 1..G ranks, and videos per hour with 1..G GPU groups behind the
+server's one queue. Runs with one GPU.
 
     python benchmarks/multi_gpu.py overhead [--config full|small] [--repeats 20]
     python benchmarks/multi_gpu.py scaling  [--config full|small] [--repeats 5] [--degrees 1 2 4 8]
     python benchmarks/multi_gpu.py scaling --cpu --degrees 1 2   # tries the script: small model, gloo
+    python benchmarks/multi_gpu.py throughput --model-dir DIR [--group-counts 1 2 4 8] [--clients C] [--jobs J]
+                                              [--seconds 5] [--steps 25]
+    python benchmarks/multi_gpu.py throughput --cpu   # tries it: the tiny model, 1 and 2 CPU groups
 
 `overhead`: one process, one GPU, the same random weights and inputs at the 640 bucket:
 the plain forward and the sequence-parallel forward at degree 1 (an NCCL group of one
@@ -15,9 +19,14 @@ target is at most 1 % overhead. The exchanges' own cost shows in `scaling` at de
 (one GPU each, NCCL) run the same forward together; a sampling step with cfg = 1 (the
 default) is one forward, so the median forward time is the seconds per step.
 
-Videos per hour with 1..G GPU groups behind one shared queue need the shared queue
-(framepack_server/jobs.py, the GPU-group work); `videos_per_hour` below is the marked
-place for it and records null until it exists.
+`throughput`: for each group count N in 1..G (G = the visible GPUs), the real server with
+N groups (`framepack-server --groups N`) behind its one job queue, a fixed number of
+concurrent clients (default 2N) and jobs (default 4N) after one warm-up job per group:
+videos per hour, median latency, speed-up against one group and efficiency (speed-up per
+group; the target is at least 0.95), and the queue metrics read once mid-run to show every
+group was busy (benchmarks/queue_throughput.py). The model directory is the real one or
+benchmarks/full_bundle.py's random weights; without --seconds/--steps a job uses the
+server's defaults (the demo's).
 
 Every row carries the GPU count; JSON goes under benchmarks/results/.
 """
@@ -31,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -41,6 +51,14 @@ from results_file import save_result  # benchmarks/ is on sys.path when one of i
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from queue_throughput import (  # noqa: E402  (imports client/ and framepack_server/ from ROOT)
+    EFFICIENCY_TARGET,
+    default_clients,
+    default_jobs,
+    measure_groups,
+    throughput_rows,
+)
+
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.pipeline import configure_transformer  # noqa: E402
 from framepack_backend.sequence_parallel import apply_sequence_parallel, check_heads_divide  # noqa: E402
@@ -49,6 +67,9 @@ from framepack_backend.settings import EngineOptions  # noqa: E402
 # Trying the script on the CPU: the small model's blocks and 24 heads, each 16 wide.
 CPU_CONFIG = dict(SMALL_CONFIG, attention_head_dim=16, rope_axes_dim=(4, 6, 6))
 WEIGHT_SCALE = 0.05  # keeps the random model's activations in range over 60 blocks
+# Trying `throughput` on the CPU: two CPU groups, one-section jobs of the tiny model.
+CPU_GROUP_COUNTS = (1, 2)
+CPU_JOB = {"resolution": 128, "steps": 4, "seconds": 1.2}
 
 
 def build_transformer(config: dict, device: torch.device) -> FramePackTransformer:
@@ -166,9 +187,48 @@ def scaling(args) -> list[dict]:
 
 
 def videos_per_hour(args) -> list[dict]:
-    """Videos per hour with 1..G groups behind the shared queue: to be measured once the queue exists."""
-    return [dict(gpus=gpu_count(args), groups=None, videos_per_hour=None,
-                 note="needs the shared job queue over GPU groups (framepack_server/jobs.py); not measured")]
+    """Videos per hour with 1..G groups behind the server's one queue, each group count in turn."""
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
+    from framepack_server.demo import SAMPLE_IMAGE
+
+    gpus = gpu_count(args)
+    counts = args.group_counts or (CPU_GROUP_COUNTS if args.cpu else range(1, gpus + 1))
+    if not args.cpu and max(counts) > gpus:
+        sys.exit(f"--group-counts {max(counts)}: only {gpus} GPU(s) are visible")
+    settings = job_settings(args)
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
+    log_dir = Path(args.out)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(scratch) / "tiny" if args.cpu else args.model_dir
+        if args.cpu:
+            # In a process of its own: benchmarks/kernels.py, first on this script's path,
+            # hides the `kernels` package that transformers imports.
+            subprocess.run([sys.executable, "-m", "framepack_backend.testing.tiny_bundle", str(model_dir)],
+                           cwd=ROOT, check=True)
+        runs = []
+        for groups in counts:
+            clients = args.clients or default_clients(groups)
+            jobs = args.jobs or default_jobs(groups)
+            run = measure_groups(model_dir, groups, clients, jobs, settings, image, "cpu" if args.cpu else "auto",
+                                 log_dir, args.startup_timeout)
+            runs.append(run)
+            row = throughput_rows(runs, gpus)[-1]
+            print(f"{groups} group(s), {clients} clients, {jobs} jobs: {row['videos_per_hour']:.1f} videos/h, "
+                  f"median latency {row['latency_median_s']:.1f} s, speed-up {row['speedup'] or float('nan'):.2f}x, "
+                  f"efficiency {row['efficiency'] or float('nan'):.2f}; mid-run {row['mid_run_waiting_jobs']} waiting, "
+                  f"{row['mid_run_busy_groups']} of {groups} busy", flush=True)
+    return throughput_rows(runs, gpus)
+
+
+def job_settings(args) -> dict:
+    """throughput: what every job asks for; the rest is the server's defaults."""
+    given = {key: value for key, value in (("seconds", args.seconds), ("steps", args.steps)) if value is not None}
+    return {**(CPU_JOB if args.cpu else {}), **given}
 
 
 def gpu_count(args) -> int:
@@ -185,22 +245,39 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("overhead", "scaling"))
+    parser.add_argument("mode", choices=("overhead", "scaling", "throughput"))
     parser.add_argument("--config", choices=("full", "small"), default="full")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="overhead: plain/split alternations")
     parser.add_argument("--degrees", type=int, nargs="*", help="scaling: the degrees to run (default: 1..G)")
-    parser.add_argument("--cpu", action="store_true", help="try the script on the CPU (small model, gloo)")
+    parser.add_argument("--group-counts", type=int, nargs="*",
+                        help="throughput: the group counts to run (default: 1..G; with --cpu: 1 2)")
+    parser.add_argument("--clients", type=int, help="throughput: concurrent clients (default: 2x the groups)")
+    parser.add_argument("--jobs", type=int, help="throughput: timed jobs per group count (default: 4x the groups)")
+    parser.add_argument("--model-dir", type=Path, help="throughput: the model directory (benchmarks/full_bundle.py)")
+    parser.add_argument("--seconds", type=float, help="throughput: video length per job (default: the server's)")
+    parser.add_argument("--steps", type=int, help="throughput: sampling steps per section (default: the server's)")
+    parser.add_argument("--startup-timeout", type=float, default=1800, help="throughput: seconds to load the groups")
+    parser.add_argument("--cpu", action="store_true",
+                        help="try the script on the CPU (small model, gloo; throughput: the tiny model)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("benchmarks/multi_gpu.py needs a CUDA GPU (or --cpu to try it)")
+    if args.mode == "throughput" and not args.cpu and args.model_dir is None:
+        sys.exit("benchmarks/multi_gpu.py throughput needs --model-dir (benchmarks/full_bundle.py makes one)")
     args.config_dict = CPU_CONFIG if args.cpu else FULL_CONFIG if args.config == "full" else SMALL_CONFIG
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if args.mode == "throughput":
+        rows = videos_per_hour(args)
+        save_result(args.out, "multi_gpu_throughput", "multi_gpu throughput", rows=rows,
+                    model_dir="tiny (tried, not measured)" if args.cpu else str(args.model_dir),
+                    settings=job_settings(args),
+                    efficiency_target=EFFICIENCY_TARGET)
+        return
     rows = overhead(args) if args.mode == "overhead" else scaling(args)
     save_result(args.out, f"multi_gpu_{args.mode}", f"multi_gpu {args.mode}", rows=rows,
-                config="cpu (tried, not measured)" if args.cpu else args.config,
-                videos_per_hour=videos_per_hour(args))
+                config="cpu (tried, not measured)" if args.cpu else args.config)
 
 
 if __name__ == "__main__":
