@@ -32,6 +32,7 @@ _put_launcher_packages_first()
 
 import itertools
 import json
+import threading
 import time
 
 import torch
@@ -83,6 +84,13 @@ class TritonLog:
         pb_utils.Logger.log_error(f"framepack: {message}")
 
 
+# Every call that goes through the stub to the Triton process (responses, cancellation
+# checks, metrics) holds this lock: with one worker thread per GPU group, two groups that
+# finish together would otherwise talk to the stub at once, and the Python backend has
+# crashed (signal 11 in libtriton_python.so) when responses were sent from several threads.
+STUB_CALLS = threading.Lock()
+
+
 class ResponseSender:
     """A request's response sender; tensors leave through DLPack (safe under numpy 1 and 2)."""
 
@@ -90,19 +98,24 @@ class ResponseSender:
         self._sender = sender
 
     def is_cancelled(self) -> bool:
-        return self._sender.is_cancelled()
+        with STUB_CALLS:
+            return self._sender.is_cancelled()
 
     def send(self, response: WireResponse) -> None:
         arrays = {EVENT_OUTPUT: response.event_bytes(), **response.tensors}
         outputs = [pb_utils.Tensor.from_dlpack(name, torch.from_numpy(a)) for name, a in arrays.items()]
-        self._sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if response.final else 0)
+        with STUB_CALLS:
+            self._sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
+                              flags=FINAL if response.final else 0)
 
     def fail(self, status: Status, text: str) -> None:
         error = pb_utils.TritonError(error_message(status, text), getattr(pb_utils.TritonError, ERROR_CODES[status]))
-        self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+        with STUB_CALLS:
+            self._sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def close(self) -> None:
-        self._sender.send(flags=FINAL)
+        with STUB_CALLS:
+            self._sender.send(flags=FINAL)
 
 
 class JobMetrics:
@@ -131,15 +144,18 @@ class JobMetrics:
                       for name, gauge in (("waiting", waiting), ("busy", busy), ("groups", groups))}
 
     def observe(self, outcome: Outcome, seconds: float) -> None:
-        self._jobs[outcome].increment(1)
-        self._seconds.increment(seconds)
-        for (device, kind), metric in self._peak.items():
-            metric.set(peak_memory(device)[f"peak_{kind}_bytes"])
+        peaks = {key: peak_memory(key[0])[f"peak_{key[1]}_bytes"] for key in self._peak}
+        with STUB_CALLS:
+            self._jobs[outcome].increment(1)
+            self._seconds.increment(seconds)
+            for key, metric in self._peak.items():
+                metric.set(peaks[key])
 
     def publish_load(self, load: QueueLoad) -> None:
-        self._load["waiting"].set(load.waiting)
-        self._load["busy"].set(load.busy)
-        self._load["groups"].set(load.groups)
+        with STUB_CALLS:
+            self._load["waiting"].set(load.waiting)
+            self._load["busy"].set(load.busy)
+            self._load["groups"].set(load.groups)
 
 
 def _input_image(request, name: str = IMAGE_INPUT):
