@@ -262,9 +262,10 @@ class JobQueue:
                 return False
             self._waiting.append((job, time.perf_counter()))
             position = self._position(len(self._waiting) - 1)
+            # The metrics first: a client told it waits then finds the waiting job counted.
+            self._publish()
             if position > 0:
                 _quietly(job.sink.send, queued_response(position, 0.0))
-            self._publish()
         return True
 
     def refuse_invalid(self, sink: ResponseSink, error: SettingsError) -> None:

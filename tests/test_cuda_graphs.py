@@ -7,8 +7,6 @@ from framepack_backend.attention import Attend
 from framepack_backend.models.graphs import BlockGraphs
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions
-from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
-from tests.test_transformer_parity import build_pair, section_inputs
 
 
 def test_cuda_graphs_are_refused_on_the_cpu_and_the_pool_is_bounded(tiny_bundle):
@@ -21,6 +19,11 @@ def test_cuda_graphs_are_refused_on_the_cpu_and_the_pool_is_bounded(tiny_bundle)
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused_kernels", [True, False])
 def test_graph_replay_equals_eager_and_follows_new_inputs(fused_kernels):
+    # Imported here: these modules import diffusers, and with it Triton, which must come after
+    # test_kernels has chosen the interpreter for the CPU run.
+    from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
+    from tests.test_transformer_parity import build_pair, section_inputs
+
     _, model = build_pair(GPU_CONFIG, seed=6)
     model = model.cuda().bfloat16()
     model.set_fused_kernels(fused_kernels)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -212,6 +211,10 @@ def _hunyuan_pairs(tensors: Mapping[str, torch.Tensor], hidden: int, file: str,
         else:
             original[f"{module}.lora_{half}"] = tensor
     # alpha None: scale 1 (no alpha in this layout; a kohya file's alphas are folded in above).
+    # Imported here: diffusers' loaders pull in Triton, which must not be imported by merely
+    # importing the engine (the kernels decide interpreted or compiled at their import).
+    from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
     return _peft_pairs(_convert_hunyuan_video_lora_to_diffusers(original), None, file)
 
 
