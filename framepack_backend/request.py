@@ -141,14 +141,18 @@ def validate_image(image: object, field_name: str = "image") -> np.ndarray:
         raise SettingsError(field_name, f"dtype {image.dtype}", "dtype uint8")
     if image.ndim != 3 or image.shape[2] != 3:
         raise SettingsError(field_name, f"shape {tuple(image.shape)}", "shape H×W×3 (RGB)")
-    h, w = image.shape[:2]
+    _check_frame_size(field_name, *image.shape[:2], MAX_IMAGE_PIXELS, "pixels")
+    return image
+
+
+def _check_frame_size(field_name: str, h: int, w: int, max_pixels: int, pixels_unit: str) -> None:
+    """The side, pixel-count and aspect limits of an image or of a clip's frames."""
     if min(h, w) < MIN_IMAGE_SIDE:
         raise SettingsError(field_name, f"{w}×{h} pixels", f"both sides at least {MIN_IMAGE_SIDE} pixels")
-    if h * w > MAX_IMAGE_PIXELS:
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {MAX_IMAGE_PIXELS} pixels")
+    if h * w > max_pixels:
+        raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {max_pixels} {pixels_unit}")
     if max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
         raise SettingsError(field_name, f"{w}×{h} pixels", f"the long side at most {MAX_IMAGE_ASPECT}× the short one")
-    return image
 
 
 def validate_video(video: object, field_name: str = VIDEO_INPUT) -> np.ndarray:
@@ -162,11 +166,5 @@ def validate_video(video: object, field_name: str = VIDEO_INPUT) -> np.ndarray:
         raise SettingsError(field_name, f"shape {tuple(video.shape)}", "shape T×H×W×3 (RGB frames)")
     if not 1 <= len(video) <= MAX_VIDEO_FRAMES:
         raise SettingsError(field_name, f"{len(video)} frames", f"1 to {MAX_VIDEO_FRAMES} frames (the clip's last)")
-    h, w = video.shape[1:3]
-    if min(h, w) < MIN_IMAGE_SIDE:
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"both sides at least {MIN_IMAGE_SIDE} pixels")
-    if h * w > MAX_VIDEO_FRAME_PIXELS:
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"at most {MAX_VIDEO_FRAME_PIXELS} pixels a frame")
-    if max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
-        raise SettingsError(field_name, f"{w}×{h} pixels", f"the long side at most {MAX_IMAGE_ASPECT}× the short one")
+    _check_frame_size(field_name, *video.shape[1:3], MAX_VIDEO_FRAME_PIXELS, "pixels a frame")
     return video
