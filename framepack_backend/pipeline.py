@@ -85,7 +85,7 @@ class Pipeline:
         fused_kernels: bool | None = None,
         fp8: bool | None = None,
         fp32_output: bool | None = None,
-        lora_dir: str | Path | None = None,
+        loras: LoraFolder | None = None,
         sequence_parallel: int | None = None,
     ) -> "Pipeline":
         """Load the five components from a model directory (docs/architecture.md layout).
@@ -104,7 +104,8 @@ class Pipeline:
         fp32, as the FramePack demo does (FramePackTransformer.set_fp32_output).
         Weights load into host memory; the memory manager then places them for the
         instance's memory mode (a job that overrides it moves them again).
-        `lora_dir`: the folder whose LoRA files requests may name (framepack_backend/lora/).
+        `loras`: the folder whose LoRA files requests may name (framepack_backend/lora/); one
+        folder, and its cache, may serve several pipelines (GPU groups).
         `sequence_parallel` > 1 starts that many ranks minus this one as worker processes,
         each holding the transformer on the next device, and splits every forward's blocks
         over them (framepack_backend/sequence_parallel.py); `close()` stops them.
@@ -121,7 +122,6 @@ class Pipeline:
             transformer_subfolder=options.sampling.transformer_folder,
         )
         options = configure_transformer(components.transformer, device, options)
-        loras = LoraFolder(lora_dir) if lora_dir is not None else None
         pipeline = cls(components, device, dtype, model_dir, options, loras)
         pipeline.model_identity  # noqa: B018 - computed at load, not during the first job
         if options.sequence_parallel > 1:

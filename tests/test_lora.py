@@ -228,7 +228,7 @@ def pipeline(tiny_bundle, tmp_path_factory):
     dim = 32  # the tiny bundle's transformer: 2 heads × 16
     factors = hunyuan_factors(dim, 4 * dim, 2, 2, rank=4, seed=5, std=0.5)
     save_diffusers(lora_dir / "style.safetensors", diffusers_factors(factors, dim))
-    return Pipeline.from_pretrained(tiny_bundle, device="cpu", lora_dir=lora_dir)
+    return Pipeline.from_pretrained(tiny_bundle, device="cpu", loras=LoraFolder(lora_dir))
 
 
 @pytest.mark.parametrize("memory_mode", ["resident", "stream"])

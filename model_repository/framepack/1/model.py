@@ -39,6 +39,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from framepack_backend.guides import check_sampling
+from framepack_backend.lora.folder import LoraFolder
 from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
 from framepack_backend.settings import EngineOptions, SettingsError
@@ -181,9 +182,10 @@ class TritonPythonModel:
         options = EngineOptions(sampling=config.sampling, fp8=config.fp8, sequence_parallel=config.sequence_parallel)
         groups = plan_groups(config.device, config.groups, torch.cuda.device_count(),
                              gpus_per_group=config.sequence_parallel)
+        # One LoRA folder for all groups: its host cache holds each file's factors once.
+        loras = LoraFolder(config.lora_dir) if config.lora_dir is not None else None
         pipelines = [
-            Pipeline.from_pretrained(config.model_dir, device=group.device, dtype=dtype, options=options,
-                                     lora_dir=config.lora_dir)
+            Pipeline.from_pretrained(config.model_dir, device=group.device, dtype=dtype, options=options, loras=loras)
             for group in groups
         ]
         log.info(
