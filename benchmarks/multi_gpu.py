@@ -51,14 +51,6 @@ from results_file import save_result  # benchmarks/ is on sys.path when one of i
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from queue_throughput import (  # noqa: E402  (imports client/ and framepack_server/ from ROOT)
-    EFFICIENCY_TARGET,
-    default_clients,
-    default_jobs,
-    measure_groups,
-    throughput_rows,
-)
-
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.pipeline import configure_transformer  # noqa: E402
 from framepack_backend.sequence_parallel import apply_sequence_parallel, check_heads_divide  # noqa: E402
@@ -188,10 +180,12 @@ def scaling(args) -> list[dict]:
 
 def videos_per_hour(args) -> list[dict]:
     """Videos per hour with 1..G groups behind the server's one queue, each group count in turn."""
+    # The client side (tritonclient) is needed by this mode only; `overhead` and `scaling` run without it.
     import subprocess
     import tempfile
 
     from PIL import Image
+    from queue_throughput import default_clients, default_jobs, measure_groups, throughput_rows
 
     from framepack_server.demo import SAMPLE_IMAGE
 
@@ -269,6 +263,8 @@ def main() -> None:
     args.config_dict = CPU_CONFIG if args.cpu else FULL_CONFIG if args.config == "full" else SMALL_CONFIG
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if args.mode == "throughput":
+        from queue_throughput import EFFICIENCY_TARGET
+
         rows = videos_per_hour(args)
         save_result(args.out, "multi_gpu_throughput", "multi_gpu throughput", rows=rows,
                     model_dir="tiny (tried, not measured)" if args.cpu else str(args.model_dir),

@@ -152,12 +152,14 @@ def test_an_image_and_a_video_together_are_refused(image):
 @pytest.mark.gpu
 def test_a_full_f1_context_at_the_default_resolution_extends_on_the_gpu(tiny_bundle):
     """73 frames at the 640 bucket through the CUDA path (bf16 transformer, the clip's
-    encode on the GPU): 36 new frames; the peak is printed (tiny weights: not the real VAE's)."""
+    encode on the GPU): 36 new frames at the clip's 640 bucket (544×704 for 480×640); the peak
+    is printed (tiny weights: not the real VAE's)."""
     f1 = Pipeline.from_pretrained(tiny_bundle, device="cuda", sampling="f1")
     torch.cuda.reset_peak_memory_stats()
     clip = moving_clip(MAX_VIDEO_FRAMES, 480, 640)
     events = list(f1.generate(GenerationRequest.parse(None, "waves", video=clip, steps=2, seconds=1)))
     result = events[-1]
-    assert result.frames.shape == (36, 480, 640, 3) and result.settings["video_frames"] == 73
+    assert bucket_for(480, 640) == (544, 704)
+    assert result.frames.shape == (36, 544, 704, 3) and result.settings["video_frames"] == 73
     peak = result.timings["memory"]["peak_allocated_bytes"]
     print(f"f1 extension, 73 frames at 640×480: peak {peak / 2**30:.2f} GiB, encode {result.timings['encode_s']:.2f} s")

@@ -257,8 +257,12 @@ def test_a_job_after_a_lora_job_is_bit_identical_to_one_before(pipeline, image, 
                     reason="needs a Hopper GPU (row-wise scaled FP8 GEMM)")
 @pytest.mark.parametrize("fused_kernels", [False, True])
 def test_fp8_layers_take_the_low_rank_path_and_are_unchanged_after(tmp_path, fused_kernels):
-    """FP8 blocks (eager and fused): the LoRA's change to the output matches the bf16
-    model's within FP8 error, and a forward after the LoRA is bit-identical to one before."""
+    """FP8 blocks (eager and fused): with the LoRA, the FP8 model is as close to the bf16 model
+    with the LoRA as the FP8 base is to the bf16 base (the LoRA adds no error of its own), and a
+    forward after the LoRA is bit-identical to one before.
+
+    The LoRA's change alone is not compared: it is about 15 % of the output here, so the FP8
+    base's own 4 % error is about a quarter of it whether or not the LoRA path is exact."""
     from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
 
     dim = GPU_CONFIG["num_attention_heads"] * GPU_CONFIG["attention_head_dim"]
@@ -271,20 +275,25 @@ def test_fp8_layers_take_the_low_rank_path_and_are_unchanged_after(tmp_path, fus
     lora = [(LoraFolder(tmp_path).load("gpu", lora_targets(model)), 1.0)]
     device = torch.device("cuda")
     with torch.no_grad():
-        bf16_delta = _delta(model, inputs, lora, device)
+        bf16_base, bf16_with = _with_and_without(model, inputs, lora, device)
         model.quantize_fp8()
-        before = model(**inputs)
-        fp8_delta = _delta(model, inputs, lora, device)
-        after = model(**inputs)
-    assert torch.equal(before, after)
-    rel = float((fp8_delta - bf16_delta).norm() / bf16_delta.norm())
-    assert bf16_delta.abs().max() > 0 and rel < 0.1, rel
+        fp8_base, fp8_with = _with_and_without(model, inputs, lora, device)
+        after = model(**inputs).float()
+    assert torch.equal(fp8_base, after)
+    base_error = _relative(fp8_base, bf16_base)
+    # A LoRA missing from the FP8 layers would leave an error near its whole change.
+    assert _relative(bf16_with, bf16_base) > 2 * base_error
+    assert _relative(fp8_with, bf16_with) <= 1.25 * base_error, (_relative(fp8_with, bf16_with), base_error)
 
 
-def _delta(model, inputs, loras, device):
+def _with_and_without(model, inputs, loras, device):
     base = model(**inputs).float()
     with loras_applied(model, loras, device, torch.bfloat16):
-        return model(**inputs).float() - base
+        return base, model(**inputs).float()
+
+
+def _relative(got, expected):
+    return float((got - expected).norm() / expected.norm())
 
 
 def test_the_instance_reads_its_lora_folder_from_the_launcher(tmp_path):
