@@ -42,10 +42,10 @@ def cover(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_keyframes(
-    keyframes: list[tuple[float, Path]], start: np.ndarray | None
+    keyframes: list[tuple[float, Path]], start: np.ndarray | None, *, label: str = "--keyframe"
 ) -> tuple[tuple[float, np.ndarray], ...]:
     """(seconds, pixels) of each --keyframe, all at the start image's size (ImageLoadError names a bad file)."""
-    loaded = [(seconds, load_image(path, label="--keyframe").pixels) for seconds, path in keyframes]
+    loaded = [(seconds, load_image(path, label=label).pixels) for seconds, path in keyframes]
     if not loaded:
         return ()
     height, width = (start if start is not None else loaded[0][1]).shape[:2]

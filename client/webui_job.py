@@ -17,6 +17,7 @@ from framepack_wire import WireRequest
 
 from . import stream
 from .connection import Endpoint, Unreachable, as_endpoint, connect_attempts
+from .job_files import JobFiles, input_record
 from .progress import JobClock, plan_text, queued_text
 from .provenance import ImageFile, job_record, save_video
 from .source_video import source_frames
@@ -145,7 +146,8 @@ def run_job(
     except ValueError as e:  # frames that do not fit together
         yield JobUpdate(f"Error: {e}")
         return
-    record = job_record(request, image, crf, final)
+    # A clip's record keeps its file and options, so `--from` can extend it again.
+    record = job_record(request, image if source is None else input_record(JobFiles(video=source)), crf, final)
 
     def before():
         return source_frames(source, final.width, final.height) if source is not None else ()
