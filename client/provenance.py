@@ -224,6 +224,17 @@ def _recorded_file(entry: object, source: Path | str, what: str, option: str) ->
     return path
 
 
+def recorded_inputs(record: Mapping[str, Any]) -> list[str]:
+    """The files a record names, for a person: "start image /a/photo.png", "keyframe at 1.5 s /a/mid.png"."""
+    named = [(record.get(key), what) for key, what in (("image", "start image"), ("video", "clip"),
+                                                        ("end_image", "end image"))]
+    keyframes = record.get("keyframes")
+    for entry in keyframes if isinstance(keyframes, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("time"), (int, float)):
+            named.append((entry, f"keyframe at {entry['time']:g} s"))
+    return [f"{what} {entry['path']}" for entry, what in named if isinstance(entry, dict) and "path" in entry]
+
+
 @dataclass(frozen=True)
 class JobInputs:
     """What `framepack generate` sends: from the command line, or a record with the command

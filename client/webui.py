@@ -36,7 +36,7 @@ from . import stream
 from .connection import Endpoint, as_endpoint
 from .guides import load_guides
 from .images import ImageLoadError, load_image
-from .provenance import ImageFile, RecordError, read_record, repeat_request
+from .provenance import ImageFile, RecordError, read_record, recorded_inputs, repeat_request
 from .source_video import VideoLoadError, context_frames, read_clip_end
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
@@ -273,8 +273,10 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             prompt_value, values = repeat_request(record)
             values["crf"] = record["crf"]
             changes = {fields[name]: value for name, value in values.items() if name in fields}
+            files = recorded_inputs(record)
+            told = f"; add the files it was made from: {', '.join(files)}." if files else " (text to video)."
             return {prompt: prompt_value, used: shown_record(record), **changes,
-                    status: f"Loaded the settings of {Path(path).name}; add the start image it was made from."}
+                    status: f"Loaded the settings of {Path(path).name}{told}"}
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
         enqueue.click(add_job, [image, prompt, preset, *fields.values()], [status, jobs_table], queue=False)
@@ -311,7 +313,8 @@ def shown_record(record: dict) -> dict:
     final = record["final"]
     return {"seed": final.get("seed"), "parameters": final.get("parameters") or final.get("settings"),
             "crf": record.get("crf"), "model": (final.get("model") or {}).get("sha256"),
-            "versions": final.get("versions"), "image": record.get("image")}
+            "versions": final.get("versions"), "image": record.get("image"),
+            **{name: record[name] for name in ("video", "end_image", "keyframes") if record.get(name)}}
 
 
 def setting_field(name: str, spec: dict) -> gr.components.Component:

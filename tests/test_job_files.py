@@ -26,6 +26,7 @@ from client.provenance import (
     job_record,
     read_record,
     recorded_files,
+    recorded_inputs,
     same_job,
     save_video,
 )
@@ -131,6 +132,14 @@ def test_same_job_compares_every_files_content_the_times_and_the_clip_options(fi
     assert not same_job(record, "p", {"seed": 1}, input_record(replace(job, context_frames=5)), 16)
     files["video"].write_bytes(files["video"].read_bytes() + b"\0")
     assert not same_job(record, "p", {"seed": 1}, input_record(job), 16)
+
+
+def test_the_files_a_record_names_are_listed_for_the_web_uis_load_settings(files):
+    record = job_record(WireRequest(None, "p", {}, video=np.zeros((5, 48, 64, 3), np.uint8)),
+                        input_record(clip_job(files)), 16, final_meta())
+    assert recorded_inputs(record) == [f"clip {files['video']}", f"end image {files['end']}",
+                                       f"keyframe at 0.5 s {files['key1']}", f"keyframe at 1 s {files['key2']}"]
+    assert recorded_inputs({**record, "video": None, "end_image": None, "keyframes": []}) == []  # text to video
 
 
 # --- the jobs file's fields, checked as the command line's options ---------------------------------
