@@ -144,18 +144,15 @@ def parse_job(text: str, line: int, folder: Path, where: str = "") -> QueueJob:
 
 
 def job_files(value: dict, folder: Path, where: str, bad: Callable[[str, str], JobsFileError]) -> JobFiles:
-    """A line's input files, checked as `framepack generate` checks its options."""
+    """A line's input files, checked by `framepack generate`'s own parsers and rules."""
     keyframes = value.get("keyframes", [])
     if not isinstance(keyframes, list) or not all(isinstance(k, str) for k in keyframes):
         raise bad("keyframes", 'a list of "SECONDS:PATH", e.g. ["2.5:middle.png"]')
-    context = value.get("context_frames")
-    extension_only = value.get("extension_only", False)
-    if not isinstance(extension_only, bool):
-        raise bad("extension_only", "true or false")
     try:
-        parsed = [keyframe_argument(text) for text in keyframes]
+        timed = tuple((seconds, folder / path) for seconds, path in map(keyframe_argument, keyframes))
     except argparse.ArgumentTypeError as e:
         raise JobsFileError(f"{where}: field 'keyframes': {e}") from None
+    context = value.get("context_frames")
     if context is not None:
         if isinstance(context, bool) or not isinstance(context, (int, str)):
             raise bad("context_frames", "a whole number of frames")
@@ -163,9 +160,11 @@ def job_files(value: dict, folder: Path, where: str, bad: Callable[[str, str], J
             context = context_frame_count(str(context))
         except argparse.ArgumentTypeError as e:
             raise JobsFileError(f"{where}: field 'context_frames': {e}") from None
+    extension_only = value.get("extension_only", False)
+    if not isinstance(extension_only, bool):
+        raise bad("extension_only", "true or false")
     path = {name: folder / value[name] if name in value else None for name in FILE_FIELDS}
-    files = JobFiles(path["image"], path["video"], path["end_image"],
-                     tuple((seconds, folder / keyframe) for seconds, keyframe in parsed), context, extension_only)
+    files = JobFiles(path["image"], path["video"], path["end_image"], timed, context, extension_only)
     conflict = files.conflict(FIELD_NAMES)
     if conflict is not None:
         raise JobsFileError(f"{where}: {conflict}")
