@@ -57,13 +57,19 @@ def load_guides(
 ) -> dict[str, object]:
     """The web UI's end image and keyframes (files, with their times as typed) as WireRequest
     arguments; ValueError (ImageLoadError for a file) with one line when they do not fit."""
+    keyframes = timed_keyframes(keyframe_paths, times)
+    end = load_image(end_path, label="end image").pixels if end_path else None
+    return {"end_image": end, "keyframes": load_keyframes(keyframes, start)}
+
+
+def timed_keyframes(keyframe_paths: list | None, times: str) -> list[tuple[float, Path]]:
+    """(seconds, path) of the web UI's keyframe files with their times as typed, paired in
+    order; ValueError (one line) when they do not pair up."""
     paths = [Path(getattr(path, "name", path)) for path in keyframe_paths or []]
     texts = [text for text in (times or "").split(",") if text.strip()]
     if len(texts) != len(paths):
         raise ValueError(f"keyframe times {times!r}: give one time in seconds per keyframe image ({len(paths)})")
     try:
-        keyframes = [keyframe_argument(f"{text.strip()}:{path}") for text, path in zip(texts, paths)]
+        return [keyframe_argument(f"{text.strip()}:{path}") for text, path in zip(texts, paths)]
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"keyframe times {times!r}: {e}") from None
-    end = load_image(end_path, label="end image").pixels if end_path else None
-    return {"end_image": end, "keyframes": load_keyframes(keyframes, start)}
