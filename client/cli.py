@@ -36,7 +36,7 @@ import socket
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from PIL import Image
 from tqdm import tqdm
@@ -45,11 +45,11 @@ from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import DEFAULT_GRPC_PORT, Endpoint
-from .guides import keyframe_argument, load_keyframes
-from .images import load_image
+from .guides import keyframe_argument
+from .job_files import CLI_NAMES, JobFiles, clip_frames_read, context_frame_count, input_record, load_inputs
 from .outputs import SavedFile, VideoWriteError, check_output_paths, write_file_safely, write_video_safely
 from .progress import JobClock, plan_text, queued_text
-from .provenance import ImageFile, job_inputs, job_record, save_video
+from .provenance import job_inputs, job_record, save_video
 from .queue import (
     DEFAULT_RETRIES,
     JobsFileError,
@@ -60,7 +60,7 @@ from .queue import (
     server_list,
     summary_table,
 )
-from .source_video import context_frames, read_clip_end, source_frames
+from .source_video import source_frames
 from .video import CRF_DEFAULT, CRF_SPEC, FrameAssembler, parse_crf, write_mp4
 from .webui_login import login_problem, read_logins
 
@@ -218,17 +218,6 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def context_frame_count(text: str) -> int:
-    """An argparse type: a number of frames, 1..MAX_VIDEO_FRAMES."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of frames") from None
-    if not 1 <= value <= MAX_VIDEO_FRAMES:
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: expected frames in [1, {MAX_VIDEO_FRAMES}]")
-    return value
-
-
 def tcp_port(text: str) -> int:
     """An argparse type: a TCP port, 1..65535."""
     try:
@@ -278,44 +267,34 @@ def main(argv: list[str] | None = None) -> int:
     settings[LORAS_PARAMETER] = ",".join(args.lora) or None  # the server checks names and strengths
     if args.loop:
         settings["loop"] = True
+    given_files = JobFiles(args.image, args.video, args.end_image, tuple(args.keyframe), args.context_frames,
+                           args.extension_only)
     try:
         args.endpoint = endpoint(args)
         given = {name: value for name, value in settings.items() if value is not None}
-        job = job_inputs(args.source, args.image, args.prompt, given, None if args.crf is None else parse_crf(args.crf))
+        job = job_inputs(args.source, given_files, args.prompt, given,
+                         None if args.crf is None else parse_crf(args.crf))
         crf = CRF_DEFAULT if job.crf is None else job.crf
         check_output_paths(args.output, args.save_sections, args.save_previews)
-        if args.video is None and (args.context_frames is not None or args.extension_only):
-            raise ValueError("--context-frames and --extension-only go with --video")
-        loaded = load_image(job.image, label="--image") if job.image is not None else None
-        image_file = ImageFile.of(job.image) if job.image is not None else None
-        end = load_image(args.end_image, label="--end-image") if args.end_image is not None else None
-        keyframes = load_keyframes(args.keyframe, loaded.pixels if loaded is not None else None)
-        clip = None
-        if args.video is not None:
-            clip = read_clip_end(args.video, args.context_frames or MAX_VIDEO_FRAMES, label="--video")
+        conflict = job.files.conflict(CLI_NAMES)
+        if conflict is not None:
+            raise ValueError(conflict)
+        loaded = load_inputs(job.files, job.prompt, job.parameters, CLI_NAMES,
+                             reads=lambda: clip_frames_read(args.endpoint, job.parameters))
+        inputs = input_record(job.files, CLI_NAMES)
     except (ValueError, OSError) as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except stream.ServerError as e:
+        print(f"framepack: error: {e}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
     if job.drawn_seed is not None:
         print(f"framepack: seed {job.drawn_seed} (drawn for --seed random)", file=sys.stderr)
-    for message in (image.message for image in (loaded, end) if image is not None):
-        if message:
-            print(f"framepack: {message}", file=sys.stderr)
-    guides = dict(end_image=end.pixels if end is not None else None, keyframes=keyframes)
-    if clip is None:
-        pixels = loaded.pixels if loaded is not None else None  # None: text-to-video
-        request = WireRequest(pixels, job.prompt, job.parameters, **guides)
-    else:
-        try:  # only the frames this server's sampling variant reads
-            reads = context_frames(stream.describe(args.endpoint).video, job.parameters.get("sampling"))
-        except stream.ServerError as e:
-            print(f"framepack: error: {e}", file=sys.stderr)
-            return EXIT_SERVER_ERROR
-        clip = clip.last(min(reads, len(clip.frames)))
-        print(f"framepack: {clip.message}", file=sys.stderr)
-        request = WireRequest(None, job.prompt, job.parameters, video=clip.frames, **guides)
+    for message in loaded.messages:
+        print(f"framepack: {message}", file=sys.stderr)
+    request, clip = loaded.request, loaded.clip
     try:
-        saved, final = run_generate(args, request, crf, image_file)
+        saved, final = run_generate(args, request, crf, inputs, job.files)
     except stream.ServerError as e:
         print(f"framepack: error: {e}", file=sys.stderr)
         return EXIT_SERVER_ERROR
@@ -326,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("framepack: cancelled; no video written", file=sys.stderr)
         return EXIT_INTERRUPTED
     frames = f"{final.frame_count} frames"
-    if clip is not None and not args.extension_only:
+    if clip is not None and job.files.combined:
         frames = f"{clip.frame_count} frames of the clip then {final.frame_count} new ones"
     print(
         f"framepack: {frames}, {final.width}×{final.height} at {final.fps} fps, "
@@ -438,8 +417,10 @@ def _shown(value: object) -> str:
 
 
 def run_generate(
-    args: argparse.Namespace, request: WireRequest, crf: int, image: ImageFile | None = None
+    args: argparse.Namespace, request: WireRequest, crf: int, inputs: Mapping[str, Any] | None = None,
+    files: JobFiles = JobFiles(),
 ) -> tuple[SavedFile, stream.Final]:
+    """Stream the job, then save its MP4 with its record (`inputs`: its files, job_files.input_record)."""
     assembler = FrameAssembler()
     final = None
     bar = None
@@ -485,14 +466,15 @@ def run_generate(
     video = assembler.video()
     if len(video) != final.frame_count:
         raise stream.ServerError("UNKNOWN", f"received {len(video)} frames, the server reported {final.frame_count}")
-    combine = args.video is not None and not args.extension_only
 
     def before():
         # An extension's MP4 shows the clip, at the video's size, before the new frames (read
         # afresh for each try: a fallback file needs them again).
-        return source_frames(args.video, final.width, final.height, label="--video") if combine else ()
+        if files.video is None or not files.combined:
+            return ()
+        return source_frames(files.video, final.width, final.height, label="--video")
 
-    record = job_record(request, image, crf, final)
+    record = job_record(request, inputs, crf, final)
     return save_video(args.output, video, final.fps, crf, record, before=before), final
 
 

@@ -42,10 +42,10 @@ def cover(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def load_keyframes(
-    keyframes: list[tuple[float, Path]], start: np.ndarray | None
+    keyframes: list[tuple[float, Path]], start: np.ndarray | None, *, label: str = "--keyframe"
 ) -> tuple[tuple[float, np.ndarray], ...]:
     """(seconds, pixels) of each --keyframe, all at the start image's size (ImageLoadError names a bad file)."""
-    loaded = [(seconds, load_image(path, label="--keyframe").pixels) for seconds, path in keyframes]
+    loaded = [(seconds, load_image(path, label=label).pixels) for seconds, path in keyframes]
     if not loaded:
         return ()
     height, width = (start if start is not None else loaded[0][1]).shape[:2]
@@ -57,13 +57,19 @@ def load_guides(
 ) -> dict[str, object]:
     """The web UI's end image and keyframes (files, with their times as typed) as WireRequest
     arguments; ValueError (ImageLoadError for a file) with one line when they do not fit."""
+    keyframes = timed_keyframes(keyframe_paths, times)
+    end = load_image(end_path, label="end image").pixels if end_path else None
+    return {"end_image": end, "keyframes": load_keyframes(keyframes, start)}
+
+
+def timed_keyframes(keyframe_paths: list | None, times: str) -> list[tuple[float, Path]]:
+    """(seconds, path) of the web UI's keyframe files with their times as typed, paired in
+    order; ValueError (one line) when they do not pair up."""
     paths = [Path(getattr(path, "name", path)) for path in keyframe_paths or []]
     texts = [text for text in (times or "").split(",") if text.strip()]
     if len(texts) != len(paths):
         raise ValueError(f"keyframe times {times!r}: give one time in seconds per keyframe image ({len(paths)})")
     try:
-        keyframes = [keyframe_argument(f"{text.strip()}:{path}") for text, path in zip(texts, paths)]
+        return [keyframe_argument(f"{text.strip()}:{path}") for text, path in zip(texts, paths)]
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"keyframe times {times!r}: {e}") from None
-    end = load_image(end_path, label="end image").pixels if end_path else None
-    return {"end_image": end, "keyframes": load_keyframes(keyframes, start)}

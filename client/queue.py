@@ -4,11 +4,17 @@ The jobs file has one JSON object per line (blank lines and lines starting with 
 skipped); relative paths are relative to the file's folder:
 
     {"image": "cat.png", "prompt": "the cat yawns", "settings": {"seconds": 3, "seed": 7}, "output": "cat.mp4"}
+    {"video": "walk.mp4", "prompt": "he turns", "extension_only": true, "output": "turn.mp4"}
+    {"image": "a.png", "end_image": "b.png", "keyframes": ["2.4:mid.png"], "prompt": "...", "output": "ab.mp4"}
+    {"prompt": "a cat on a sofa", "settings": {"latent_init": "noise"}, "output": "t2v.mp4"}
 
-`image`, `prompt` and `output` are required; `settings` are request parameters by name
-(checked by the server: a bad value fails that job, with the server's one-line reason);
-`crf` is the MP4's quality. A line that cannot be read stops everything before any job
-is sent, with the line number and the field.
+`prompt` and `output` are required; the inputs are `framepack generate`'s options by their
+field names (`image` or `video`, neither for text-to-video; `end_image`; `keyframes`, a list
+in --keyframe's SECONDS:PATH syntax; `context_frames` and `extension_only` with a video),
+checked as the command line checks them (client/job_files.py). `settings` are request
+parameters by name (checked by the server: a bad value fails that job, with the server's
+one-line reason); `crf` is the MP4's quality. A line that cannot be read stops everything
+before any job is sent, with the line number and the field.
 
 Jobs are spread over the servers (`--server A,B`), `--per-server N` in flight on each. A
 job refused as UNAVAILABLE (the server is busy or restarting) is sent again after the
@@ -17,9 +23,10 @@ times. One job failing does not stop the others; the summary lists every job and
 exit status is 1 when any failed.
 
 Resuming: a job whose output exists and records this very job (client/provenance.py:
-same request, same image content, same crf) is skipped, so running the same file again
-after a crash or a failure makes only what is missing. Outputs are written atomically:
-an MP4 is complete with its record, or absent.
+same request, the same content in every input file, same crf) is skipped, so running the
+same file again after a crash or a failure makes only what is missing; a job whose clip or
+image changed is made again. Outputs are written atomically: an MP4 is complete with its
+record, or absent.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
@@ -40,13 +47,16 @@ from framepack_wire import Status, WireRequest
 
 from . import stream
 from .connection import Endpoint
-from .images import load_image
+from .guides import keyframe_argument
+from .job_files import FIELD_NAMES, JobFiles, clip_frames_read, context_frame_count, input_record, load_inputs
 from .outputs import OutputPathError, check_output_paths
-from .provenance import SEED_RANDOM, ImageFile, job_record, read_record_if_any, same_job, save_video
+from .provenance import SEED_RANDOM, job_record, read_record_if_any, same_job, save_video
+from .source_video import source_frames
 from .video import CRF_DEFAULT, FrameAssembler, parse_crf
 
-JOB_FIELDS = ("image", "prompt", "settings", "output", "crf")
-REQUIRED_FIELDS = ("image", "prompt", "output")
+FILE_FIELDS = ("image", "video", "end_image")
+JOB_FIELDS = ("prompt", "output", *FILE_FIELDS, "keyframes", "context_frames", "extension_only", "settings", "crf")
+REQUIRED_FIELDS = ("prompt", "output")
 # The busy server's refusal ends "retry in about N s (an estimate ...)" (framepack_server/jobs.py).
 RETRY_HINT = re.compile(r"retry in about (\d+(?:\.\d+)?) s")
 FIRST_BACKOFF_S = 1.0
@@ -61,14 +71,11 @@ class JobsFileError(ValueError):
 @dataclass(frozen=True)
 class QueueJob:
     line: int  # in the jobs file, 1-based
-    image: Path
+    files: JobFiles
     prompt: str
     settings: dict[str, str | int | float | bool]
     output: Path
     crf: int
-
-    def request(self, pixels) -> WireRequest:
-        return WireRequest(pixels, self.prompt, self.settings)
 
 
 def read_jobs(path: Path | str) -> list[QueueJob]:
@@ -110,14 +117,13 @@ def parse_job(text: str, line: int, folder: Path, where: str = "") -> QueueJob:
         return JobsFileError(f"{where}: field {name!r}: {shown} is not allowed: expected {allowed}")
 
     for name in value:
-        if name == "video":
-            raise bad(name, "an 'image' (extending a video is not offered by this client yet)")
         if name not in JOB_FIELDS:
             raise JobsFileError(f"{where}: field {name!r} is not a job field: expected {', '.join(JOB_FIELDS)}")
     for name in REQUIRED_FIELDS:
         if name not in value:
             raise JobsFileError(f"{where}: field {name!r} is missing")
-        if not isinstance(value[name], str) or not value[name].strip():
+    for name in (*REQUIRED_FIELDS, *FILE_FIELDS):
+        if name in value and (not isinstance(value[name], str) or not value[name].strip()):
             raise bad(name, "a non-empty string")
     settings = value.get("settings", {})
     if not isinstance(settings, dict):
@@ -133,7 +139,36 @@ def parse_job(text: str, line: int, folder: Path, where: str = "") -> QueueJob:
         crf = parse_crf(value["crf"]) if "crf" in value else CRF_DEFAULT
     except ValueError:
         raise bad("crf", "an int in [0, 51]") from None
-    return QueueJob(line, folder / value["image"], value["prompt"], dict(settings), folder / value["output"], crf)
+    files = job_files(value, folder, where, bad)
+    return QueueJob(line, files, value["prompt"], dict(settings), folder / value["output"], crf)
+
+
+def job_files(value: dict, folder: Path, where: str, bad: Callable[[str, str], JobsFileError]) -> JobFiles:
+    """A line's input files, checked by `framepack generate`'s own parsers and rules."""
+    keyframes = value.get("keyframes", [])
+    if not isinstance(keyframes, list) or not all(isinstance(k, str) for k in keyframes):
+        raise bad("keyframes", 'a list of "SECONDS:PATH", e.g. ["2.5:middle.png"]')
+    try:
+        timed = tuple((seconds, folder / path) for seconds, path in map(keyframe_argument, keyframes))
+    except argparse.ArgumentTypeError as e:
+        raise JobsFileError(f"{where}: field 'keyframes': {e}") from None
+    context = value.get("context_frames")
+    if context is not None:
+        if isinstance(context, bool) or not isinstance(context, (int, str)):
+            raise bad("context_frames", "a whole number of frames")
+        try:
+            context = context_frame_count(str(context))
+        except argparse.ArgumentTypeError as e:
+            raise JobsFileError(f"{where}: field 'context_frames': {e}") from None
+    extension_only = value.get("extension_only", False)
+    if not isinstance(extension_only, bool):
+        raise bad("extension_only", "true or false")
+    path = {name: folder / value[name] if name in value else None for name in FILE_FIELDS}
+    files = JobFiles(path["image"], path["video"], path["end_image"], timed, context, extension_only)
+    conflict = files.conflict(FIELD_NAMES)
+    if conflict is not None:
+        raise JobsFileError(f"{where}: {conflict}")
+    return files
 
 
 @dataclass
@@ -170,21 +205,23 @@ def run_job(
         # Created here, not by the check: the check removes folders it made, under another job's feet.
         job.output.parent.mkdir(parents=True, exist_ok=True)
         check_output_paths(job.output)
-        image = ImageFile.of(job.image)
-        loaded = load_image(job.image, label="image")
+        inputs = input_record(job.files, FIELD_NAMES)
     except (OutputPathError, OSError, ValueError) as e:
         outcome.status, outcome.message = "failed", str(e)
         return outcome
-    request = job.request(loaded.pixels)
     record = read_record_if_any(job.output)
-    if record is not None and same_job(record, request, image, job.crf):
+    if record is not None and same_job(record, job.prompt, job.settings, inputs, job.crf):
         outcome.status, outcome.message = "skipped", f"done before (seed {record['final'].get('seed')})"
         return outcome
     outcome.status = "running"
+    request = None
     while True:
         outcome.attempts += 1
         try:
-            final = _generate(endpoint, request, job, image, stop)
+            if request is None:
+                request = load_inputs(job.files, job.prompt, job.settings, FIELD_NAMES,
+                                      reads=lambda: clip_frames_read(endpoint, job.settings)).request
+            final = _generate(endpoint, request, job, inputs, stop)
         except stream.ServerError as e:
             if e.status == Status.UNAVAILABLE.value and outcome.attempts <= retries and not stop.is_set():
                 delay = retry_delay(e, outcome.attempts)
@@ -193,7 +230,7 @@ def run_job(
                     break
                 continue
             outcome.status, outcome.message = "failed", str(e)
-        except OSError as e:  # the video could not be written anywhere
+        except (OSError, ValueError) as e:  # an input that cannot be used; the video could not be written anywhere
             outcome.status, outcome.message = "failed", str(e)
         else:
             if final is None:
@@ -207,7 +244,7 @@ def run_job(
     return outcome
 
 
-def _generate(endpoint: Endpoint, request: WireRequest, job: QueueJob, image: ImageFile,
+def _generate(endpoint: Endpoint, request: WireRequest, job: QueueJob, inputs: dict,
               stop: threading.Event) -> stream.Final | None:
     assembler = FrameAssembler()
     final = None
@@ -220,7 +257,14 @@ def _generate(endpoint: Endpoint, request: WireRequest, job: QueueJob, image: Im
         if stop.is_set():
             return None
         raise stream.ServerError("UNKNOWN", "the server ended the stream without a final response")
-    saved = save_video(job.output, assembler.video(), final.fps, job.crf, job_record(request, image, job.crf, final))
+
+    def before():  # an extension's MP4 shows the clip before the new frames, as the CLI's does
+        if job.files.video is None or not job.files.combined:
+            return ()
+        return source_frames(job.files.video, final.width, final.height, label="field 'video'")
+
+    record = job_record(request, inputs, job.crf, final)
+    saved = save_video(job.output, assembler.video(), final.fps, job.crf, record, before=before)
     if saved.fell_back:
         raise OSError(saved.message)
     return final

@@ -34,9 +34,10 @@ from framepack_wire import LORAS_PARAMETER, MAX_VIDEO_FRAMES, WireRequest
 
 from . import stream
 from .connection import Endpoint, as_endpoint
-from .guides import load_guides
+from .guides import load_guides, timed_keyframes
 from .images import ImageLoadError, load_image
-from .provenance import ImageFile, RecordError, read_record, repeat_request
+from .job_files import JobFiles, input_record
+from .provenance import RecordError, read_record, recorded_inputs, repeat_request
 from .source_video import VideoLoadError, context_frames, read_clip_end
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
@@ -230,14 +231,20 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             if chosen:
                 settings[LORAS_PARAMETER] = chosen
             job = WireRequest(pixels, prompt_value, settings, video=clip_frames, **guides)
+            try:  # the files the job is made from, for its record (client/job_files.py)
+                inputs = input_record(JobFiles(
+                    Path(image_path) if pixels is not None else None, Path(clip_path) if clip_path else None,
+                    Path(end_path) if end_path else None, tuple(timed_keyframes(keyframe_paths, keyframe_times))))
+            except ValueError as e:
+                yield {status: f"Error: {e}"}
+                return
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
             yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
                    preview: None, video: None, download: None}
             try:
                 source = Path(clip_path) if clip_path is not None else None
-                image_file = ImageFile.of(image_path) if image_path is not None else None
-                for update in run_job(server, job, folder, flag.is_set, crf, image_file, source=source):
+                for update in run_job(server, job, folder, flag.is_set, crf, inputs, source=source):
                     changes = _page_update(update, status, preview, video, download, note)
                     if update.record is not None:
                         changes[used] = shown_record(update.record)
@@ -273,8 +280,10 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             prompt_value, values = repeat_request(record)
             values["crf"] = record["crf"]
             changes = {fields[name]: value for name, value in values.items() if name in fields}
+            files = recorded_inputs(record)
+            told = f"; add the files it was made from: {', '.join(files)}." if files else " (text to video)."
             return {prompt: prompt_value, used: shown_record(record), **changes,
-                    status: f"Loaded the settings of {Path(path).name}; add the start image it was made from."}
+                    status: f"Loaded the settings of {Path(path).name}{told}"}
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
         enqueue.click(add_job, [image, prompt, preset, *fields.values()], [status, jobs_table], queue=False)
@@ -311,7 +320,8 @@ def shown_record(record: dict) -> dict:
     final = record["final"]
     return {"seed": final.get("seed"), "parameters": final.get("parameters") or final.get("settings"),
             "crf": record.get("crf"), "model": (final.get("model") or {}).get("sha256"),
-            "versions": final.get("versions"), "image": record.get("image")}
+            "versions": final.get("versions"), "image": record.get("image"),
+            **{name: record[name] for name in ("video", "end_image", "keyframes") if record.get(name)}}
 
 
 def setting_field(name: str, spec: dict) -> gr.components.Component:

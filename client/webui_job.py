@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -67,13 +67,13 @@ def run_job(
     folder: Path,
     stop_requested: Callable[[], bool],
     crf: int = CRF_DEFAULT,
-    image: ImageFile | None = None,
+    inputs: Mapping[str, Any] | ImageFile | None = None,
     *,
     source: Path | None = None,
 ) -> Iterator[JobUpdate]:
     """Stream one job into `folder`, its MP4s encoded at `crf`; the last update says how it
-    ended (never raises ServerError). The finished MP4 carries its record (the start image's
-    file `image`, when given, included) and has it beside it as JSON. `source`: the clip the
+    ended (never raises ServerError). The finished MP4 carries its record (`inputs`: the job's
+    files, job_files.input_record, or the start image's file) and has it beside it as JSON. `source`: the clip the
     job extends, which the finished MP4 shows before the new frames.
 
     Connecting comes first, on its own: a server that does not answer is shown at once,
@@ -145,7 +145,7 @@ def run_job(
     except ValueError as e:  # frames that do not fit together
         yield JobUpdate(f"Error: {e}")
         return
-    record = job_record(request, image, crf, final)
+    record = job_record(request, inputs, crf, final)
 
     def before():
         return source_frames(source, final.width, final.height) if source is not None else ()

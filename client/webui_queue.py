@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .connection import Endpoint, as_endpoint
+from .job_files import JobFiles
 from .queue import Outcome, QueueJob, run_job
 
 RunJob = Callable[..., Outcome]  # client.queue.run_job's signature
@@ -46,7 +47,7 @@ class PageQueue:
         with self._lock:
             number = len(self._jobs) + 1
             output = self._output_dir / "queue" / f"job_{number:03d}.mp4"
-            job = QueueJob(number, Path(image), prompt, dict(settings), output, crf)
+            job = QueueJob(number, JobFiles(image=Path(image)), prompt, dict(settings), output, crf)
             self._jobs.append(PageJob(number, Outcome(job)))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, daemon=True, name="page-queue")

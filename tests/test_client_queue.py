@@ -10,6 +10,7 @@ from PIL import Image
 from client import queue as jobs_queue
 from client import stream
 from client.connection import Endpoint
+from client.job_files import JobFiles
 from client.provenance import read_record
 from client.queue import JobsFileError, parse_job, read_jobs
 from client.stream import ServerError
@@ -23,7 +24,7 @@ def test_a_jobs_file_resolves_paths_beside_it_and_skips_blank_and_comment_lines(
                     + "\n")
     jobs = read_jobs(path)
     assert [(job.line, job.output) for job in jobs] == [(2, tmp_path / "out/a.mp4"), (4, tmp_path / "out/b.mp4")]
-    assert jobs[0].image == tmp_path / "a.png" and jobs[0].prompt == "a cat" and jobs[0].crf == 16
+    assert jobs[0].files == JobFiles(image=tmp_path / "a.png") and jobs[0].prompt == "a cat" and jobs[0].crf == 16
     assert jobs[0].settings == {"seconds": 1, "teacache": False}
     assert jobs[1].settings == {"seconds": 1, "teacache": False, "seed": 4}
 
@@ -33,7 +34,7 @@ def test_a_jobs_file_resolves_paths_beside_it_and_skips_blank_and_comment_lines(
     [
         ('{"image": "a.png", "prompt": "p", "output": "x.mp4"', "jobs.jsonl:3: not JSON"),
         ('["a.png"]', "jobs.jsonl:3: expected a JSON object, got list"),
-        ('{"prompt": "p", "output": "x.mp4"}', "jobs.jsonl:3: field 'image' is missing"),
+        ('{"image": "a.png", "output": "x.mp4"}', "jobs.jsonl:3: field 'prompt' is missing"),
         ('{"image": "a.png", "prompt": "", "output": "x.mp4"}', "jobs.jsonl:3: field 'prompt': \"\" is not allowed"),
         ('{"image": "a.png", "prompt": "p", "output": 5}', "jobs.jsonl:3: field 'output': 5 is not allowed"),
         ('{"image": "a.png", "prompt": "p", "output": "x.mp4", "setings": {}}',
@@ -44,11 +45,12 @@ def test_a_jobs_file_resolves_paths_beside_it_and_skips_blank_and_comment_lines(
         ('{"image": "a.png", "prompt": "p", "output": "x.mp4", "settings": {"seed": "random"}}',
          "a number for 'seed'"),
         ('{"image": "a.png", "prompt": "p", "output": "x.mp4", "crf": 99}', "jobs.jsonl:3: field 'crf': 99"),
-        ('{"video": "a.mp4", "prompt": "p", "output": "x.mp4"}', "jobs.jsonl:3: field 'video'"),
+        ('{"image": "a.png", "video": "a.mp4", "prompt": "p", "output": "x.mp4"}',
+         "jobs.jsonl:3: field 'video' is not allowed with field 'image'"),
         (GOOD, "jobs.jsonl:3: field 'output': .*a.mp4 is also the output of line 1"),
     ],
-    ids=["not-json", "not-object", "no-image", "empty-prompt", "output-not-string", "unknown-field",
-         "settings-not-object", "setting-not-scalar", "random-seed", "crf-range", "video", "same-output"],
+    ids=["not-json", "not-object", "no-prompt", "empty-prompt", "output-not-string", "unknown-field",
+         "settings-not-object", "setting-not-scalar", "random-seed", "crf-range", "video-and-image", "same-output"],
 )
 def test_a_bad_line_is_named_with_its_number_and_field(tmp_path, line, message):
     path = tmp_path / "jobs.jsonl"
@@ -81,8 +83,8 @@ def test_server_lists():
 
 
 def test_parse_job_alone_names_the_line(tmp_path):
-    with pytest.raises(JobsFileError, match="line 7: field 'image' is missing"):
-        parse_job('{"prompt": "p", "output": "x"}', 7, tmp_path)
+    with pytest.raises(JobsFileError, match="line 7: field 'output' is missing"):
+        parse_job('{"prompt": "p"}', 7, tmp_path)
 
 
 class FlakyServer:

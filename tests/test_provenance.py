@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from client import provenance
+from client.job_files import JobFiles, input_record
 from client.provenance import ImageFile, RecordError, job_inputs, job_record, read_record, repeat_request, save_video
 from framepack_backend import provenance as engine_provenance
 from framepack_backend.events import GenerationResult
@@ -159,10 +160,10 @@ def test_the_record_round_trips_through_the_mp4_tag_and_the_json_beside_it(tmp_p
         assert json.loads(container.metadata["comment"]) == record
         assert len(list(container.decode(video=0))) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.mp4", "start.png"]  # no temporary left
-    assert provenance.same_job(record, request, ImageFile.of(start_image), 18)
-    assert not provenance.same_job(record, request, ImageFile.of(start_image), 19)
-    assert not provenance.same_job(record, WireRequest(request.image, "a dog", {"steps": 3}),
-                                   ImageFile.of(start_image), 18)
+    inputs = input_record(JobFiles(image=start_image))
+    assert provenance.same_job(record, "a dog", {"steps": "2"}, inputs, 18)
+    assert not provenance.same_job(record, "a dog", {"steps": "2"}, inputs, 19)
+    assert not provenance.same_job(record, "a dog", {"steps": 3}, inputs, 18)
 
 
 def test_an_mp4_without_a_record_is_refused_by_name(tmp_path):
@@ -191,44 +192,47 @@ def recorded(tmp_path: Path, start_image: Path) -> Path:
 
 def test_from_repeats_the_job_and_options_given_win(tmp_path, start_image):
     source = recorded(tmp_path, start_image)
-    job = job_inputs(source, None, None, {}, None)
-    assert (job.image, job.prompt, job.parameters, job.crf) == (start_image.absolute(), "a dog",
+    job = job_inputs(source, JobFiles(), None, {}, None)
+    assert (job.files, job.prompt, job.parameters, job.crf) == (JobFiles(image=start_image.absolute()), "a dog",
                                                                 {"seed": 123, "steps": 2}, 18)
-    job = job_inputs(source.with_suffix(".json"), None, "a cat", {"steps": "5"}, 30)
+    job = job_inputs(source.with_suffix(".json"), JobFiles(), "a cat", {"steps": "5"}, 30)
     assert (job.prompt, job.parameters, job.crf, job.drawn_seed) == ("a cat", {"seed": 123, "steps": "5"}, 30, None)
 
 
-def test_from_refuses_a_job_made_from_inputs_the_record_does_not_keep(tmp_path, start_image):
+def test_an_older_record_without_the_end_images_file_is_refused_unless_one_is_given(tmp_path, start_image):
     image = np.zeros((48, 64, 3), np.uint8)
     request = WireRequest(image, "a dog", {"end_strength": 1}, end_image=image)
     path = tmp_path / "ends.mp4"
     save_video(path, video(), 30, 18, job_record(request, ImageFile.of(start_image), 18, final_meta()))
-    assert read_record(path)["inputs"] == ["end_image", "image"]
-    with pytest.raises(RecordError, match="made from end_image as well"):
-        job_inputs(path, None, None, {}, None)
+    assert read_record(path)["inputs"] == ["end_image", "image"] and "end_image" not in read_record(path)
+    with pytest.raises(RecordError, match="does not keep the end image the job was made from; give --end-image"):
+        job_inputs(path, JobFiles(), None, {}, None)
+    assert job_inputs(path, JobFiles(end_image=start_image), None, {}, None).files == JobFiles(
+        image=start_image.absolute(), end_image=start_image)
 
 
 def test_from_refuses_a_missing_or_changed_image_unless_one_is_given(tmp_path, start_image):
     source = recorded(tmp_path, start_image)
     Image.fromarray(np.full((48, 64, 3), 91, np.uint8)).save(start_image)
     with pytest.raises(RecordError, match=r"out.mp4: the start image .*start.png changed since .*give --image"):
-        job_inputs(source, None, None, {}, None)
+        job_inputs(source, JobFiles(), None, {}, None)
     start_image.unlink()
     with pytest.raises(RecordError, match=r"the start image .*start.png is missing; give --image"):
-        job_inputs(source, None, None, {}, None)
+        job_inputs(source, JobFiles(), None, {}, None)
     other = tmp_path / "other.png"
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(other)
-    assert job_inputs(source, other, None, {}, None).image == other
+    assert job_inputs(source, JobFiles(image=other), None, {}, None).files == JobFiles(image=other)
 
 
 def test_seed_random_draws_a_seed_and_reports_it(tmp_path, start_image):
-    drawn = {job_inputs(None, start_image, "p", {"seed": "random"}, None).parameters["seed"] for _ in range(5)}
+    files = JobFiles(image=start_image)
+    drawn = {job_inputs(None, files, "p", {"seed": "random"}, None).parameters["seed"] for _ in range(5)}
     assert len(drawn) > 1 and all(isinstance(seed, int) and 0 <= seed < 2**32 for seed in drawn)
-    job = job_inputs(recorded(tmp_path, start_image), None, None, {"seed": "Random"}, None)
+    job = job_inputs(recorded(tmp_path, start_image), JobFiles(), None, {"seed": "Random"}, None)
     assert job.parameters["seed"] == job.drawn_seed != 123
-    assert job_inputs(None, None, "p", {}, None).image is None  # no image: text-to-video
+    assert job_inputs(None, JobFiles(), "p", {}, None).files == JobFiles()  # no image: text-to-video
     with pytest.raises(ValueError, match="--prompt is required"):
-        job_inputs(None, start_image, None, {}, None)
+        job_inputs(None, files, None, {}, None)
 
 
 def test_the_prompt_travels_as_sent(image):

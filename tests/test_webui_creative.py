@@ -12,6 +12,7 @@ from PIL import Image
 from test_webui import browser, field, page, set_fields, wait_for_status, web_ui, webui_output_dir  # noqa: F401
 
 from client.images import load_image
+from client.provenance import file_sha256, read_record
 from client.webui import CREATIVE_GROUP
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 
@@ -29,7 +30,7 @@ def wait_for_done(browser_page, jobs: int) -> str:
 
 
 @pytest.mark.server
-def test_a_job_with_an_end_image_then_one_with_a_timed_prompt(page, tmp_path):  # noqa: F811
+def test_a_job_with_an_end_image_then_one_with_a_timed_prompt(page, tmp_path, webui_output_dir):  # noqa: F811
     end = tmp_path / "end.png"
     Image.fromarray(255 - load_image(SAMPLE).pixels).save(end)
     page.get_by_role("button", name=CREATIVE_GROUP).click()  # folded: its fields are made when opened
@@ -46,6 +47,11 @@ def test_a_job_with_an_end_image_then_one_with_a_timed_prompt(page, tmp_path):  
     set_fields(page, {"End image strength": 0.9})
     page.get_by_role("button", name="Start").click()
     assert wait_for_done(page, 2).startswith("Done: 25 frames")
+    # Its record keeps the end image's file too (the uploaded copy, the same bytes), so `--from` repeats it.
+    latest = max(webui_output_dir.rglob("framepack_seed*.json"), key=lambda path: path.stat().st_mtime)
+    record = read_record(latest)
+    assert record["inputs"] == ["end_image", "image"] and record["end_image"]["sha256"] == file_sha256(end)
+    assert record["image"]["sha256"] == file_sha256(SAMPLE)
 
     page.screenshot(path=tmp_path / "webui.png", full_page=True)
     assert (tmp_path / "webui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
