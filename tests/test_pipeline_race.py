@@ -20,6 +20,8 @@ from framepack_backend.buckets import bucket_for
 from framepack_backend.settings import SamplingSettings
 from framepack_server.demo import SAMPLE_IMAGE
 
+pytestmark = pytest.mark.slow  # two tiny pipelines, three pairings and a warm-up: about a minute on a CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS, STEPS, RESOLUTION = 2, 3, 128
 PAIRINGS = ("off", "teacache", "magcache")
