@@ -60,11 +60,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from generation import PROMPT, build_components, generate_once, peak_gib, synchronize  # noqa: E402
+from script_path import leave_benchmarks_folder  # noqa: E402
+from step_caches import STEP_CACHES  # noqa: E402
 from transformer_forward import make_inputs, relative_error, transformer_sharing_weights  # noqa: E402
 
-# The sibling scripts are imported: off the path with benchmarks/, whose kernels.py would
-# otherwise shadow the `kernels` package transformers imports when it is installed.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+leave_benchmarks_folder()
 
 from framepack_backend import planner  # noqa: E402
 from framepack_backend.buckets import bucket_for, resize_and_center_crop  # noqa: E402
@@ -77,12 +77,7 @@ from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E40
 from framepack_backend.variants import SamplingVariant  # noqa: E402
 from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
 
-PAIRINGS = ("off", "teacache", "magcache")
-OUR_CACHES = {
-    "off": {"cache": "none"},
-    "teacache": {"cache": "teacache", "teacache": True, "teacache_threshold": 0.15},
-    "magcache": {"cache": "magcache"},
-}
+PAIRINGS = tuple(STEP_CACHES)  # each names our cache and its diffusers counterpart
 DISTILLED_GUIDANCE = 10.0  # the FramePack demo's, and our default (SamplingSettings.gs)
 
 
@@ -201,7 +196,7 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     ours_settings = {"seconds": seconds, "steps": steps, "resolution": resolution, "seed": seed,
                      "gs": DISTILLED_GUIDANCE, "cfg": 1.0, "memory_mode": "resident"}
     t0 = time.perf_counter()
-    generate_once(pipeline, pixels, {**ours_settings, **OUR_CACHES["off"], "seconds": 1, "steps": warmup_steps})
+    generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES["off"], "seconds": 1, "steps": warmup_steps})
     generate_diffusers(pipe, pixels, 1, window, warmup_steps, seed, device)
     warmup_s = time.perf_counter() - t0
     print(f"warm-up (one section of {warmup_steps} steps each side): {warmup_s:.1f} s", flush=True)
@@ -210,7 +205,7 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     for pairing in pairings:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        mine = generate_once(pipeline, pixels, {**ours_settings, **OUR_CACHES[pairing]})
+        mine = generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES[pairing]})
         ours_run = dict(side="ours", pairing=pairing, cache=describe_ours(pairing), frames=mine["frames"],
                         width=mine["width"], height=mine["height"], total_s=mine["total_s"],
                         s_per_frame=mine["s_per_frame"], computed_forwards=mine["timings"]["computed_steps"],
@@ -246,7 +241,7 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
 
 def describe_ours(pairing: str) -> str:
     defaults = SamplingSettings()
-    return {"off": "none", "teacache": "TeaCache 0.15",
+    return {"off": "none", "teacache": f"TeaCache {STEP_CACHES['teacache']['teacache_threshold']}",
             "magcache": f"MagCache threshold {defaults.magcache_threshold} max skips {defaults.magcache_max_skips} "
                         f"retention {defaults.magcache_retention}"}[pairing]
 

@@ -85,3 +85,26 @@ def test_record_says_what_ran(record):
     assert record["versions"]["diffusers"]
     # One state dict, two models: the forwards agree to fp32 rounding.
     assert record["forward_rel_error"] < 1e-4
+
+
+@pytest.mark.server
+def test_the_server_benchmark_counts_seconds_per_frame_as_the_race(tmp_path):
+    """benchmarks/server_generation.py --tiny: the same step-cache runs, s/frame up to the frames in hand."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "server_generation.py"), "--tiny", "--runs", "off,magcache",
+               "--seconds", "1", "--steps", str(STEPS), "--resolution", str(RESOLUTION), "--fused-qkv",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("server_generation_*.json")
+    record = json.loads(path.read_text())
+    assert (record["tiny"], record["fused_qkv"], record["cuda_graphs"], record["steps"]) == (True, True, False, STEPS)
+    off, magcache = record["runs"]
+    assert (off["cache"], magcache["cache"]) == ("off", "magcache")
+    for run in record["runs"]:
+        assert run["frames"] == run["frames_received"] == planner.video_frame_count(1, SamplingSettings().window)
+        assert run["s_per_frame"] == pytest.approx(run["received_s"] / run["frames"])
+        assert run["server_timings"]["computed_steps"] == run["computed_forwards"]
+    # One section of 3 steps: no cache computes all three, MagCache skips step 1 (as in the race).
+    assert (off["computed_forwards"], off["skipped_forwards"]) == (STEPS, 0)
+    assert (magcache["computed_forwards"], magcache["skipped_forwards"]) == (STEPS - 1, 1)
