@@ -7,15 +7,16 @@ prompt, seed, frames and steps per section, with cfg 1 and distilled guidance 10
 FramePack demo. Each side's time is its whole call: text and image encoding, every section's
 sampling and VAE decode, up to the frames in host memory; diffusers decodes with its own VAE
 path (each section's `vae.decode` and its soft append; the VAE untiled, as its pipeline leaves
-it). A short warm-up generation on each side first (kernel compilation, algorithm choice).
+it). A warm-up generation on each side first: the same video at `--warmup-steps` per section.
 
     python benchmarks/pipeline_race.py [--runs off] [--seconds 5] [--steps 25] [--resolution 640]
     python benchmarks/pipeline_race.py --runs magcache,teacache    # the caches' pairings
     python benchmarks/pipeline_race.py --tiny    # the tiny random bundle, fp32 on the CPU: checks the script
 
 Full size (the default) builds the public configurations on the GPU (benchmarks/generation.py)
-in bf16 and needs CUDA. On an H200, by the issue's s/frame figures: about 5 minutes for
-`--runs off` (building and warm-up about 1, ours 1.5, diffusers 2), 2 to 3 more per cache pairing.
+in bf16 and needs CUDA. On an H200, by the issue's s/frame figures: about 5.5 minutes for
+`--runs off` (imports, building and warm-up about 2, ours 1.5, diffusers 2), 2 to 3 more per
+cache pairing.
 
 What is the same on both sides, and what is each side's own:
 - Steps: the same count per section, one transformer forward each (cfg 1). The samplers
@@ -198,10 +199,12 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     ours_settings = {"seconds": seconds, "steps": steps, "resolution": resolution, "seed": seed,
                      "gs": DISTILLED_GUIDANCE, "cfg": 1.0, "memory_mode": "resident"}
     t0 = time.perf_counter()
-    generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES["off"], "seconds": 1, "steps": warmup_steps})
-    generate_diffusers(pipe, pixels, 1, window, warmup_steps, seed, device)
+    # The whole video at fewer steps: every section's shapes (the decodes differ) meet their
+    # kernels, algorithm choices and allocations before the timed runs.
+    generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES["off"], "steps": warmup_steps})
+    generate_diffusers(pipe, pixels, sections, window, warmup_steps, seed, device)
     warmup_s = time.perf_counter() - t0
-    print(f"warm-up (one section of {warmup_steps} steps each side): {warmup_s:.1f} s", flush=True)
+    print(f"warm-up ({sections} sections of {warmup_steps} steps each side): {warmup_s:.1f} s", flush=True)
 
     runs, pairs = [], []
     for pairing in pairings:
