@@ -39,6 +39,12 @@ Pairings (`--runs`), ours | diffusers:
   retention. The hook counts forwards and starts over every `steps` of them: once per
   section with cfg 1, as ours. It has no per-step 0.06 bound and rounds the retention
   differently from the authors' port; each side runs its own implementation as shipped.
+Both hooks apply to this transformer (its blocks are the HunyuanVideo ones diffusers'
+hook registry knows) but keep their state per cache context, and diffusers' FramePack
+pipeline opens none (its other pipelines open one per denoiser call and CFG branch): First
+Block Cache then fails with "No cache context is set". The race opens one context around
+the pipeline call; with cfg 1 there is one branch, so that is the context it would open.
+The record's `pairing_notes` repeat this.
 
 Before timing, one transformer forward of each side on the same inputs checks that the
 weights are shared (`forward_rel_error`: bf16 noise on the GPU, ~1e-6 in fp32).
@@ -81,6 +87,16 @@ from framepack_backend.variants import SamplingVariant  # noqa: E402
 from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
 
 PAIRINGS = tuple(STEP_CACHES)  # each names our cache and its diffusers counterpart
+PAIRING_NOTES = {
+    "off": "no step cache on either side",
+    "teacache": "ours TeaCache 0.15; diffusers 0.42 has no TeaCache hook, so its First Block Cache (default "
+                "threshold), also decided from the first block; both read activations, which random weights do "
+                "not move as trained ones do",
+    "magcache": "ours MagCache at the authors' defaults; diffusers' MagCache hook with the authors' FramePack ratios "
+                "and the same threshold, max skips and retention (no per-step 0.06 bound, its own retention rounding)",
+    "cache_context": "diffusers' FramePack pipeline opens no cache context, which its cache hooks need; the race "
+                     "opens one around the pipeline call (cfg 1: one branch)",
+}
 DISTILLED_GUIDANCE = 10.0  # the FramePack demo's, and our default (SamplingSettings.gs)
 
 
@@ -241,7 +257,8 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     return dict(seconds=seconds, steps=steps, resolution=resolution, width=width, height=height, window=window,
                 sections=sections, seed=seed, prompt=PROMPT, distilled_guidance=DISTILLED_GUIDANCE, cfg=1.0,
                 diffusers_num_frames=peer_num_frames(sections, window), forward_rel_error=rel_error,
-                warmup_s=warmup_s, engine_options=options.to_dict(), runs=runs, pairs=pairs)
+                warmup_s=warmup_s, engine_options=options.to_dict(), pairing_notes=PAIRING_NOTES, runs=runs,
+                pairs=pairs)
 
 
 def describe_ours(pairing: str) -> str:

@@ -83,6 +83,8 @@ def test_record_says_what_ran(record):
     assert (record["config"], record["dtype"], record["gpu"]) == ("tiny", "float32", "cpu")
     assert (record["steps"], record["distilled_guidance"], record["cfg"]) == (STEPS, 10.0, 1.0)
     assert record["versions"]["diffusers"]
+    assert set(record["pairing_notes"]) >= set(PAIRINGS)
+    assert "First Block Cache" in record["pairing_notes"]["teacache"]
     # One state dict, two models: the forwards agree to fp32 rounding.
     assert record["forward_rel_error"] < 1e-4
 
