@@ -11,6 +11,7 @@ it). A warm-up generation on each side first: the same video at `--warmup-steps`
 
     python benchmarks/pipeline_race.py [--runs off] [--seconds 5] [--steps 25] [--resolution 640]
     python benchmarks/pipeline_race.py --runs magcache,teacache    # the caches' pairings
+    python benchmarks/pipeline_race.py --fused-qkv --cuda-graphs   # ours with the opt-in exact speed options
     python benchmarks/pipeline_race.py --tiny    # the tiny random bundle, fp32 on the CPU: checks the script
 
 Full size (the default) builds the public configurations on the GPU (benchmarks/generation.py)
@@ -293,6 +294,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=640, help="bucket resolution (640: 704x544 here)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--no-kernels", action="store_true", help="our eager blocks instead of the fused kernels")
+    parser.add_argument("--fused-qkv", action="store_true", help="ours with q/k/v as one GEMM (EngineOptions)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="ours with the blocks replayed from CUDA graphs")
     parser.add_argument("--weight-scale", type=float, default=0.05, help="full size: transformer weights ×this")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -301,6 +304,8 @@ def main() -> None:
         sys.exit(f"--runs {args.runs!r}: expected pairings from {', '.join(PAIRINGS)}")
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("benchmarks/pipeline_race.py needs a CUDA GPU for the full-size models (or --tiny for the CPU)")
+    if args.tiny and args.cuda_graphs:
+        sys.exit("--cuda-graphs replays GPU work: not with --tiny, which runs on the CPU")
     import diffusers
     from PIL import Image
 
@@ -317,7 +322,8 @@ def main() -> None:
     image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     fused_kernels = None if device.type == "cpu" else not args.no_kernels
     record = race(components, device, dtype, image, pairings, args.seconds, args.steps, args.resolution,
-                  args.warmup_steps, EngineOptions(fused_kernels=fused_kernels))
+                  args.warmup_steps, EngineOptions(fused_kernels=fused_kernels, fused_qkv=args.fused_qkv,
+                                                   cuda_graphs=args.cuda_graphs))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{name}, {'tiny' if args.tiny else 'full'} config, {record['seconds']} s video "
