@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from framepack_backend.variants import VARIANT_NAMES, SamplingVariant
+
+if TYPE_CHECKING:  # the engine's settings import torch; the launcher does not need it
+    from framepack_backend.settings import EngineOptions
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -107,7 +110,7 @@ class InstanceConfig:
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
 
-    def engine_options(self):
+    def engine_options(self) -> "EngineOptions":
         """The pipelines' EngineOptions (imports the engine's settings, and so torch, only when called)."""
         from framepack_backend.settings import EngineOptions
 
