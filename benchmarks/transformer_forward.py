@@ -39,9 +39,25 @@ FULL_CONFIG = dict(
 SMALL_CONFIG = dict(FULL_CONFIG, num_layers=2, num_single_layers=4)
 
 
-def make_inputs(device, dtype, latent_hw=(80, 80), window=9, text_tokens=100, seed=0):
+def transformer_sharing_weights(model_class, config: dict, source: torch.nn.Module) -> torch.nn.Module:
+    """A `model_class` transformer (ours or diffusers') holding `source`'s weights, not a copy.
+
+    Both classes take the same config and state-dict keys (SPEC: safetensors keys identical),
+    so the new model is built without memory and its parameters wrap `source`'s storage:
+    one 13B state dict serves both sides of a race. Converting a parameter of one model
+    later (e.g. our fp32 output projection) replaces only that model's tensor.
+    """
+    with torch.device("meta"):
+        model = model_class(**config)
+    model.load_state_dict(source.state_dict(), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(device, dtype, latent_hw=(80, 80), window=9, text_tokens=100, seed=0, config=FULL_CONFIG):
+    """One last-section forward's inputs; the feature sizes are `config`'s."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h, w = latent_hw
+    channels = config["in_channels"]
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
@@ -50,19 +66,19 @@ def make_inputs(device, dtype, latent_hw=(80, 80), window=9, text_tokens=100, se
     idx = torch.arange(1 + pad * window + window + 1 + 2 + 16)
     start, _, latents, clean_1x, clean_2x, clean_4x = idx.split([1, pad * window, window, 1, 2, 16])
     return dict(
-        hidden_states=rnd(1, 16, window, h, w),
+        hidden_states=rnd(1, channels, window, h, w),
         timestep=torch.tensor([900.0], device=device, dtype=dtype),
-        encoder_hidden_states=rnd(1, text_tokens, 4096),
+        encoder_hidden_states=rnd(1, text_tokens, config["text_embed_dim"]),
         encoder_attention_mask=torch.ones(1, text_tokens, dtype=torch.bool, device=device),
-        pooled_projections=rnd(1, 768),
-        image_embeds=rnd(1, 729, 1152),
+        pooled_projections=rnd(1, config["pooled_projection_dim"]),
+        image_embeds=rnd(1, 729, config["image_proj_dim"]),
         indices_latents=latents.to(device),
         guidance=torch.tensor([10000.0], device=device, dtype=dtype),
-        latents_clean=rnd(1, 16, 2, h, w),
+        latents_clean=rnd(1, channels, 2, h, w),
         indices_latents_clean=torch.cat([start, clean_1x]).to(device),
-        latents_history_2x=rnd(1, 16, 2, h, w),
+        latents_history_2x=rnd(1, channels, 2, h, w),
         indices_latents_history_2x=clean_2x.to(device),
-        latents_history_4x=rnd(1, 16, 16, h, w),
+        latents_history_4x=rnd(1, channels, 16, h, w),
         indices_latents_history_4x=clean_4x.to(device),
     )
 
@@ -117,10 +133,7 @@ def main() -> None:
         for p in peer.parameters():
             p.mul_(args.weight_scale)
     peer.requires_grad_(False)
-    with torch.device("meta"):
-        ours = FramePackTransformer(**config)
-    ours.load_state_dict(peer.state_dict(), strict=True, assign=True)  # shares the peer's weights
-    ours.eval().requires_grad_(False)
+    ours = transformer_sharing_weights(FramePackTransformer, config, peer)
     inputs = make_inputs(device, dtype)
     rows, results = [], []
 
@@ -175,18 +188,14 @@ def main() -> None:
             ours_runs[f"fused-kernels-qkv-compiled{suffix}"] = measure(f"ours fused + qkv + compiled{label}", ours,
                                                                    peer_out=peer_out, attend=fastest_attend)[0]
         if torch.cuda.get_device_capability() >= (9, 0):
-            with torch.device("meta"):
-                fp8 = FramePackTransformer(**config)
-            fp8.load_state_dict(peer.state_dict(), strict=True, assign=True)
-            fp8.eval().requires_grad_(False).quantize_fp8()
+            fp8 = transformer_sharing_weights(FramePackTransformer, config, peer)
+            fp8.quantize_fp8()
             fp8.set_fused_kernels(True)
             ours_runs[f"fp8-fused-kernels{suffix}"] = measure(f"ours fp8 + fused kernels{label}", fp8,
                                                               peer_out=peer_out, attend=fastest_attend)[0]
             with_graphs(f"fp8-fused-kernels-graphs{suffix}", fp8)
-            with torch.device("meta"):
-                fp8_qkv = FramePackTransformer(**config)
-            fp8_qkv.load_state_dict(peer.state_dict(), strict=True, assign=True)
-            fp8_qkv.eval().requires_grad_(False).fuse_qkv()
+            fp8_qkv = transformer_sharing_weights(FramePackTransformer, config, peer)
+            fp8_qkv.fuse_qkv()
             fp8_qkv.quantize_fp8()
             fp8_qkv.set_fused_kernels(True)
             ours_runs[f"fp8-fused-kernels-qkv{suffix}"] = measure(f"ours fp8 + fused kernels + qkv{label}", fp8_qkv,

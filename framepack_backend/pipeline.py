@@ -212,9 +212,10 @@ class Pipeline:
                 f"are available on {self.device.type}; ask for a lower resolution",
             )
         decode_tiled = decode_plan.tiled if decode_plan is not None else None
-        options = options.replace(memory_mode=mode)
-        # A graph replays the weight addresses it captured: only weights that stay put.
-        c.transformer.enable_cuda_graphs(options.cuda_graphs and mode == "resident")
+        # A graph replays the weight addresses it captured: only weights that stay put. The
+        # job's record (GenerationResult.settings) then says whether it ran with graphs.
+        options = options.replace(memory_mode=mode, cuda_graphs=options.cuda_graphs and mode == "resident")
+        c.transformer.enable_cuda_graphs(options.cuda_graphs)
         timings["placement_s"] = time.perf_counter() - t_start
         yield VideoPlanned(
             sections=sections, window=window, latent_frames=planner.latent_frame_count(sections, window),

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="transformer to serve: inverted (transformer/) or f1 (transformer_f1/); default: config")
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 e4m3 linear layers in the transformer blocks (Hopper GPUs; default: config, bf16)")
+    parser.add_argument("--fused-qkv", action="store_true",
+                        help="each attention's q/k/v projections as one GEMM (same math; not with --lora-dir)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the transformer blocks from CUDA graphs captured per job (GPU; jobs that run "
+                             "with resident weights)")
     parser.add_argument("--lora-dir", type=Path, metavar="DIR",
                         help="folder of LoRA .safetensors files requests may name (framepack generate --lora NAME)")
     parser.add_argument("--groups", type=int,
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_queued_jobs=args.max_queued_jobs, max_job_seconds=args.max_job_seconds, sampling=args.sampling,
                 lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None,
                 fp8=True if args.fp8 else None, groups=args.groups, sequence_parallel=args.sequence_parallel,
+                fused_qkv=True if args.fused_qkv else None, cuda_graphs=True if args.cuda_graphs else None,
                 fault_injection=args.fault_injection,
             ),
         )

@@ -1,5 +1,5 @@
 """Where and how the Triton model instance runs: model directory, device, dtype, FP8,
-GPU groups, sequence-parallel degree, queue size, time limit per job.
+fused q/k/v, CUDA graphs, GPU groups, sequence-parallel degree, queue size, time limit per job.
 
 Values come from the model config's `parameters`, each overridable by an environment
 variable of the server process (the launcher sets them), so one `config.pbtxt` serves
@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from framepack_backend.variants import VARIANT_NAMES, SamplingVariant
+
+if TYPE_CHECKING:  # the engine's settings import torch; the launcher does not need it
+    from framepack_backend.settings import EngineOptions
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -28,8 +31,10 @@ ENV_OVERRIDES = {
     "lora_dir": "FRAMEPACK_LORA_DIR",
     "groups": "FRAMEPACK_GROUPS",
     "sequence_parallel": "FRAMEPACK_SEQUENCE_PARALLEL",
+    "fused_qkv": "FRAMEPACK_FUSED_QKV",
+    "cuda_graphs": "FRAMEPACK_CUDA_GRAPHS",
 }
-FP8_VALUES = {"true": True, "false": False}
+FLAG_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
 # config parameter, so a model repository cannot switch it on.
 FAULT_INJECTION_ENV = "FRAMEPACK_FAULT_INJECTION"
@@ -64,6 +69,8 @@ class InstanceOverrides:
     lora_dir: str | None = None  # the folder whose LoRA files requests may name
     groups: int | None = None  # GPU groups that run jobs (groups.py)
     sequence_parallel: int | None = None  # processes (one device each) per job; must divide the heads
+    fused_qkv: bool | None = None  # q/k/v as one GEMM (EngineOptions.fused_qkv)
+    cuda_graphs: bool | None = None  # the blocks replayed from CUDA graphs (EngineOptions.cuda_graphs)
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -97,9 +104,18 @@ class InstanceConfig:
     # Ranks splitting each forward over attention heads: this instance (rank 0) and its
     # worker processes (framepack_backend/sequence_group.py), on consecutive devices.
     sequence_parallel: int = 1
+    fused_qkv: bool = False  # each attention's q/k/v projections as one GEMM
+    cuda_graphs: bool = False  # the transformer blocks replayed from CUDA graphs (GPU, resident jobs)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
+
+    def engine_options(self) -> "EngineOptions":
+        """The pipelines' EngineOptions (imports the engine's settings, and so torch, only when called)."""
+        from framepack_backend.settings import EngineOptions
+
+        return EngineOptions(sampling=self.sampling, fp8=self.fp8, fused_qkv=self.fused_qkv,
+                             cuda_graphs=self.cuda_graphs, sequence_parallel=self.sequence_parallel)
 
     @classmethod
     def from_triton(cls, args: Mapping[str, str], environ: Mapping[str, str]) -> "InstanceConfig":
@@ -141,9 +157,13 @@ class InstanceConfig:
                 f"sampling={sampling!r} is not allowed: expected one of {', '.join(VARIANT_NAMES)}"
             )
 
-        fp8 = value("fp8", "false").lower()
-        if fp8 not in FP8_VALUES:
-            raise InstanceConfigError(f"fp8={fp8!r} is not allowed: expected 'true' or 'false'")
+        def flag(key: str) -> bool:
+            text = value(key, "false").lower()
+            if text not in FLAG_VALUES:
+                raise InstanceConfigError(f"{key}={text!r} is not allowed: expected 'true' or 'false'")
+            return FLAG_VALUES[text]
+
+        fp8, fused_qkv, cuda_graphs = flag("fp8"), flag("fused_qkv"), flag("cuda_graphs")
 
         groups = value("groups", "auto")
         if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):
@@ -168,6 +188,8 @@ class InstanceConfig:
                 f"lora_dir={lora_text!r} is not a directory: set FRAMEPACK_LORA_DIR or the config parameter "
                 "lora_dir to a folder of LoRA .safetensors files, or leave it empty for none"
             )
+        check_speed_options(fused_qkv, cuda_graphs, on_gpu=None if device == "auto" else device != "cpu",
+                            sequence_parallel=int(sequence_parallel), lora_dir=lora_text or None)
         shutdown_file = environ.get(SHUTDOWN_FILE_ENV, "").strip()
         return cls(
             model_dir,
@@ -178,8 +200,37 @@ class InstanceConfig:
             Path(shutdown_file) if shutdown_file else None,
             environ.get(FAULT_INJECTION_ENV, "") == "1",
             SamplingVariant(sampling),
-            FP8_VALUES[fp8],
+            fp8,
             lora_dir,
             None if groups == "auto" else int(groups),
             int(sequence_parallel),
+            fused_qkv=fused_qkv,
+            cuda_graphs=cuda_graphs,
+        )
+
+
+def check_speed_options(fused_qkv: bool, cuda_graphs: bool, *, on_gpu: bool | None, sequence_parallel: int,
+                        lora_dir: str | None) -> None:
+    """Refuse the speed options where they would not apply (InstanceConfigError), rather than ignore them.
+
+    `on_gpu`: whether the instance runs on a GPU (None: not known yet, device 'auto'; the
+    engine then refuses CUDA graphs on a CPU when it loads). Read by the instance and,
+    before it starts tritonserver, by the launcher.
+    """
+    if cuda_graphs and on_gpu is False:
+        raise InstanceConfigError(
+            "cuda_graphs=true is not allowed: CUDA graphs replay GPU work and this server runs on the CPU; "
+            "serve on a GPU (device 'auto' or 'cuda:N') or leave cuda_graphs off"
+        )
+    for name, on in (("cuda_graphs", cuda_graphs), ("fused_qkv", fused_qkv)):
+        if on and sequence_parallel > 1:
+            # The worker ranks (sequence_group.WorkerSpec) load their blocks without either option.
+            raise InstanceConfigError(
+                f"{name}=true is not allowed with sequence_parallel={sequence_parallel}: the sequence-parallel "
+                "ranks run their blocks without it; use one or the other"
+            )
+    if fused_qkv and lora_dir:
+        raise InstanceConfigError(
+            "fused_qkv=true is not allowed with a lora_dir: LoRAs adapt to_q, to_k and to_v, which fused_qkv "
+            "replaces by one layer per attention; leave one of them off"
         )

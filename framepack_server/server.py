@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import IO
 
 from .access import check_api_key, hide_api_key, restricted_protocol_arguments
-from .instance import ENV_OVERRIDES, SHUTDOWN_FILE_ENV, InstanceOverrides, check_device
+from .instance import (
+    ENV_OVERRIDES,
+    SHUTDOWN_FILE_ENV,
+    InstanceConfigError,
+    InstanceOverrides,
+    check_device,
+    check_speed_options,
+)
 from .processes import command_line, exited, kill_group, listening_pid, spawn, wait_unreaped
 from .supervisor import Supervisor, backend_stub_pids
 from .tiny_model import ensure_tiny_bundle
@@ -126,6 +133,7 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else cache_dir() / "logs" / f"tritonserver-{grpc_port}.log"
         self.echo_log = echo_log
         self.startup_timeout_s = startup_timeout_s
+        self.overrides = overrides
         self.environment = {**overrides.environment(), **(environment or {})}
         self.grpc_tls = grpc_tls
         self.restart_on_failure = restart_on_failure
@@ -220,6 +228,7 @@ class TritonServer:
             _check_port_free(self.host, port, name)
         if self.device.startswith("cuda:"):
             _check_gpu(int(self.device[5:]))
+        self._check_speed_options()
         install = self._install()
         command = [
             str(install.binary),
@@ -256,6 +265,18 @@ class TritonServer:
         echo = _Echo(gpu_expected=self.device != "cpu" and nvidia_gpu_count() > 0) if self.echo_log else None
         self._pump = threading.Thread(target=_pump_log, args=(self._process.stdout, log, echo), daemon=True)
         self._pump.start()
+
+    def _check_speed_options(self) -> None:
+        """Refuse speed options that cannot apply to this server before starting it (instance.py)."""
+        o = self.overrides
+        if not (o.fused_qkv or o.cuda_graphs):
+            return
+        try:
+            check_speed_options(bool(o.fused_qkv), bool(o.cuda_graphs),
+                                on_gpu=self.device != "cpu" and nvidia_gpu_count() > 0,
+                                sequence_parallel=o.sequence_parallel or 1, lora_dir=o.lora_dir)
+        except InstanceConfigError as e:
+            raise ServerStartError(str(e)) from None
 
     def wait_ready(self) -> None:
         """Wait for /v2/health/ready; if the server dies or times out, raise with its log's tail."""

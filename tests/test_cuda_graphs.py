@@ -16,6 +16,25 @@ def test_cuda_graphs_are_refused_on_the_cpu_and_the_pool_is_bounded(tiny_bundle)
         BlockGraphs(lambda *tensors, attend: tensors[0], max_graphs=0)
 
 
+def test_a_job_whose_weights_move_runs_without_graphs_and_says_so(tiny_bundle, image):
+    """cuda_graphs is an instance option; a job in memory mode offload cannot replay graphs
+    (the weights move), so it runs eagerly and its record says cuda_graphs False."""
+    from framepack_backend.components import load_components
+    from framepack_backend.request import GenerationRequest
+
+    components = load_components(tiny_bundle, "cpu", torch.float32)
+    # Built directly: configure_transformer would refuse graphs on the CPU before any job.
+    pipeline = Pipeline(components, torch.device("cpu"), torch.float32, tiny_bundle, EngineOptions(cuda_graphs=True))
+    graphs_during_steps = set()
+    for event in pipeline.generate(GenerationRequest.parse(image, "x", resolution=128, steps=2, seconds=1,
+                                                           teacache=False, memory_mode="offload")):
+        if type(event).__name__ == "StepProgress":
+            graphs_during_steps.add(components.transformer.block_graphs is not None)
+    assert graphs_during_steps == {False}
+    assert (event.settings["cuda_graphs"], event.settings["memory_mode"]) == (False, "offload")
+    assert event.frames.shape[0] == 37
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused_kernels", [True, False])
 def test_graph_replay_equals_eager_and_follows_new_inputs(fused_kernels):

@@ -42,7 +42,7 @@ from framepack_backend.guides import check_sampling
 from framepack_backend.lora.folder import LoraFolder
 from framepack_backend.memory import peak_memory
 from framepack_backend.pipeline import Pipeline
-from framepack_backend.settings import EngineOptions, SettingsError
+from framepack_backend.settings import SettingsError
 from framepack_server.faults import take_fault
 from framepack_server.groups import OnGroupDevice, plan_groups
 from framepack_server.instance import InstanceConfig
@@ -179,7 +179,7 @@ class TritonPythonModel:
         log = TritonLog()
         start = time.perf_counter()
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        options = EngineOptions(sampling=config.sampling, fp8=config.fp8, sequence_parallel=config.sequence_parallel)
+        options = config.engine_options()
         groups = plan_groups(config.device, config.groups, torch.cuda.device_count(),
                              gpus_per_group=config.sequence_parallel)
         # One LoRA folder for all groups: its host cache holds each file's factors once.
@@ -190,7 +190,8 @@ class TritonPythonModel:
         ]
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
-            f"{', FP8' if config.fp8 else ''}) for {len(groups)} GPU group(s)"
+            f"{', FP8' if config.fp8 else ''}{', fused q/k/v' if config.fused_qkv else ''}"
+            f"{', CUDA graphs' if config.cuda_graphs else ''}) for {len(groups)} GPU group(s)"
             f"{f' of {config.sequence_parallel} sequence-parallel ranks' if config.sequence_parallel > 1 else ''}: "
             f"{'; '.join(group.describe() for group in groups)}; in {time.perf_counter() - start:.1f} s"
         )
