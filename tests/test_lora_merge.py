@@ -71,8 +71,8 @@ def test_the_undo_is_bit_identical_for_random_and_boundary_weights(dtype, streng
 
 
 @pytest.mark.parametrize("dtype, relative, at_most", [
-    (torch.bfloat16, 0.01, 0.02), (torch.float32, 0.01, 0.035),
-    (torch.bfloat16, 0.05, 0.07), (torch.float32, 0.05, 0.1),
+    (torch.bfloat16, 0.01, 0.02), (torch.float32, 0.01, 0.02),
+    (torch.bfloat16, 0.05, 0.06), (torch.float32, 0.05, 0.06),
 ])
 def test_the_correction_is_about_the_relative_size_of_the_change(dtype, relative, at_most):
     """Weights like a model's (one normal scale), Δ of rank 32 with ‖Δ‖ = relative · ‖W‖:
@@ -96,7 +96,7 @@ def test_exact_ties_and_binade_crossings_are_kept(dtype):
     up = torch.tensor(steps).repeat_interleave(weight.shape[1]).view(len(steps), -1)
     up = up * torch.tensor([1.0, 3.0, 0.5, -1.0, 1.25, 2.0, -0.75, 1.5]).view(-1, 1)  # more ties and near-ties
     down = torch.eye(weight.shape[1])
-    assert torch.equal(delta(down, up), up)
+    assert torch.equal(delta(down, up), up.double())
     merged = merged_and_undone(weight, down, up)
     assert merged.kept.numel() >= 4  # e.g. 1 + ulp/2 rounds to 1 (even): 1 − ulp/2 is not 1
 

@@ -1,8 +1,9 @@
 """A LoRA merged into a float layer's weight once for a job, and undone bit for bit without a copy of W.
 
-Merge: W' = round(W + Δ), Δ = up · down in fp32 (up holds strength · alpha / rank; several
-LoRAs stacked, lora/apply.py), the sum in fp32 and rounded once to W's dtype: the layer then
-runs exactly as the base layer does, on the weight a merged checkpoint would have.
+Merge: W' = round(W + Δ), Δ = up · down (up holds strength · alpha / rank; several LoRAs
+stacked, lora/apply.py), Δ and the sum in fp64 (DELTA_DTYPE, below) and rounded once to W's
+dtype: the layer then runs exactly as the base layer does, on the weight a merged
+checkpoint would have.
 
 Undo: round(W' − Δ) gives back W wherever the merge's rounding error is below half an ulp
 of W, which holds unless W' lies in a higher binade than W (or the error is an exact tie):
@@ -11,8 +12,8 @@ computes round(W' − Δ), compares it with W bit for bit (signed zeros and NaNs
 keeps the original values where they differ, as a sparse correction (flat indices, int32
 where they fit, and W's values there). Undo recomputes Δ with the same GEMM on the same
 factors and device, subtracts it with the same arithmetic and scatters the kept values
-back. On random weights the correction is about the relative size of Δ: ~1.3 % of the
-elements in bf16 and ~2.3 % in fp32 for ‖Δ‖ = 1 % of ‖W‖, ~5 % / ~7 % for 5 %
+back. On normal random weights the correction is about the relative size of Δ, in bf16 and
+fp32 alike: 1.3 % of the elements for RMS(Δ) = 1 % of RMS(W), 2.3 % for 2 %, 4.6 % for 5 %
 (benchmarks/lora.py reports it for its run); 6 bytes per kept bf16 element, against 2 per
 element for a full copy of W.
 
@@ -30,13 +31,23 @@ import torch
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+# Δ and the sums with it in fp64: the undo must recompute Δ bit for bit, and an fp32 GEMM
+# is not a fixed function: TF32 (torch.backends.cuda.matmul.allow_tf32, a process-wide
+# switch) rounds its inputs to 10 bits, so a switch flipped between a job's merge and its
+# undo would break the undo. fp64 GEMMs have no such mode, and from the fp32 factors they
+# are all but exact. The GEMM is memory-bound where fp64 is fast (rank ≪ in, out; about
+# 1.6 TFLOP per job for rank 32 on the 13B blocks, apply and undo: ~25 ms at an H100's
+# 67 fp64 TFLOPS); cards with 1/64-rate fp64 would take about a second for it.
+DELTA_DTYPE = torch.float64
+
+
 def delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Δ = up · down in fp32, (out, in): the one computation merge and undo share."""
-    return up.float() @ down.float()
+    """Δ = up · down, (out, in), in DELTA_DTYPE: the one computation merge and undo share."""
+    return up.to(DELTA_DTYPE) @ down.to(DELTA_DTYPE)
 
 
 def _added(weight: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    return (weight + change).to(weight.dtype)  # the sum in fp32, one rounding to W's dtype
+    return (weight + change).to(weight.dtype)  # the sum in DELTA_DTYPE, one rounding to W's dtype
 
 
 def _subtracted(weight: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
