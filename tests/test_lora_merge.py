@@ -40,8 +40,9 @@ def hard_weights(dtype: torch.dtype, out: int = 96, features: int = 80, seed: in
     return weight
 
 
-def factors(out: int, features: int, rank: int, relative: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def factors(shape: torch.Size, rank: int, relative: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (down, up) whose Δ is about `relative` in size, rows of very different scales."""
+    out, features = shape
     g = torch.Generator().manual_seed(seed)
     down = torch.randn(rank, features, generator=g)
     up = torch.randn(out, rank, generator=g) * 2.0 ** torch.randint(-20, 2, (out, 1), generator=g).float()
@@ -63,7 +64,7 @@ def merged_and_undone(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor
 @pytest.mark.parametrize("relative", [1e-3, 0.05, 1.0])
 def test_the_undo_is_bit_identical_for_random_and_boundary_weights(dtype, strength, relative):
     weight = hard_weights(dtype, seed=1)
-    down, up = factors(*weight.shape, rank=8, relative=relative, seed=2)
+    down, up = factors(weight.shape, rank=8, relative=relative, seed=2)
     merged = merged_and_undone(weight, down, up * strength)
     kept = merged.kept.numel() / weight.numel()
     assert 0 < kept < 0.6, kept  # the correction is needed, and sparse
@@ -112,7 +113,7 @@ def test_a_zero_delta_keeps_nothing_but_signed_zeros(dtype):
 
 def test_a_moved_weight_is_not_undone():
     weight = hard_weights(torch.float32, seed=4)
-    down, up = factors(*weight.shape, rank=4, relative=0.1, seed=5)
+    down, up = factors(weight.shape, rank=4, relative=0.1, seed=5)
     merged = MergedInPlace(weight, down, up)
     weight.data = weight.data.clone()
     with pytest.raises(RuntimeError, match="moved before it was undone"):
