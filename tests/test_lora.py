@@ -342,6 +342,38 @@ def test_fp8_layers_take_the_low_rank_path_and_are_unchanged_after(tmp_path, fus
     assert _relative(fp8_with, bf16_with) <= 1.25 * base_error, (_relative(fp8_with, bf16_with), base_error)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast_path", ["eager", "fused_kernels", "cuda_graphs"])
+def test_on_the_gpu_the_merge_once_agrees_with_the_per_call_merge_and_is_undone_bit_for_bit(tmp_path, fast_path):
+    """bf16 on the GPU with the resident fast paths (the fused GEMM epilogues, which the merged
+    layers keep; CUDA graphs captured before the merge, which replay the merged weights in
+    place): merged_once differs from the per-call merge only by the rounding of W + B·A (far
+    below the LoRA's change), and the forward after it is bit-identical to the one before."""
+    from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
+
+    dim = GPU_CONFIG["num_attention_heads"] * GPU_CONFIG["attention_head_dim"]
+    factors = hunyuan_factors(dim, int(dim * GPU_CONFIG["mlp_ratio"]), GPU_CONFIG["num_layers"],
+                              GPU_CONFIG["num_single_layers"], rank=8, seed=4, std=0.05)
+    save_diffusers(tmp_path / "gpu.safetensors", diffusers_factors(factors, dim))
+    model = build_pair(GPU_CONFIG, seed=6)[1].cuda().bfloat16()
+    model.set_fused_kernels(fast_path != "eager")
+    inputs = bf16(gpu_inputs())
+    lora = [(LoraFolder(tmp_path).load("gpu", lora_targets(model)), 1.0)]
+    device = torch.device("cuda")
+    with torch.no_grad():
+        per_call_base, per_call = _with_and_without(model, inputs, lora, device)
+        model.enable_cuda_graphs(fast_path == "cuda_graphs")
+        base = model(**inputs).float()  # captures the graph, on the base weights
+        with loras_applied(model, lora, device, torch.bfloat16, "merged_once") as adapted:
+            assert adapted.kept_elements > 0
+            once = model(**inputs).float()
+        after = model(**inputs).float()
+    assert torch.equal(after, base)
+    change = _relative(per_call, per_call_base)
+    assert change > 0.05
+    assert _relative(once, per_call) < 0.1 * change, (_relative(once, per_call), change)
+
+
 def _with_and_without(model, inputs, loras, device):
     base = model(**inputs).float()
     with loras_applied(model, loras, device, torch.bfloat16):
