@@ -88,8 +88,8 @@ def test_the_correction_is_about_the_relative_size_of_the_change(dtype, relative
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_exact_ties_and_binade_crossings_are_kept(dtype):
-    """Δ chosen element by element (down = I makes up·down = up exactly): half an ulp of W
-    (a tie, rounded to even), just under and over it, and steps that cross a power of two."""
+    """Δ chosen element by element (down = I makes up·down = up exactly): exact ties (half an
+    ulp, rounded to even), near-ties, and steps across the powers of two 1 and 2."""
     ulp = torch.finfo(dtype).eps  # of numbers in [1, 2)
     weight = torch.tensor([[1.0, 1.0 + ulp, 1.0 + 2 * ulp, 2.0 - ulp, 2.0, -1.0, 0.5, 0.0]], dtype=dtype)
     steps = [ulp / 2, ulp / 2, -ulp / 2, ulp / 2, -ulp / 4, -ulp / 2, ulp * 0.75, ulp / 2]
