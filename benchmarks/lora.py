@@ -1,16 +1,19 @@
 """LoRA per request on the full 13B transformer (random weights): load, apply and remove
-one rank-32 LoRA on every linear layer of the blocks, and the per-forward cost of its
-low-rank path against no LoRA, same run, bf16 and FP8 (both on the fused kernels, the
-engine's default on CUDA).
+one rank-32 LoRA on every linear layer of the blocks, and the per-forward cost of each form
+against no LoRA, same run, bf16 and FP8 (both on the fused kernels, the engine's default
+on CUDA).
 
-Both per-call forms of framepack_backend/lora/apply.py are timed: `unmerged` (x·Aᵀ·Bᵀ
-added to the output) and `merged` (the layer runs on a fresh W + B·A); FP8 layers are
-unmerged in both (only the bf16 AdaLN projections differ there). FLOAT_LAYERS there is
-the engine's choice; these numbers decide it. For reference the script also times a
-merge once per job where one is possible at all (bf16, resident): W += s·B·A over the
-same layers with a copy of W kept, then the exact restore from that copy.
+All three forms of framepack_backend/lora/apply.py are timed: `merged_once` (W ← W + B·A in
+place once per job, undone exactly; the engine's form in memory mode resident), `merged`
+(the layer runs on a fresh W + B·A per call; offload and stream) and `unmerged` (x·Aᵀ·Bᵀ
+added to the output). FP8 layers are unmerged in all three (only the bf16 AdaLN
+projections differ there). For `merged_once` the script also reports the exact undo's
+correction: the fraction of weight elements it keeps and their bytes (lora/merge.py). That
+fraction grows with the LoRA's change relative to the weights, so the factors are drawn
+for an RMS change of `--delta-ratio` (default 2 %) of the adapted weights' RMS; the
+timings do not depend on it.
 
-    python benchmarks/lora.py [--config full|small] [--rank 32] [--repeats 5]
+    python benchmarks/lora.py [--config full|small] [--rank 32] [--repeats 5] [--delta-ratio 0.02]
     python benchmarks/lora.py --tiny      # a few seconds on the CPU, to check the script
 """
 
@@ -31,7 +34,7 @@ from results_file import save_result  # benchmarks/ is on sys.path when one of i
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framepack_backend.lora.apply import FLOAT_LAYERS, FORMS, lora_targets, loras_applied  # noqa: E402
+from framepack_backend.lora.apply import FORMS, float_layers_for, lora_targets, loras_applied  # noqa: E402
 from framepack_backend.lora.folder import LoraFolder  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.testing.lora_files import diffusers_factors, hunyuan_factors, save_diffusers  # noqa: E402
@@ -53,6 +56,12 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def fingerprint(weight: torch.Tensor) -> int:
+    """A position-weighted sum of the weight's bit patterns: any changed element changes it."""
+    bits = weight.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[weight.element_size()]).reshape(-1).long()
+    return int((bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum())
+
+
 def median_forward(model, inputs, device, repeats: int) -> float:
     model(**inputs)  # warm-up (kernels, autotuning)
     return statistics.median(timed(lambda: model(**inputs), device) for _ in range(repeats))
@@ -66,6 +75,8 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--weight-scale", type=float, default=0.05)
+    parser.add_argument("--delta-ratio", type=float, default=0.02,
+                        help="RMS of strength · B·A over RMS of the adapted weights (sets the factors' std)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.tiny:
@@ -91,12 +102,16 @@ def main() -> None:
 
     def report(name: str, seconds: float) -> None:
         rows[name] = seconds
-        print(f"{name:44s} {seconds:9.4f} s", flush=True)
+        print(f"{name:40s} {seconds:9.4f} s", flush=True)
 
     with tempfile.TemporaryDirectory() as folder_path, torch.inference_mode():
         start = time.perf_counter()
+        # RMS(Δ) = |s| · √rank · std² for alpha = rank and factors of one std.
+        weight_rms = torch.stack([m.weight.float().pow(2).mean() for m in model.modules()
+                                  if isinstance(m, torch.nn.Linear)]).mean().sqrt().item()
+        std = (args.delta_ratio * weight_rms / (abs(args.strength) * args.rank**0.5)) ** 0.5
         factors = hunyuan_factors(dim, int(dim * config["mlp_ratio"]), config["num_layers"],
-                                  config["num_single_layers"], args.rank, std=0.01)
+                                  config["num_single_layers"], args.rank, std=std)
         save_diffusers(Path(folder_path) / "bench.safetensors", diffusers_factors(factors, dim), alpha=args.rank)
         del factors
         print(f"wrote a rank-{args.rank} LoRA in {time.perf_counter() - start:.1f} s")
@@ -108,9 +123,27 @@ def main() -> None:
         print(f"{len(lora.layers)} adapted layers, {lora.nbytes / 2**20:.0f} MiB of fp32 factors on the host")
 
         def apply_remove(tag: str) -> None:
-            context = loras_applied(model, [(lora, args.strength)], device, dtype)
-            report(f"{tag} apply (factors to the device, hooks)", timed(context.__enter__, device))
-            report(f"{tag} remove", timed(lambda: context.__exit__(None, None, None), device))
+            """Each form's apply and remove; for merged_once, the correction's size and whether
+            every adapted weight is bit-identical afterwards (fingerprints before and after)."""
+            weights = [module.weight for name, module in model.named_modules() if name in lora.layers]
+            for form in FORMS:
+                before = [fingerprint(w) for w in weights]
+                context = loras_applied(model, [(lora, args.strength)], device, dtype, form)
+                sync(device)
+                start = time.perf_counter()
+                adapted = context.__enter__()
+                sync(device)
+                report(f"{tag} {form} apply", time.perf_counter() - start)
+                report(f"{tag} {form} remove", timed(lambda: context.__exit__(None, None, None), device))
+                exact = before == [fingerprint(w) for w in weights]
+                rows[f"{tag} {form} weights bit-identical after remove"] = float(exact)
+                if form == "merged_once" and adapted.merged_elements:
+                    kept = adapted.kept_elements / adapted.merged_elements
+                    rows[f"{tag} merged_once kept fraction"] = kept
+                    rows[f"{tag} merged_once kept MiB"] = adapted.kept_bytes / 2**20
+                    print(f"{tag} merged_once: the exact undo keeps {100 * kept:.2f} % of "
+                          f"{adapted.merged_elements:,} weight elements ({adapted.kept_bytes / 2**20:.0f} MiB); "
+                          f"weights bit-identical after remove: {exact}", flush=True)
 
         def overhead(tag: str, forms: tuple[str, ...]) -> None:
             """No LoRA before and after each form (the faster of the two is the base), same inputs."""
@@ -131,22 +164,8 @@ def main() -> None:
         apply_remove(tag)
         overhead(tag, FORMS)
 
-        # A merge, for comparison: keep W, add s·B·A in place, restore W exactly.
-        modules = dict(model.named_modules())
-
-        def merge_and_restore() -> None:
-            kept = []
-            for name, layer in lora.layers.items():
-                weight = modules[name].weight
-                kept.append((weight, weight.clone()))
-                weight.addmm_(layer.up.to(device, dtype), layer.down.to(device, dtype), alpha=args.strength)
-            for weight, original in kept:
-                weight.copy_(original)
-
-        report(f"{tag} merge + exact restore (resident only)", timed(merge_and_restore, device))
-
         if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
-            model.quantize_fp8()  # the AdaLN projections stay bf16 and take FLOAT_LAYERS' form
+            model.quantize_fp8()  # the AdaLN projections stay bf16 and take each form
             apply_remove("fp8")
             overhead("fp8", FORMS)
 
@@ -154,7 +173,9 @@ def main() -> None:
           f"config={'tiny' if args.tiny else args.config}, rank {args.rank}, fused kernels {fused}")
     save_result(args.out, f"lora_{'tiny' if args.tiny else args.config}", "lora",
                 config="tiny" if args.tiny else args.config, rank=args.rank, adapted_layers=len(lora.layers),
-                factor_mib=lora.nbytes / 2**20, fused_kernels=fused, engine_float_layers=FLOAT_LAYERS, rows=rows,
+                factor_mib=lora.nbytes / 2**20, fused_kernels=fused,
+                engine_float_layers={"resident": float_layers_for(True), "offload, stream": float_layers_for(False)},
+                delta_ratio=args.delta_ratio, factor_std=std, weight_rms=weight_rms, rows=rows,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
 
 

@@ -159,9 +159,9 @@ class Pipeline:
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
-        # The request's LoRAs beside the transformer's layers for this job only (lora/apply.py).
+        # The request's LoRAs on the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
-                                       self.dtype):
+                                       self.dtype, resident=lambda: self.memory.mode == "resident"):
             if self.sequence_group is not None:
                 self.sequence_group.ensure_ready()
             source = extension.source_clip(request.video, options.sampling) if request.video is not None else None

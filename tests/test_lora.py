@@ -4,6 +4,7 @@ base model untouched after a LoRA job (resident and stream)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from framepack_backend.events import GenerationResult
+from framepack_backend.events import GenerationResult, StepProgress
 from framepack_backend.lora.apply import FORMS, job_loras, lora_targets, loras_applied
 from framepack_backend.lora.choices import LoraChoice, parse_lora_choices
 from framepack_backend.lora.folder import LoraFolder
@@ -110,16 +111,44 @@ def test_every_adapted_layer_computes_w_x_plus_s_alpha_over_r_b_a_x(model, folde
     weights = {name: module.weight.clone() for name, module in modules.items() if name in factors}
     with torch.inference_mode(), loras_applied(model, [(lora, strength)], torch.device("cpu"), torch.float32,
                                                form) as n:
-        assert n == len(factors)
+        assert n.layers == len(factors)
         for name, (a, b) in factors.items():
             layer = modules[name]
             x = torch.randn(2, 5, layer.in_features, generator=g)
-            expected = (x.double() @ layer.weight.double().t() + layer.bias.double()
+            expected = (x.double() @ weights[name].double().t() + layer.bias.double()  # W before the LoRA
                         + strength * (ALPHA / RANK) * (x.double() @ a.double().t()) @ b.double().t())
             worst = max(worst, float((layer(x).double() - expected).abs().max()))
     assert worst <= 1e-5, worst
     assert all(torch.equal(modules[name].weight, weight) for name, weight in weights.items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("fail_at", ["block", "merge"])
+def test_an_error_while_merged_once_restores_every_weight_bit_for_bit(model, folder, monkeypatch, fail_at):
+    """An error inside the job, or while merging the 6th layer: every layer merged so far is undone."""
+    from framepack_backend.lora import apply
+
+    lora = folder.load("peft", lora_targets(model))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    merges = []
+
+    def failing_merge(*args):
+        if fail_at == "merge" and len(merges) == 5:
+            raise RuntimeError("out of memory")
+        merges.append(apply_merge(*args))
+        return merges[-1]
+
+    apply_merge = apply.MergedInPlace
+    monkeypatch.setattr(apply, "MergedInPlace", failing_merge)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with loras_applied(model, [(lora, 2.0)], torch.device("cpu"), torch.float32, "merged_once") as adapted:
+            assert adapted.merged_elements == sum(p.numel() for name, p in model.named_parameters()
+                                                  if name.removesuffix(".weight") in lora.layers)
+            assert 0 < adapted.kept_elements < adapted.merged_elements / 2  # a large change here: ~18 %
+            assert adapted.kept_bytes == adapted.kept_elements * (4 + 4)  # int32 index, fp32 value
+            raise RuntimeError("out of memory")
+    assert len(merges) == (5 if fail_at == "merge" else len(lora.layers))
+    assert all(torch.equal(p.view(torch.int32), before[name].view(torch.int32)) for name, p in model.named_parameters())
 
 
 def test_two_loras_add_up(model, folder):
@@ -252,6 +281,33 @@ def test_a_job_after_a_lora_job_is_bit_identical_to_one_before(pipeline, image, 
     assert np.array_equal(frames(), before)
 
 
+@pytest.mark.parametrize("memory_mode, form", [("resident", "merged_once"), ("stream", "merged")])
+def test_a_resident_job_merges_once_and_a_cancelled_job_restores_every_weight_bit_for_bit(pipeline, image,
+                                                                                          memory_mode, form):
+    """Mid-job, after the first step: resident weights hold W + Δ with no hooks left on the
+    layers (the fused paths stay on), streamed ones are untouched with a per-call swap on
+    every adapted layer. Closing the job there (a cancel) leaves every parameter as it was."""
+    transformer = pipeline.components.transformer
+    request = GenerationRequest.parse(image, "a robot waves", loras_available=pipeline.loras, loras="style:1.5",
+                                      resolution=128, steps=3, seconds=1, memory_mode=memory_mode)
+    list(pipeline.generate(dataclasses.replace(request, loras=())))  # place the weights for this mode
+    before = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    adapted = set(pipeline.loras.load("style", lora_targets(transformer)).layers)
+    events = pipeline.generate(request)
+    next(event for event in events if isinstance(event, StepProgress))
+    changed = {name.removesuffix(".weight") for name, p in transformer.named_parameters()
+               if not torch.equal(p, before[name])}
+    hooked = {name for name, m in transformer.named_modules() if m._forward_pre_hooks}
+    if form == "merged_once":
+        assert changed == adapted and not hooked & adapted
+    else:
+        assert not changed and adapted <= hooked  # (stream also hooks its blocks, to copy them in)
+    events.close()
+    assert all(torch.equal(p.view(torch.int32), before[name].view(torch.int32))
+               for name, p in transformer.named_parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in transformer.modules())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="needs a Hopper GPU (row-wise scaled FP8 GEMM)")
@@ -284,6 +340,38 @@ def test_fp8_layers_take_the_low_rank_path_and_are_unchanged_after(tmp_path, fus
     # A LoRA missing from the FP8 layers would leave an error near its whole change.
     assert _relative(bf16_with, bf16_base) > 2 * base_error
     assert _relative(fp8_with, bf16_with) <= 1.25 * base_error, (_relative(fp8_with, bf16_with), base_error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast_path", ["eager", "fused_kernels", "cuda_graphs"])
+def test_on_the_gpu_the_merge_once_agrees_with_the_per_call_merge_and_is_undone_bit_for_bit(tmp_path, fast_path):
+    """bf16 on the GPU with the resident fast paths (the fused GEMM epilogues, which the merged
+    layers keep; CUDA graphs captured before the merge, which replay the merged weights in
+    place): merged_once differs from the per-call merge only by the rounding of W + B·A (far
+    below the LoRA's change), and the forward after it is bit-identical to the one before."""
+    from tests.test_transformer_fast_paths import GPU_CONFIG, bf16, gpu_inputs
+
+    dim = GPU_CONFIG["num_attention_heads"] * GPU_CONFIG["attention_head_dim"]
+    factors = hunyuan_factors(dim, int(dim * GPU_CONFIG["mlp_ratio"]), GPU_CONFIG["num_layers"],
+                              GPU_CONFIG["num_single_layers"], rank=8, seed=4, std=0.05)
+    save_diffusers(tmp_path / "gpu.safetensors", diffusers_factors(factors, dim))
+    model = build_pair(GPU_CONFIG, seed=6)[1].cuda().bfloat16()
+    model.set_fused_kernels(fast_path != "eager")
+    inputs = bf16(gpu_inputs())
+    lora = [(LoraFolder(tmp_path).load("gpu", lora_targets(model)), 1.0)]
+    device = torch.device("cuda")
+    with torch.no_grad():
+        per_call_base, per_call = _with_and_without(model, inputs, lora, device)
+        model.enable_cuda_graphs(fast_path == "cuda_graphs")
+        base = model(**inputs).float()  # captures the graph, on the base weights
+        with loras_applied(model, lora, device, torch.bfloat16, "merged_once") as adapted:
+            assert adapted.kept_elements > 0
+            once = model(**inputs).float()
+        after = model(**inputs).float()
+    assert torch.equal(after, base)
+    change = _relative(per_call, per_call_base)
+    assert change > 0.05
+    assert _relative(once, per_call) < 0.1 * change, (_relative(once, per_call), change)
 
 
 def _with_and_without(model, inputs, loras, device):

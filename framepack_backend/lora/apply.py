@@ -1,37 +1,44 @@
-"""A job's LoRAs beside the adapted layers, for that job only; the base weights are never written.
+"""A job's LoRAs on the adapted layers, for that job only; the base weights are exactly as before after it.
 
 Several LoRAs on one layer are stacked once per job: A holds their down matrices, B their
 up matrices, each scaled by strength · alpha / rank, so any number of them costs one
-low-rank product per layer. Each adapted layer then runs one of two ways:
+low-rank product per layer. Each adapted layer then runs one of three ways:
 
+- `merged_once` (float layers whose weights stay on the device for the whole job, memory
+  mode `resident`): W ← round(W + B·A) in place at the job's first forward, undone bit for
+  bit when the job ends, is cancelled or fails, without a copy of W: lora/merge.py
+  recomputes B·A and keeps the few original values its subtraction misses. No per-call
+  cost, and the layer stays a plain linear layer, so the fused kernels keep their
+  GEMM-epilogue GELU and split output projection on it (models/fused.py: `_is_plain_linear`)
+  and CUDA graphs replay it.
+- `merged` per call (float layers in `offload` and `stream`, where W is copied in per phase
+  or per forward, so a merge once would be lost with the copy or, in `stream`, would mean
+  rewriting the packed host buffers): a forward pre-hook points the weight tensor's data at
+  a fresh W + B·A just before the layer runs, and a hook points it back at W right after,
+  the device-side swap the memory manager already does (memory/host.py; in `stream` the
+  pre-hook runs after the block was copied into its slot). Costs one read of W and one
+  write of a temporary per call, whatever the number of tokens: cheaper than `unmerged`
+  when tokens · (in + 2·out) > 2 · in · out, i.e. above about 2 000 tokens for a 3072×3072
+  layer; a 640-bucket FramePack section has about 20 000.
 - `unmerged` (a forward hook): output += (x · Aᵀ) · Bᵀ. Costs two thin GEMMs plus one
   more read of x and a read and write of the output, per call: it grows with the tokens.
   FP8 layers (models/fp8.py) always run this way: their weights are e4m3 with
   per-channel scales, and adding B·A to them would mean requantizing (lossy for the base).
   An FP8 layer reads an `Fp8Activation`; the low-rank path reads the same rounded input.
-- `merged` (a forward pre-hook and a forward hook): just before the layer runs, its weight
-  tensor's data is pointed at a fresh W + B·A, and back at W right after, the device-side
-  swap the memory manager already does (memory/host.py). Costs one read of W and one
-  write of a temporary per call, whatever the number of tokens: cheaper than `unmerged`
-  when tokens · (in + 2·out) > 2 · in · out, i.e. above about 2 000 tokens for a 3072×3072
-  layer; a 640-bucket FramePack section has about 20 000.
 
-Why not merge into W once per job and undo it after: undoing a bf16 merge by subtracting
-is not exact (rounding), so the originals must be kept; `resident` has no host copy of
-them (about 25 GB for the 13B model), and `stream` reads the blocks from packed host
-buffers each forward, so a merge there means rewriting those buffers. Both per-call
-forms work unchanged in every memory mode (in `stream`, the pre-hook runs after the block
-was copied into its slot), with FP8 and with the fused kernels, and leave W untouched, so
-a job after a LoRA job is bit-identical to one before it. The fused path runs adapted
-layers as plain module calls (models/fused.py: `_is_plain_linear`), giving up its GEMM-
-epilogue GELU and split output projection on them. benchmarks/lora.py measures both
-forms against no LoRA and the time to apply and remove; FLOAT_LAYERS picks the form.
+`float_layers_for` is the one place that picks the float layers' form. Per-call layers run
+as plain module calls under the fused kernels, giving up their fast paths. Every form leaves
+W as it was, so a job after a LoRA job is bit-identical to one before it. A job's LoRAs are
+applied at its first forward (`job_loras`): only then are its weights placed for its memory
+mode (`MemoryManager.prepare` in the pipeline's `_run`). benchmarks/lora.py times each form
+against no LoRA, the time to apply and remove, and the size of the merge's correction.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,6 +48,7 @@ from ..settings import SettingsError
 from .choices import LORAS_FIELD, LoraChoice
 from .folder import LoraFolder
 from .formats import LoraFile, LoraFileError
+from .merge import MergedInPlace
 
 
 def lora_targets(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -103,10 +111,25 @@ class MergedWeight:
         self._original = None
 
 
-# How float (bf16/fp32) layers take a LoRA; FP8 layers are always unmerged. Per-call merging
-# costs do not grow with the tokens (see the module docstring); benchmarks/lora.py compares.
-FLOAT_LAYERS = "merged"
-FORMS = ("merged", "unmerged")
+FORMS = ("merged_once", "merged", "unmerged")
+
+
+def float_layers_for(resident: bool) -> str:
+    """The form of a job's float (bf16/fp32) layers: merged once where their weights stay on
+    the device for the job, else merged per call (see the module docstring; FP8 layers are
+    always `unmerged`). benchmarks/lora.py measures the forms."""
+    return "merged_once" if resident else "merged"
+
+
+@dataclass
+class Adapted:
+    """What `loras_applied` did: layers adapted, and for `merged_once` how many weight
+    elements were merged and how many the exact undo keeps (lora/merge.py)."""
+
+    layers: int
+    merged_elements: int = 0
+    kept_elements: int = 0
+    kept_bytes: int = 0
 
 
 def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -120,10 +143,11 @@ def _compute_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 @contextmanager
 def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], device: torch.device,
-                  dtype: torch.dtype, float_layers: str = FLOAT_LAYERS) -> Iterator[int]:
-    """Add `loras` ((file, strength) pairs) to `model` for the block's duration, float layers
-    `merged` or `unmerged` per call; yields how many layers were adapted. The factors go to
-    `device` now (small: rank × (in + out) per layer) and are freed on exit."""
+                  dtype: torch.dtype, float_layers: str = "merged") -> Iterator[Adapted]:
+    """Add `loras` ((file, strength) pairs) to `model` for the block's duration, float layers in
+    the form `float_layers` (FORMS; FP8 layers unmerged); yields what was adapted. The factors
+    go to `device` now (small: rank × (in + out) per layer) and are freed on exit; whatever
+    ends the block, the weights merged so far are restored and the hooks removed."""
     if float_layers not in FORMS:
         raise ValueError(f"float_layers={float_layers!r} is not allowed: expected one of {FORMS}")
     per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
@@ -131,30 +155,49 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
         for name, layer in lora.layers.items():
             per_layer.setdefault(name, []).append((layer.down, layer.up, strength))
     modules = dict(model.named_modules())
-    handles = []
-    try:
+    adapted = Adapted(layers=len(per_layer))
+    with ExitStack() as undo:  # every undo runs even if one fails
         for name, parts in per_layer.items():
             module = modules[name]
+            # Stacked and scaled on the device, in fp32.
+            down = torch.cat([d.to(device) for d, _, _ in parts])
+            up = torch.cat([u.to(device) * s for _, u, s in parts], dim=1)
+            form = "unmerged" if isinstance(module, Fp8Linear) else float_layers
+            if form == "merged_once":
+                merged = MergedInPlace(module.weight, down, up)
+                undo.callback(merged.undo)
+                adapted.merged_elements += module.weight.numel()
+                adapted.kept_elements += merged.kept.numel()
+                adapted.kept_bytes += merged.kept_bytes
+                continue
+            # Per call: rounded once to the layer's dtype.
             layer_dtype = _compute_dtype(module, dtype)
-            # Stacked and scaled on the device, in fp32, then rounded once to the layer's dtype.
-            down = torch.cat([d.to(device) for d, _, _ in parts]).to(layer_dtype)
-            up = torch.cat([u.to(device) * s for _, u, s in parts], dim=1).to(layer_dtype)
-            if float_layers == "merged" and not isinstance(module, Fp8Linear):
-                merged = MergedWeight(down, up)
-                handles.append(module.register_forward_pre_hook(merged.before))
-                handles.append(module.register_forward_hook(merged.after))
+            down, up = down.to(layer_dtype), up.to(layer_dtype)
+            if form == "merged":
+                per_call = MergedWeight(down, up)
+                undo.callback(module.register_forward_pre_hook(per_call.before).remove)
+                undo.callback(module.register_forward_hook(per_call.after).remove)
             else:
-                handles.append(module.register_forward_hook(LowRankPath(down, up)))
-        yield len(per_layer)
-    finally:
-        for handle in handles:
-            handle.remove()
+                undo.callback(module.register_forward_hook(LowRankPath(down, up)).remove)
+        yield adapted
 
 
 @contextmanager
 def job_loras(model: nn.Module, folder: LoraFolder | None, choices: Sequence[LoraChoice], device: torch.device,
-              dtype: torch.dtype) -> Iterator[int]:
-    """The pipeline's per-job entry: load (cached) and apply the request's LoRAs; yields how many layers."""
+              dtype: torch.dtype, resident: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """The pipeline's per-job entry: load (cached) and check the request's LoRAs now, apply
+    them at the model's first forward, when the job's weights are placed (`resident()` then
+    says whether they stay on the device for the job: float_layers_for), remove them on
+    exit. Yields how many layers they adapt."""
     loaded = load_choices(folder, choices, lora_targets(model)) if choices else []
-    with loras_applied(model, loaded, device, dtype) as adapted:
-        yield adapted
+    if not loaded:
+        yield 0
+        return
+    with ExitStack() as applied:
+        def apply_at_first_forward(module: nn.Module, args: tuple) -> None:
+            first_forward.remove()
+            applied.enter_context(loras_applied(model, loaded, device, dtype, float_layers_for(resident())))
+
+        first_forward = model.register_forward_pre_hook(apply_at_first_forward)
+        applied.callback(first_forward.remove)
+        yield len({name for lora, _ in loaded for name in lora.layers})
