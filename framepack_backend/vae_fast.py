@@ -20,6 +20,8 @@ In training mode (or gradient checkpointing) the modules run diffusers' forward.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
     HunyuanVideoCausalConv3d,
@@ -69,7 +71,7 @@ def group_norm_silu_into(norm: nn.GroupNorm, x: torch.Tensor, out: torch.Tensor,
     if x.is_cuda:
         from framepack_kernels.group_norm_silu import group_norm_silu  # Triton only where it runs
 
-        group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu, out=out)
+        group_norm_silu(channels_last(x), norm.weight, norm.bias, norm.num_groups, norm.eps, silu=silu, out=out)
     else:
         # NCDHW: torch's channels-last GroupNorm on the CPU takes E[x²] − E[x]² (cancels).
         normed = nn.functional.group_norm(x.contiguous(), norm.num_groups, norm.weight, norm.bias, norm.eps)
@@ -168,7 +170,7 @@ def _check_supported(decoder: nn.Module) -> None:
         if isinstance(module, HunyuanVideoCausalConv3d) and module.pad_mode != "replicate":
             raise ValueError(f"accelerate_vae: {name} pads with {module.pad_mode!r}; only 'replicate' is supported")
         if isinstance(module, HunyuanVideoResnetBlockCausal3D) and not isinstance(module.nonlinearity, nn.SiLU):
-            raise ValueError(f"accelerate_vae: {name} uses {type(module.nonlinearity).__name__}; only SiLU is supported")
+            raise ValueError(f"accelerate_vae: {name} uses {type(module.nonlinearity).__name__}; only SiLU")
         if isinstance(module, HunyuanVideoUpsampleCausal3D) and any(
             float(f) != int(f) or f < 1 for f in module.upsample_factor
         ):
@@ -197,3 +199,16 @@ def accelerate_vae(vae: nn.Module, enabled: bool = True) -> nn.Module:
 
 def is_accelerated(vae: nn.Module) -> bool:
     return isinstance(vae.decoder, FastDecoder)
+
+
+def configure_vae(vae: nn.Module, device: torch.device, options):
+    """Apply `options.fast_vae_decode` (settings.EngineOptions) to `vae`; returns the options as applied.
+
+    Left None it is on for CUDA when Triton is installed (the fused GroupNorm's kernel);
+    asked for explicitly it runs anywhere (on a CPU the torch path: same values, no gain).
+    """
+    enabled = options.fast_vae_decode
+    if enabled is None:
+        enabled = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    accelerate_vae(vae, enabled)
+    return options.replace(fast_vae_decode=enabled)

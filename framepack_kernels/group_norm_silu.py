@@ -31,8 +31,12 @@ STATS_PROGRAMS = 512
 def group_norm_silu_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool = True
 ) -> torch.Tensor:
-    """F.group_norm (then SiLU) computed in float32, returned in x.dtype. x: (N, C, T, H, W)."""
-    normed = F.group_norm(x.float(), groups, weight.float(), bias.float(), eps)
+    """F.group_norm (then SiLU) computed in float32, returned in x.dtype. x: (N, C, T, H, W).
+
+    Computed on NCDHW: torch's channels-last GroupNorm on the CPU takes E[x²] − E[x]², which
+    cancels for activations with a large mean.
+    """
+    normed = F.group_norm(x.float().contiguous(), groups, weight.float(), bias.float(), eps)
     return (F.silu(normed) if silu else normed).to(x.dtype)
 
 
@@ -84,10 +88,11 @@ def _group_stats_kernel(
 
 
 @triton.jit
-def _scale_shift_silu_kernel(
+def _normalize_silu_kernel(
     x_ptr,
+    mean_ptr,
     scale_ptr,
-    shift_ptr,
+    bias_ptr,
     out_ptr,
     voxels,
     channels,
@@ -108,9 +113,11 @@ def _scale_shift_silu_kernel(
     mask = (voxel[:, None] < voxels) & channel_mask[None, :]
 
     x = tl.load(x_ptr + (n * voxels + voxel[:, None]) * channels + channel[None, :], mask=mask, other=0.0)
+    mean = tl.load(mean_ptr + n * channels + channel, mask=channel_mask, other=0.0)
     scale = tl.load(scale_ptr + n * channels + channel, mask=channel_mask, other=0.0)
-    shift = tl.load(shift_ptr + n * channels + channel, mask=channel_mask, other=0.0)
-    y = x.to(tl.float32) * scale[None, :] + shift[None, :]
+    bias = tl.load(bias_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
+    # Centred before scaling: x · scale − mean · scale would cancel where |mean| ≫ std.
+    y = (x.to(tl.float32) - mean[None, :]) * scale[None, :] + bias[None, :]
     if SILU:
         y = y * tl.sigmoid(y)
 
@@ -187,14 +194,14 @@ def group_norm_silu(
         BLOCK_S=block_s, BLOCK_G=block_g, BLOCK_CG=block_cg,
     )
     mean, var = _merged_statistics(partial, groups)
-    # y = (x − mean) · rstd · weight + bias = x · scale + shift, per (sample, channel).
+    # y = (x − mean) · scale + bias with scale = rstd · weight, per (sample, channel).
     scale = (var + eps).rsqrt().repeat_interleave(group_size, dim=1) * weight.float()
-    shift = bias.float() - mean.repeat_interleave(group_size, dim=1) * scale
+    mean = mean.repeat_interleave(group_size, dim=1)
 
     block_c = triton.next_power_of_2(channels)
     block_s = max(1, TILE_ELEMENTS // block_c)
-    _scale_shift_silu_kernel[(triton.cdiv(voxels, block_s), batch)](
-        x, scale.contiguous(), shift.contiguous(), out,
+    _normalize_silu_kernel[(triton.cdiv(voxels, block_s), batch)](
+        x, mean.contiguous(), scale.contiguous(), bias, out,
         voxels, channels, height, width,
         out.stride(0), out.stride(2), out.stride(3), out.stride(4),
         SILU=silu, BLOCK_S=block_s, BLOCK_C=block_c,
