@@ -12,6 +12,8 @@ the temporal/spatial tiling of `AutoencoderKLHunyuanVideo.decode` are untouched)
   GroupNorm + SiLU (`framepack_kernels.group_norm_silu` on CUDA, one read for the
   statistics and one read + write for the rest) or the nearest upsampling; only the
   thin replicate borders are copied afterwards.
+- the mid-block's frame-causal attention runs one unmasked attention per frame over
+  the frames up to it instead of building and adding a dense (THW)² mask.
 
 Every value is computed as in diffusers up to float rounding: fp32 on the CPU equals
 the stock decode within 1e-5 and fp16 on a GPU within fp16 noise (tests/test_vae_fast.py).
@@ -23,9 +25,11 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
     HunyuanVideoCausalConv3d,
     HunyuanVideoDecoder3D,
+    HunyuanVideoMidBlock3D,
     HunyuanVideoResnetBlockCausal3D,
     HunyuanVideoUpsampleCausal3D,
 )
@@ -140,6 +144,57 @@ class FastUpsample(HunyuanVideoUpsampleCausal3D):
         return self.conv.convolve(buffer)
 
 
+def frame_causal_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' AttnProcessor2_0 over the voxels of x (N, C, T, H, W), frame t attending to frames ≤ t.
+
+    That is the mid-block's mask (`prepare_causal_attention_mask`), which diffusers builds
+    as a dense (THW)² tensor (1.8 GB in fp16 for a 5-frame tile at 704×544) and adds to
+    every score; here each frame's queries attend to the keys of the frames up to it, one
+    unmasked attention per frame: the same softmax over the same keys, without the mask
+    or the masked-out scores. Returns (N, C, T, H, W).
+    """
+    batch, _, frames, height, width = x.shape
+    tokens = height * width
+    flat = channels_last(x).permute(0, 2, 3, 4, 1).flatten(1, 3)  # (N, THW, C), a view
+    normed = attn.group_norm(flat.transpose(1, 2)).transpose(1, 2)
+    query, key, value = attn.to_q(normed), attn.to_k(normed), attn.to_v(normed)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    attended = torch.empty_like(query)
+    for frame in range(frames):
+        rows, seen = slice(frame * tokens, (frame + 1) * tokens), slice(0, (frame + 1) * tokens)
+        attended[:, :, rows] = nn.functional.scaled_dot_product_attention(query[:, :, rows], key[:, :, seen],
+                                                                          value[:, :, seen])
+    h = attended.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    h = attn.to_out[1](attn.to_out[0](h))
+    if attn.residual_connection:
+        h = h + flat
+    h = h / attn.rescale_output_factor
+    return h.unflatten(1, (frames, height, width)).permute(0, 4, 1, 2, 3)
+
+
+def _frame_causal_applies(attn: Attention | None) -> bool:
+    """Whether `frame_causal_attention` computes what `attn` would (its processor and options)."""
+    return attn is None or (
+        type(attn.processor) is AttnProcessor2_0 and attn.group_norm is not None and attn.spatial_norm is None
+        and attn.norm_q is None and attn.norm_k is None
+    )
+
+
+class FastMidBlock(HunyuanVideoMidBlock3D):
+    """Resnets and the frame-causal attention without the dense mask."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training or not all(_frame_causal_applies(attn) for attn in self.attentions):
+            return super().forward(hidden_states)
+        h = self.resnets[0](hidden_states)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            if attn is not None:
+                h = frame_causal_attention(attn, h)
+            h = resnet(h)
+        return h
+
+
 class FastDecoder(HunyuanVideoDecoder3D):
     """The decoder in channels_last_3d from input to output; returns a contiguous (NCDHW) video."""
 
@@ -159,6 +214,7 @@ FAST_CLASSES: dict[type, type] = {
     HunyuanVideoCausalConv3d: FastCausalConv3d,
     HunyuanVideoResnetBlockCausal3D: FastResnetBlock,
     HunyuanVideoUpsampleCausal3D: FastUpsample,
+    HunyuanVideoMidBlock3D: FastMidBlock,
     HunyuanVideoDecoder3D: FastDecoder,
 }
 STOCK_CLASSES = {fast: stock for stock, fast in FAST_CLASSES.items()}

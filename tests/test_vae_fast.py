@@ -1,8 +1,9 @@
 """The fast VAE decode (framepack_backend/vae_fast.py) against diffusers' own, and its GroupNorm+SiLU kernel.
 
-On the CPU the accelerated decoder runs torch ops in the same order as diffusers', so
-fp32 decodes must agree within 1e-5 (they are bit-identical today); with the Triton
-kernel (interpreted here, compiled on a GPU) the norms' float32 summation order differs.
+On the CPU the accelerated decoder runs the same torch ops as diffusers' but for the
+mid-block attention (per frame instead of masked: another summation order), so fp32
+decodes agree within 1e-5 (6e-6 measured on the tiny VAE); with the Triton kernel
+(interpreted here, compiled on a GPU) the norms' float32 summation order differs too.
 GPU tests compare fp16 decodes of the full configuration against an fp32 decode: the
 accelerated decode's error must stay within the stock fp16 decode's own (fp16 noise).
 """
@@ -80,6 +81,21 @@ def test_fast_decode_equals_stock_with_spatial_tiles():
     stock, fast = stock_and_fast(vae, latents(6, 14, 18))
     assert fast.shape == (1, 3, 21, 112, 144)
     assert (fast - stock).abs().max().item() <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_frame_causal_attention_equals_the_masked_attention(frames):
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import prepare_causal_attention_mask
+
+    attn = tiny_vae().decoder.mid_block.attentions[0].double()
+    x = torch.randn(2, 16, frames, 3, 5, dtype=torch.float64)
+    flat = x.permute(0, 2, 3, 4, 1).flatten(1, 3)
+    mask = prepare_causal_attention_mask(frames, 15, flat.dtype, flat.device, batch_size=2)
+    with torch.no_grad():
+        expected = attn(flat, attention_mask=mask).unflatten(1, (frames, 3, 5)).permute(0, 4, 1, 2, 3)
+        actual = vae_fast.frame_causal_attention(attn, x)
+    assert actual.shape == x.shape
+    assert (actual - expected).abs().max().item() < 1e-12
 
 
 def test_accelerate_keeps_the_module_and_reverts():
