@@ -11,13 +11,13 @@ the temporal/spatial tiling of `AutoencoderKLHunyuanVideo.decode` are untouched)
 - each causal conv reads one padded buffer whose interior its producer writes directly:
   GroupNorm + SiLU (`framepack_kernels.group_norm_silu` on CUDA, one read for the
   statistics and one read + write for the rest) or the nearest upsampling; only the
-  thin replicate borders are copied afterwards.
+  thin replicate borders are copied afterwards;
 - the mid-block's frame-causal attention runs one unmasked attention per frame over
   the frames up to it instead of building and adding a dense (THW)² mask.
 
 Every value is computed as in diffusers up to float rounding: fp32 on the CPU equals
 the stock decode within 1e-5 and fp16 on a GPU within fp16 noise (tests/test_vae_fast.py).
-In training mode (or gradient checkpointing) the modules run diffusers' forward.
+In training mode the modules run diffusers' forward.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class FastResnetBlock(HunyuanVideoResnetBlockCausal3D):
         buffer, interior = self.conv1.padded_input(x.shape, x)
         group_norm_silu_into(self.norm1, x, interior)
         h = self.conv1.convolve(buffer)
+        del buffer, interior  # freed before the next buffer: the peak stays at diffusers' or below
         buffer, interior = self.conv2.padded_input(h.shape, h)
         group_norm_silu_into(self.norm2, h, interior)
         h = self.conv2.convolve(buffer)
