@@ -9,7 +9,7 @@ and by ours (first call, then the best of `--repeats`), optionally ours with cuD
 autotuning too, and once in fp32 without TF32, the values both fp16 decodes approximate:
 the fp16 noise is the stock decode's own error against it.
 
-    python benchmarks/vae_decode.py [--latent-frames 10 19] [--height 544] [--width 704]
+    python benchmarks/vae_decode.py [--latent-frames 10 19] [--height 544] [--width 704] [--profile]
 """
 
 from __future__ import annotations
@@ -44,6 +44,17 @@ def timings(vae, latents, repeats: int) -> tuple[dict, torch.Tensor]:
     return dict(first_s=first, s=best, peak_gib=torch.cuda.max_memory_allocated() / 2**30), video
 
 
+def top_kernels(vae, latents, rows: int = 15) -> list[dict]:
+    """The GPU kernels of one decode by total device time (where a decode's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        vae.decode(latents)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:rows]
+    return [dict(name=e.key[:120], ms=e.device_time_total / 1e3, calls=e.count) for e in events]
+
+
 def errors(video: torch.Tensor, reference: torch.Tensor) -> dict:
     error = (video.float() - reference).abs()
     return dict(max=float(error.max()), mean=float(error.mean()))
@@ -58,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed decodes after the first (best is kept)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="skip ours with cuDNN autotuning")
     parser.add_argument("--no-reference", action="store_true", help="skip the fp32 decode (no errors vs fp32)")
+    parser.add_argument("--profile", action="store_true", help="also record each decode's top GPU kernels")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -94,6 +106,11 @@ def main() -> None:
             row["stock_vs_fp32"] = errors(stock_video, reference)
             row["fast_vs_fp32"] = errors(fast_video, reference)
             del reference
+        if args.profile:
+            for name, vae in (("stock", stock), ("fast", fast)):
+                row[f"{name}_top_kernels"] = top_kernels(vae, latents.half())
+                print(f"{frames} latent frames, {name}: " + "; ".join(
+                    f"{k['name'][:60]} {k['ms']:.1f} ms ×{k['calls']}" for k in row[f"{name}_top_kernels"][:8]))
         row["video_frames"] = fast_video.shape[2]
         del stock_video, fast_video
         results[f"latent_frames_{frames}"] = row
@@ -104,8 +121,9 @@ def main() -> None:
                     f"({row['speedup_cudnn_benchmark']:.2f}x)"
         line += f"; max |ours - diffusers| {row['fast_vs_stock']['max']:.2e}"
         if "stock_vs_fp32" in row:
-            line += (f"; vs fp32: diffusers max {row['stock_vs_fp32']['max']:.2e} mean {row['stock_vs_fp32']['mean']:.2e},"
-                     f" ours max {row['fast_vs_fp32']['max']:.2e} mean {row['fast_vs_fp32']['mean']:.2e}")
+            stock_error, fast_error = row["stock_vs_fp32"], row["fast_vs_fp32"]
+            line += (f"; vs fp32: diffusers max {stock_error['max']:.2e} mean {stock_error['mean']:.2e},"
+                     f" ours max {fast_error['max']:.2e} mean {fast_error['mean']:.2e}")
         print(line, flush=True)
     save_result(args.out, "vae_decode", "vae_decode", versions=dict(diffusers=__import__("diffusers").__version__),
                 height=args.height, width=args.width, dtype="float16", **results)
