@@ -151,11 +151,21 @@ def test_configure_default_is_off_on_the_cpu_and_explicit_on_runs_anywhere():
     assert applied.fast_vae_decode is True and is_accelerated(vae)
 
 
-def test_pipeline_applies_the_option(tiny_bundle):
+def test_pipeline_option_makes_the_same_video(tiny_bundle, image):
     from framepack_backend.pipeline import Pipeline
+    from framepack_backend.request import GenerationRequest
 
-    pipeline = Pipeline.from_pretrained(tiny_bundle, device="cpu", options=EngineOptions(fast_vae_decode=True))
-    assert pipeline.options.fast_vae_decode is True and is_accelerated(pipeline.components.vae)
+    # Two sections: the second decode re-decodes the first's latents for the cross-fade.
+    settings = {"resolution": 128, "steps": 2, "seconds": 2, "teacache": False, "preview": False}
+    videos = []
+    for fast in (False, True):
+        pipeline = Pipeline.from_pretrained(tiny_bundle, device="cpu", options=EngineOptions(fast_vae_decode=fast))
+        assert pipeline.options.fast_vae_decode is fast and is_accelerated(pipeline.components.vae) is fast
+        result = list(pipeline.generate(GenerationRequest.parse(image, "a robot waves", **settings)))[-1]
+        assert result.settings["fast_vae_decode"] is fast
+        videos.append(result.frames.astype(int))
+    assert videos[0].shape == videos[1].shape and videos[0].shape[0] > 37
+    assert abs(videos[0] - videos[1]).max() <= 1  # the attention's fp32 summation order may round a pixel
 
 
 # --- the GroupNorm + SiLU kernel ------------------------------------------------------------
