@@ -179,8 +179,8 @@ class EngineOptions(_FieldSpecs):
         None, bool, doc="final projection in fp32, as the FramePack demo (default: on for bf16/fp16 weights)"
     )
     fast_vae_decode: bool | None = _spec(
-        None, bool, doc="VAE decoder in channels_last_3d with GroupNorm+SiLU fused into the causal padding "
-        "(same output within fp16 rounding; framepack_backend/vae_fast.py; default: on for CUDA when Triton is installed)",
+        None, bool, doc="VAE decoder in channels_last_3d with GroupNorm+SiLU fused into the causal padding (same "
+        "output within fp16 rounding; framepack_backend/vae_fast.py; default: on for CUDA when Triton is installed)",
     )
     sequence_parallel: int = _spec(
         1, int, low=1, high=64,
