@@ -122,6 +122,9 @@ class Pipeline:
             transformer_subfolder=options.sampling.transformer_folder,
         )
         options = configure_transformer(components.transformer, device, options)
+        from .vae_fast import configure_vae  # diffusers' VAE classes: imported where the VAE loads
+
+        options = configure_vae(components.vae, device, options)
         pipeline = cls(components, device, dtype, model_dir, options, loras)
         pipeline.model_identity  # noqa: B018 - computed at load, not during the first job
         if options.sequence_parallel > 1:

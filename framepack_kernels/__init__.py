@@ -1,4 +1,4 @@
-"""Triton-language GPU kernels for the FramePack transformer's elementwise work.
+"""Triton-language GPU kernels for the FramePack transformer's elementwise work and the VAE decoder's norms.
 
 Each kernel has a pure-torch `*_reference` with the same semantics (float32
 arithmetic, one rounding to the input dtype). The kernels run on CUDA tensors, or on
@@ -12,6 +12,7 @@ from framepack_kernels.gated_residual_norm import (
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_reference,
 )
+from framepack_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
 from framepack_kernels.qk_norm_rope import qk_rmsnorm_rope, qk_rmsnorm_rope_reference
 from framepack_kernels.teacache_distance import (
     teacache_accumulate,
@@ -27,6 +28,8 @@ __all__ = [
     "gated_residual_reference",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_reference",
+    "group_norm_silu",
+    "group_norm_silu_reference",
     "quantize_fp8_rows",
     "quantize_fp8_rows_reference",
     "qk_rmsnorm_rope",

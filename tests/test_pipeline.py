@@ -225,8 +225,8 @@ def test_the_final_settings_report_the_job_s_effective_options(two_second_run, p
     from framepack_backend.settings import EngineOptions
 
     settings = two_second_run[-1].settings
-    # the CPU defaults: no Triton kernels, an fp32 model needs no fp32 output projection
-    assert pipeline.options == EngineOptions(fused_kernels=False, fp32_output=False)
+    # the CPU defaults: no Triton kernels, an fp32 model needs no fp32 output projection, diffusers' VAE decode
+    assert pipeline.options == EngineOptions(fused_kernels=False, fp32_output=False, fast_vae_decode=False)
     assert {k: settings[k] for k in ("sampling", "attention", "memory_mode", "gpu_memory_preservation", "fp8",
                                      "fused_kernels")} == dict(sampling="inverted", attention="sdpa",
                                                                memory_mode="resident", gpu_memory_preservation=6.0,

@@ -109,7 +109,8 @@ def test_settings_split_by_scope_and_describe_lists_what_a_request_may_carry():
                                                            "gpu_memory_preservation"}
     assert set(EngineOptions.describe()) == {"sampling", "attention", "memory_mode", "gpu_memory_preservation",
                                              "fp8", "fused_qkv", "cuda_graphs",
-                                             "fused_kernels", "fp32_output", "sequence_parallel"}
+                                             "fused_kernels", "fp32_output", "fast_vae_decode",
+                                             "sequence_parallel"}
     spec = describe_settings()
     assert list(spec) == [*SamplingSettings.describe(), *EngineOverrides.describe()]
     assert "crf" not in spec and "fp8" not in spec
