@@ -22,8 +22,6 @@ In training mode the modules run diffusers' forward.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
@@ -261,11 +259,8 @@ def is_accelerated(vae: nn.Module) -> bool:
 def configure_vae(vae: nn.Module, device: torch.device, options):
     """Apply `options.fast_vae_decode` (settings.EngineOptions) to `vae`; returns the options as applied.
 
-    Left None it is on for CUDA when Triton is installed (the fused GroupNorm's kernel);
-    asked for explicitly it runs anywhere (on a CPU the torch path: same values, no gain).
+    Off by default; asked for, it runs anywhere (on a CPU the torch path: same values, no gain).
     """
-    enabled = options.fast_vae_decode
-    if enabled is None:
-        enabled = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    enabled = bool(options.fast_vae_decode)
     accelerate_vae(vae, enabled)
     return options.replace(fast_vae_decode=enabled)

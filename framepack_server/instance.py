@@ -33,6 +33,7 @@ ENV_OVERRIDES = {
     "sequence_parallel": "FRAMEPACK_SEQUENCE_PARALLEL",
     "fused_qkv": "FRAMEPACK_FUSED_QKV",
     "cuda_graphs": "FRAMEPACK_CUDA_GRAPHS",
+    "fast_vae_decode": "FRAMEPACK_FAST_VAE_DECODE",
 }
 FLAG_VALUES = {"true": True, "false": False}
 # Set by the launcher only when started for fault-injection tests (see faults.py); not a
@@ -71,6 +72,7 @@ class InstanceOverrides:
     sequence_parallel: int | None = None  # processes (one device each) per job; must divide the heads
     fused_qkv: bool | None = None  # q/k/v as one GEMM (EngineOptions.fused_qkv)
     cuda_graphs: bool | None = None  # the blocks replayed from CUDA graphs (EngineOptions.cuda_graphs)
+    fast_vae_decode: bool | None = None  # the VAE decoder's speed-up (EngineOptions.fast_vae_decode)
     fault_injection: bool = False  # lets requests ask for failures (faults.py; tests only)
 
     def environment(self) -> dict[str, str]:
@@ -106,6 +108,7 @@ class InstanceConfig:
     sequence_parallel: int = 1
     fused_qkv: bool = False  # each attention's q/k/v projections as one GEMM
     cuda_graphs: bool = False  # the transformer blocks replayed from CUDA graphs (GPU, resident jobs)
+    fast_vae_decode: bool = False  # the VAE decoder in channels_last_3d with fused GroupNorm+SiLU
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -115,7 +118,8 @@ class InstanceConfig:
         from framepack_backend.settings import EngineOptions
 
         return EngineOptions(sampling=self.sampling, fp8=self.fp8, fused_qkv=self.fused_qkv,
-                             cuda_graphs=self.cuda_graphs, sequence_parallel=self.sequence_parallel)
+                             cuda_graphs=self.cuda_graphs, fast_vae_decode=self.fast_vae_decode,
+                             sequence_parallel=self.sequence_parallel)
 
     @classmethod
     def from_triton(cls, args: Mapping[str, str], environ: Mapping[str, str]) -> "InstanceConfig":
@@ -164,6 +168,7 @@ class InstanceConfig:
             return FLAG_VALUES[text]
 
         fp8, fused_qkv, cuda_graphs = flag("fp8"), flag("fused_qkv"), flag("cuda_graphs")
+        fast_vae_decode = flag("fast_vae_decode")
 
         groups = value("groups", "auto")
         if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):
@@ -206,6 +211,7 @@ class InstanceConfig:
             int(sequence_parallel),
             fused_qkv=fused_qkv,
             cuda_graphs=cuda_graphs,
+            fast_vae_decode=fast_vae_decode,
         )
 
 

@@ -1,5 +1,5 @@
-"""`framepack-server --fused-qkv / --cuda-graphs`: launcher flag → environment → model config → EngineOptions,
-and the refusals where an option cannot apply."""
+"""`framepack-server --fused-qkv / --cuda-graphs / --fast-vae-decode`: launcher flag → environment →
+model config → EngineOptions, and the refusals where an option cannot apply."""
 
 from __future__ import annotations
 
@@ -52,22 +52,24 @@ def instance_config(environment: dict[str, str], tmp_path) -> InstanceConfig:
 
 
 def test_the_flags_reach_the_engine_options(monkeypatch, tmp_path):
-    overrides = launcher_overrides(monkeypatch, "--fused-qkv", "--cuda-graphs")
-    assert (overrides.fused_qkv, overrides.cuda_graphs) == (True, True)
+    overrides = launcher_overrides(monkeypatch, "--fused-qkv", "--cuda-graphs", "--fast-vae-decode")
+    assert (overrides.fused_qkv, overrides.cuda_graphs, overrides.fast_vae_decode) == (True, True, True)
     environment = overrides.environment()
-    assert environment == {"FRAMEPACK_FUSED_QKV": "true", "FRAMEPACK_CUDA_GRAPHS": "true"}
+    assert environment == {"FRAMEPACK_FUSED_QKV": "true", "FRAMEPACK_CUDA_GRAPHS": "true",
+                           "FRAMEPACK_FAST_VAE_DECODE": "true"}
     config = instance_config(environment, tmp_path)
-    assert (config.fused_qkv, config.cuda_graphs) == (True, True)
+    assert (config.fused_qkv, config.cuda_graphs, config.fast_vae_decode) == (True, True, True)
     options = config.engine_options()
     assert isinstance(options, EngineOptions)
-    assert (options.fused_qkv, options.cuda_graphs, options.fp8, options.sequence_parallel) == (True, True, False, 1)
+    assert (options.fused_qkv, options.cuda_graphs, options.fast_vae_decode, options.fp8,
+            options.sequence_parallel) == (True, True, True, False, 1)
 
 
 def test_without_the_flags_the_model_config_says_off(monkeypatch, tmp_path):
     overrides = launcher_overrides(monkeypatch)
     assert overrides.environment() == {}
     options = instance_config({}, tmp_path).engine_options()
-    assert (options.fused_qkv, options.cuda_graphs) == (False, False)
+    assert (options.fused_qkv, options.cuda_graphs, options.fast_vae_decode) == (False, False, False)
     # The environment overrides the model config either way.
     assert instance_config({"FRAMEPACK_FUSED_QKV": "TRUE"}, tmp_path).engine_options().fused_qkv is True
     assert InstanceOverrides(cuda_graphs=False).environment() == {"FRAMEPACK_CUDA_GRAPHS": "false"}

@@ -143,7 +143,7 @@ def test_cancel_is_still_polled_before_each_decoder_call():
     assert len(calls) == 3  # the third of the four temporal tiles
 
 
-def test_configure_default_is_off_on_the_cpu_and_explicit_on_runs_anywhere():
+def test_configure_default_is_off_and_explicit_on_runs_anywhere():
     vae = tiny_vae()
     applied = configure_vae(vae, torch.device("cpu"), EngineOptions())
     assert applied.fast_vae_decode is False and not is_accelerated(vae)
