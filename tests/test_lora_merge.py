@@ -120,6 +120,36 @@ def test_a_moved_weight_is_not_undone():
         merged.undo()
 
 
+def test_an_undo_that_misses_says_so_when_the_job_ends(monkeypatch):
+    """Should Δ not come out the same twice, the job's end raises instead of leaving changed weights."""
+    from framepack_backend.lora import apply, merge
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    original = [bits(layer.weight) for layer in model]
+    merged = [MergedInPlace(layer.weight, *factors(layer.weight.shape, rank=2, relative=0.1, seed=i))
+              for i, layer in enumerate(model)]
+    for merge_ in merged:
+        merge_.undo()
+    apply._check_restored(merged)  # exact: nothing raised
+    assert all(torch.equal(bits(layer.weight), o) for layer, o in zip(model, original))
+    assert all(bool(m.restored) for m in merged)
+
+    calls = []
+
+    def drifting_delta(down, up):  # the undo's Δ differs from the merge's
+        calls.append(None)
+        return (up.double() @ down.double()) * (1.0 if len(calls) == 1 else 1.5)
+
+    monkeypatch.setattr(merge, "delta", drifting_delta)
+    layer = model[0]
+    off = MergedInPlace(layer.weight, *factors(layer.weight.shape, rank=2, relative=0.1, seed=9))
+    off.undo()
+    assert not bool(off.restored)
+    with pytest.raises(RuntimeError, match="not undone exactly: the base weights changed"):
+        apply._check_restored(merged + [off])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_on_the_gpu_delta_is_recomputed_bit_identically_and_the_undo_is_exact(dtype):

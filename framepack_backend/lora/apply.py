@@ -156,7 +156,9 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
             per_layer.setdefault(name, []).append((layer.down, layer.up, strength))
     modules = dict(model.named_modules())
     adapted = Adapted(layers=len(per_layer))
+    merges: list[MergedInPlace] = []
     with ExitStack() as undo:  # every undo runs even if one fails
+        undo.callback(_check_restored, merges)  # registered first, so it runs after every undo
         for name, parts in per_layer.items():
             module = modules[name]
             # Stacked and scaled on the device, in fp32.
@@ -165,6 +167,7 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
             form = "unmerged" if isinstance(module, Fp8Linear) else float_layers
             if form == "merged_once":
                 merged = MergedInPlace(module.weight, down, up)
+                merges.append(merged)
                 undo.callback(merged.undo)
                 adapted.merged_elements += module.weight.numel()
                 adapted.kept_elements += merged.kept.numel()
@@ -180,6 +183,14 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
             else:
                 undo.callback(module.register_forward_hook(LowRankPath(down, up)).remove)
         yield adapted
+
+
+def _check_restored(merges: Sequence[MergedInPlace]) -> None:
+    """Every undone merge gave back its weight's checksum (one host sync for all of them)."""
+    undone = [merge.restored for merge in merges if merge.restored is not None]
+    if undone and not bool(torch.stack(undone).all()):
+        raise RuntimeError("a LoRA merged into the weights was not undone exactly: the base weights changed; "
+                           "restart the server to reload them")
 
 
 @contextmanager

@@ -20,6 +20,9 @@ element for a full copy of W.
 Exactness rests on Δ being recomputed bit-identically: the same factors (kept on the device
 for the job), shapes and device, so the same GEMM kernel; cuBLAS and the CPU BLAS give the
 same result for the same call on one device (a GPU test checks it, tests/test_lora_merge.py).
+Should that ever fail, the undo says so rather than leave changed weights for the next job:
+each merge keeps a checksum of W's bits (one reduction), compared after the undo
+(`restored`; lora/apply.py checks every layer's once, with one host sync, when the job ends).
 Only for weights that stay where they are for the whole job (memory mode `resident`): a
 weight copied in per phase or per forward would lose the merge or the undo.
 """
@@ -59,6 +62,12 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(_BITS[tensor.element_size()])
 
 
+def _checksum(weight: torch.Tensor) -> torch.Tensor:
+    """Two sums of W's bit patterns (every element, every other one), on W's device: a changed element changes them."""
+    bits = _bits(weight).view(-1)
+    return torch.stack([bits.sum(dtype=torch.int64), bits[::2].sum(dtype=torch.int64)])
+
+
 class MergedInPlace:
     """One layer's weight with a LoRA merged in place; `undo()` restores it bit for bit."""
 
@@ -69,6 +78,8 @@ class MergedInPlace:
                              f"(contiguous: {weight.is_contiguous()})")
         self.weight, self.down, self.up = weight, down, up
         self._address = weight.data_ptr()
+        self._checksum = _checksum(weight)
+        self.restored: torch.Tensor | None = None  # after undo(): whether W's checksum is back (a device bool)
         with torch.no_grad():
             change = delta(down, up)
             merged = _added(weight, change)
@@ -92,3 +103,4 @@ class MergedInPlace:
         with torch.no_grad():
             self.weight.copy_(_subtracted(self.weight, delta(self.down, self.up)))
             self.weight.view(-1).index_copy_(0, self.kept_at.long(), self.kept)
+            self.restored = (_checksum(self.weight) == self._checksum).all()
