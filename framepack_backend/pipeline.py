@@ -19,7 +19,7 @@ from .buckets import bucket_for, resize_and_center_crop
 from .components import Components, encoder_dtype_for, load_components
 from .errors import GenerationCancelled
 from .events import Event, GenerationResult, PhaseStarted, SectionFinished, StepProgress, VideoPlanned
-from .lora.apply import job_loras
+from .lora.apply import LoraUndoError, job_loras
 from .lora.choices import LORAS_FIELD
 from .lora.folder import LoraFolder
 from .memory import MemoryManager, peak_memory, reset_peak_memory
@@ -61,6 +61,9 @@ class Pipeline:
         self._job_lock = threading.Lock()
         # The other ranks when options.sequence_parallel > 1 (sequence_group.py); None: this process alone.
         self.sequence_group: SequenceParallelGroup | None = None
+        # Why the transformer's weights are no longer the model's (a LoRA merge not undone
+        # exactly, lora/merge.py); set, every job is refused.
+        self.weights_changed: str | None = None
 
     @property
     def sampling(self) -> SamplingVariant:
@@ -152,6 +155,9 @@ class Pipeline:
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        if self.weights_changed is not None:
+            # Every later job would run on other weights than the model's: refuse them all (INTERNAL).
+            raise RuntimeError(f"this pipeline no longer runs its model: {self.weights_changed}")
         options = self.options.for_job(request.engine)
         guides.check_sampling(request.end_image, request.keyframes, request.settings, options.sampling)
         if request.loras and options.sequence_parallel > 1:
@@ -162,6 +168,14 @@ class Pipeline:
         return self._locked_run(request, options.replace(attention=attend.name), attend, cancel)
 
     def _locked_run(self, request: GenerationRequest, options: EngineOptions, attend: Attend, cancel) -> Iterator:
+        try:
+            yield from self._job_with_loras(request, options, attend, cancel)
+        except LoraUndoError as e:
+            self.weights_changed = str(e)
+            raise
+
+    def _job_with_loras(self, request: GenerationRequest, options: EngineOptions, attend: Attend,
+                        cancel) -> Iterator:
         # The request's LoRAs on the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
                                        self.dtype, resident=lambda: self.memory.mode == "resident"):

@@ -150,6 +150,37 @@ def test_an_undo_that_misses_says_so_when_the_job_ends(monkeypatch):
         apply._check_restored(merged + [off])
 
 
+def test_after_an_undo_that_misses_the_pipeline_refuses_every_job(tiny_bundle, tmp_path, image, monkeypatch):
+    """The job whose undo missed fails, and so does every later one: none runs on changed weights."""
+    from framepack_backend.lora import merge
+    from framepack_backend.lora.apply import LoraUndoError
+    from framepack_backend.lora.folder import LoraFolder
+    from framepack_backend.pipeline import Pipeline
+    from framepack_backend.request import GenerationRequest
+    from tests.test_lora import diffusers_factors, hunyuan_factors, save_diffusers
+
+    save_diffusers(tmp_path / "style.safetensors",
+                   diffusers_factors(hunyuan_factors(32, 128, 2, 2, rank=4, seed=5, std=0.5), 32))
+    pipeline = Pipeline.from_pretrained(tiny_bundle, device="cpu", loras=LoraFolder(tmp_path))
+
+    def request(loras: str) -> GenerationRequest:
+        return GenerationRequest.parse(image, "a robot waves", loras_available=pipeline.loras, loras=loras,
+                                       resolution=128, steps=2, seconds=1, memory_mode="resident")
+
+    calls: dict[int, int] = {}
+
+    def drifting_delta(down, up):  # each layer's second Δ (the undo's) differs from its first
+        key = id(up)
+        calls[key] = calls.get(key, 0) + 1
+        return (up.double() @ down.double()) * (1.0 if calls[key] == 1 else 1.5)
+
+    monkeypatch.setattr(merge, "delta", drifting_delta)
+    with pytest.raises(LoraUndoError, match="not undone exactly"):
+        list(pipeline.generate(request("style:1")))
+    with pytest.raises(RuntimeError, match="this pipeline no longer runs its model: a LoRA merged into the weights"):
+        list(pipeline.generate(request("")))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_on_the_gpu_delta_is_recomputed_bit_identically_and_the_undo_is_exact(dtype):

@@ -185,12 +185,16 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
         yield adapted
 
 
+class LoraUndoError(RuntimeError):
+    """A LoRA merged into the weights was not undone exactly: the base weights changed."""
+
+
 def _check_restored(merges: Sequence[MergedInPlace]) -> None:
     """Every undone merge gave back its weight's checksum (one host sync for all of them)."""
     undone = [merge.restored for merge in merges if merge.restored is not None]
     if undone and not bool(torch.stack(undone).all()):
-        raise RuntimeError("a LoRA merged into the weights was not undone exactly: the base weights changed; "
-                           "restart the server to reload them")
+        raise LoraUndoError("a LoRA merged into the weights was not undone exactly: the base weights changed; "
+                            "restart the server to reload them")
 
 
 @contextmanager
