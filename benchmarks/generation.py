@@ -2,20 +2,19 @@
 
 Text encoding (Llama 8B + CLIP-L), SigLIP, VAE encode, the 13B transformer for every
 section and step, and VAE decode, through `Pipeline.generate`, with the step cache off,
-TeaCache 0.15 ("on") or MagCache at its authors' defaults ("mag").
+TeaCache 0.15 or MagCache at its authors' defaults (benchmarks/step_caches.py).
 The weights are random (no downloads here), built directly on the GPU in the public
 models' full configurations; the tokenizers are the tiny bundle's (token ids only
 select rows of the embedding table, so their vocabulary size does not change the cost).
 
-    python benchmarks/generation.py [--seconds 5] [--steps 25] [--runs exact-off,exact-mag,fp8-on] [--no-kernels]
-        [--fused-qkv] [--cuda-graphs]
+    python benchmarks/generation.py [--seconds 5] [--steps 25] [--runs exact-off,exact-magcache,fp8-teacache]
+        [--no-kernels] [--fused-qkv] [--cuda-graphs]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -23,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from step_caches import STEP_CACHES  # noqa: E402
 from transformer_forward import FULL_CONFIG  # noqa: E402
 
 from framepack_backend.components import Components  # noqa: E402
@@ -36,6 +37,9 @@ from framepack_backend.pipeline import Pipeline, configure_transformer  # noqa: 
 from framepack_backend.request import GenerationRequest  # noqa: E402
 from framepack_backend.settings import EngineOptions  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
+from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
+
+from results_file import save_result  # noqa: E402
 
 
 def build_components(device: torch.device, weight_scale: float) -> Components:
@@ -86,8 +90,8 @@ def build_components(device: torch.device, weight_scale: float) -> Components:
     )
 
 
-# precision - step cache: off, TeaCache 0.15 (on), MagCache (mag)
-RUNS = ("exact-off", "exact-on", "exact-mag", "fp8-off", "fp8-on", "fp8-mag")
+# precision-step cache; exact runs first, since quantizing to FP8 cannot be undone
+RUNS = tuple(f"{precision}-{cache}" for precision in ("exact", "fp8") for cache in STEP_CACHES)
 PROMPT = "a character dances in the rain"
 
 
@@ -127,7 +131,7 @@ def main() -> None:
     parser.add_argument("--fused-qkv", action="store_true", help="q/k/v as one GEMM (EngineOptions.fused_qkv)")
     parser.add_argument("--cuda-graphs", action="store_true", help="blocks replayed from CUDA graphs")
     parser.add_argument("--weight-scale", type=float, default=0.05)
-    parser.add_argument("--runs", default="exact-off,exact-on",
+    parser.add_argument("--runs", default="exact-off,exact-teacache",
                         help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "
                              "quantizing is irreversible)")
     parser.add_argument("--blend-latents", type=int, nargs="*", default=[None],
@@ -147,21 +151,18 @@ def main() -> None:
         fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs))
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"), options)
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
-    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(ROOT / "framepack_server/assets/sample.png")
-                       .convert("RGB"))
+    image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
     runs = []
     for name in (r for r in RUNS if r in wanted):
         precision, cache = name.split("-")
         if precision == "fp8" and not any(r["precision"] == "fp8" for r in runs):
             components.transformer.quantize_fp8()
         for blend in args.blend_latents:
-            settings = {"seconds": args.seconds, "steps": args.steps, "teacache": cache == "on",
-                        "teacache_threshold": 0.15, "memory_mode": "resident", "preview": True}
-            if cache == "mag":
-                settings["cache"] = "magcache"
+            settings = {"seconds": args.seconds, "steps": args.steps, "memory_mode": "resident", "preview": True,
+                        **STEP_CACHES[cache]}
             if blend is not None:
                 settings["blend_latents"] = blend
-            run = dict(precision=precision, teacache=cache == "on", magcache=cache == "mag", blend_latents=blend,
+            run = dict(precision=precision, cache=cache, blend_latents=blend,
                        **generate_once(pipeline, image, settings))
             runs.append(run)
             print(json.dumps(run, default=str), flush=True)
@@ -169,19 +170,11 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     print(f"\n{gpu}: {args.seconds} s video, {args.steps} steps, fused kernels {not args.no_kernels}")
     for run in runs:
-        cache = "TeaCache 0.15" if run["teacache"] else "MagCache     " if run["magcache"] else "no cache     "
-        print(f"{run['precision']:5s} {cache} "
+        print(f"{run['precision']:5s} cache {run['cache']:8s} "
               f"blend {run['blend_latents'] or 'default'}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
-    record = dict(benchmark="generation", gpu=gpu, command=" ".join(sys.argv), fused_kernels=not args.no_kernels,
-                  fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs,
-                  versions=dict(torch=torch.__version__, python=platform.python_version()), runs=runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"generation_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
-    print(f"saved {path}")
-
+    save_result(args.out, "generation", "generation", fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv,
+                cuda_graphs=args.cuda_graphs, runs=runs)
 
 if __name__ == "__main__":
     main()

@@ -181,12 +181,12 @@ def scaling(args) -> list[dict]:
 def videos_per_hour(args) -> list[dict]:
     """Videos per hour with 1..G groups behind the server's one queue, each group count in turn."""
     # The client side (tritonclient) is needed by this mode only; `overhead` and `scaling` run without it.
-    import subprocess
     import tempfile
 
     from PIL import Image
     from queue_throughput import default_clients, default_jobs, measure_groups, throughput_rows
 
+    from framepack_backend.testing.tiny_bundle import write_tiny_bundle
     from framepack_server.demo import SAMPLE_IMAGE
 
     gpus = gpu_count(args)
@@ -200,10 +200,7 @@ def videos_per_hour(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "tiny" if args.cpu else args.model_dir
         if args.cpu:
-            # In a process of its own: benchmarks/kernels.py, first on this script's path,
-            # hides the `kernels` package that transformers imports.
-            subprocess.run([sys.executable, "-m", "framepack_backend.testing.tiny_bundle", str(model_dir)],
-                           cwd=ROOT, check=True)
+            write_tiny_bundle(model_dir)
         runs = []
         for groups in counts:
             clients = args.clients or default_clients(groups)

@@ -70,11 +70,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from generation import PROMPT, build_components, generate_once, peak_gib, synchronize  # noqa: E402
-from script_path import leave_benchmarks_folder  # noqa: E402
 from step_caches import STEP_CACHES  # noqa: E402
 from transformer_forward import make_inputs, relative_error, transformer_sharing_weights  # noqa: E402
-
-leave_benchmarks_folder()
 
 from framepack_backend import planner  # noqa: E402
 from framepack_backend.buckets import bucket_for, resize_and_center_crop  # noqa: E402

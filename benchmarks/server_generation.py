@@ -27,12 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from script_path import leave_benchmarks_folder
 from step_caches import STEP_CACHES
 
 from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
-
-leave_benchmarks_folder()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -25,8 +25,7 @@ import torch
 from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/kernels.py would shadow Hugging Face's `kernels`, which diffusers imports when it is installed.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
 
 
 def timed_decode(vae, latents) -> tuple[float, torch.Tensor]:

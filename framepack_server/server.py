@@ -269,11 +269,10 @@ class TritonServer:
     def _check_speed_options(self) -> None:
         """Refuse speed options that cannot apply to this server before starting it (instance.py)."""
         o = self.overrides
-        if not (o.fused_qkv or o.cuda_graphs):
-            return
+        # Only CUDA graphs depend on the device, and counting GPUs runs nvidia-smi.
+        on_gpu = self.device != "cpu" and nvidia_gpu_count() > 0 if o.cuda_graphs else None
         try:
-            check_speed_options(bool(o.fused_qkv), bool(o.cuda_graphs),
-                                on_gpu=self.device != "cpu" and nvidia_gpu_count() > 0,
+            check_speed_options(bool(o.fused_qkv), bool(o.cuda_graphs), on_gpu=on_gpu,
                                 sequence_parallel=o.sequence_parallel or 1, lora_dir=o.lora_dir)
         except InstanceConfigError as e:
             raise ServerStartError(str(e)) from None

@@ -10,8 +10,7 @@ import pytest
 
 
 def _load_benchmark_module(name: str):
-    # By its path, not by putting benchmarks/ on sys.path: its `kernels.py` would then
-    # shadow the `kernels` package other libraries import.
+    # By its path, so that benchmarks/ stays off sys.path and its script names off the module namespace.
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)

@@ -162,4 +162,5 @@ def test_a_full_f1_context_at_the_default_resolution_extends_on_the_gpu(tiny_bun
     assert bucket_for(480, 640) == (544, 704)
     assert result.frames.shape == (36, 544, 704, 3) and result.settings["video_frames"] == 73
     peak = result.timings["memory"]["peak_allocated_bytes"]
-    print(f"f1 extension, 73 frames at 640×480: peak {peak / 2**30:.2f} GiB, encode {result.timings['encode_s']:.2f} s")
+    print(f"f1 extension, 73 frames of a 480×640 clip at 544×704: peak {peak / 2**30:.2f} GiB, "
+          f"encode {result.timings['encode_s']:.2f} s")

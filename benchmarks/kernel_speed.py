@@ -11,7 +11,7 @@ faster, as in every benchmark here). Every time is the median over repeats of CU
 back-to-back calls, after warm-up. Prints a table
 and writes JSON under benchmarks/results/.
 
-    python benchmarks/kernels.py [--repeats 50] [--out PATH]
+    python benchmarks/kernel_speed.py [--repeats 50] [--out PATH]
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ TEACACHE_COEFFS = [7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00,
 
 def require_cuda() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("benchmarks/kernels.py: TRITON_INTERPRET=1 is set; unset it to time compiled kernels")
+        sys.exit("benchmarks/kernel_speed.py: TRITON_INTERPRET=1 is set; unset it to time compiled kernels")
     if not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False). "
+            "benchmarks/kernel_speed.py needs a CUDA GPU (torch.cuda.is_available() is False). "
             "On CPU, check the kernels with: python -m pytest tests/test_kernels.py"
         )
 
@@ -260,7 +260,7 @@ def main() -> None:
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
         },
-        "command": "python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:]),
         "shapes": {"batch": 1, "tokens": TOKENS, "image_tokens": IMAGE_TOKENS, "channels": CHANNELS,
                    "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
         "repeats": args.repeats,
