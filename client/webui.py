@@ -41,7 +41,7 @@ from .provenance import RecordError, read_record, recorded_inputs, repeat_reques
 from .source_video import VideoLoadError, context_frames, read_clip_end
 from .video import CRF_DEFAULT, CRF_SPEC, parse_crf
 from .webui_job import JobUpdate, StopSignals, run_job
-from .webui_queue import COLUMNS, PageQueue
+from .webui_queue import COLUMNS, PageQueue, page_job_files
 
 # The seed app's example prompts: subject, then motion, then qualifiers.
 EXAMPLE_PROMPTS = (
@@ -185,11 +185,10 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
         def start_job(request: gr.Request, image_path: str | None, clip_path: str | None, prompt_value: str,
                       preset_value: str | None, t2v: bool, end_path: str | None, keyframe_paths: list | None,
                       *values):
-            if image_path is None and clip_path is None and not t2v:
-                yield {status: "Upload a start image (or a clip to extend, or tick text to video) first."}
-                return
-            if image_path is not None and clip_path is not None:
-                yield {status: "Give a start image or a clip to extend, not both."}
+            try:
+                page_job_files(image_path, clip_path, t2v, None, [])
+            except ValueError as e:
+                yield {status: str(e)}
                 return
             try:
                 settings, crf = page_settings(names, preset_value, values)
@@ -257,14 +256,23 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             stops.stop(request.session_hash)
             return {stop: gr.update(interactive=False), status: "Stopping…"}
 
-        def add_job(image_path: str | None, prompt_value: str, preset_value: str | None, *values) -> dict:
-            if image_path is None:
-                return {status: "Upload a start image first."}
+        # The job the Generate button would start, with the same inputs (start_job's order); its
+        # files are read when it runs, so a changed upload field does not change a queued job.
+        def add_job(image_path: str | None, clip_path: str | None, prompt_value: str, preset_value: str | None,
+                    t2v: bool, end_path: str | None, keyframe_paths: list | None, *values) -> dict:
             try:
                 settings, crf = page_settings(names, preset_value, values)
+                keyframes = timed_keyframes(keyframe_paths, settings.pop("keyframe_times", ""))
             except ValueError as e:
                 return {status: f"Error: {e}"}
-            number = page_queue.add(image_path, prompt_value, settings, crf)
+            try:
+                files = page_job_files(image_path, clip_path, t2v, end_path, keyframes)
+            except ValueError as e:
+                return {status: str(e)}
+            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
+            if chosen:
+                settings[LORAS_PARAMETER] = chosen
+            number = page_queue.add(files, prompt_value, settings, crf)
             return {status: f"Added job {number} to the queue.", jobs_table: page_queue.rows()}
 
         def cancel_job(number: float | None) -> dict:
@@ -286,15 +294,15 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                     status: f"Loaded the settings of {Path(path).name}{told}"}
 
         preset.change(apply_preset, preset, [fields[name] for name in preset_fields])
-        enqueue.click(add_job, [image, prompt, preset, *fields.values()], [status, jobs_table], queue=False)
+        job_inputs = [image, clip, prompt, preset, text_to_video, end_image, keyframe_files, *fields.values(),
+                      *loras.values()]
+        enqueue.click(add_job, job_inputs, [status, jobs_table], queue=False)
         cancel.click(cancel_job, cancel_number, [status, jobs_table], queue=False)
         load.upload(load_settings, load, [prompt, used, status, *fields.values()], queue=False)
         gr.Timer(1.0).tick(lambda: (page_queue.rows(), page_queue.results()), None, [jobs_table, results],
                            queue=False, show_progress="hidden")
         start.click(
-            start_job, [image, clip, prompt, preset, text_to_video, end_image, keyframe_files, *fields.values(),
-                        *loras.values()],
-            [start, stop, status, preview, video, download, used],
+            start_job, job_inputs, [start, stop, status, preview, video, download, used],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
         stop.click(stop_job, None, [stop, status], queue=False)

@@ -1,4 +1,4 @@
-"""The web UI's queue: the page's current settings added as jobs, run one after another
+"""The web UI's queue: the page's current inputs and settings added as jobs, run one after another
 on the page's server by the batch queue's job runner (client/queue.py: retries when the
 server is busy, the MP4 with its record, atomically), listed with their status,
 cancelled one by one, each result offered for download.
@@ -42,12 +42,12 @@ class PageQueue:
         self._work = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
 
-    def add(self, image: Path | str, prompt: str, settings: dict, crf: int) -> int:
+    def add(self, files: JobFiles, prompt: str, settings: dict, crf: int) -> int:
         """Queue a job; its number. Its MP4 will be OUTPUT_DIR/queue/job_NNN.mp4."""
         with self._lock:
             number = len(self._jobs) + 1
             output = self._output_dir / "queue" / f"job_{number:03d}.mp4"
-            job = QueueJob(number, JobFiles(image=Path(image)), prompt, dict(settings), output, crf)
+            job = QueueJob(number, files, prompt, dict(settings), output, crf)
             self._jobs.append(PageJob(number, Outcome(job)))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, daemon=True, name="page-queue")
@@ -90,6 +90,20 @@ class PageQueue:
 
     def _next(self) -> PageJob | None:
         return next((job for job in self._jobs if job.outcome.status == "waiting"), None)
+
+
+def page_job_files(image: str | None, clip: str | None, text_to_video: bool, end_image: str | None,
+                   keyframes: list[tuple[float, Path]]) -> JobFiles:
+    """The files of the page's current job, as its upload fields hold them; ValueError (the
+    page's sentence) when they do not make a job. A clip wins over text to video, which wins
+    over a start image, as when the page runs the job itself."""
+    if image is None and clip is None and not text_to_video:
+        raise ValueError("Upload a start image (or a clip to extend, or tick text to video) first.")
+    if image is not None and clip is not None:
+        raise ValueError("Give a start image or a clip to extend, not both.")
+    return JobFiles(image=Path(image) if image is not None and not text_to_video else None,
+                    video=Path(clip) if clip is not None else None,
+                    end_image=Path(end_image) if end_image else None, keyframes=tuple(keyframes))
 
 
 def _shortened(text: str) -> str:

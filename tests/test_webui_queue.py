@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from client.webui_queue import PageQueue
+from client.job_files import JobFiles
+from client.webui_queue import PageQueue, page_job_files
 from framepack_backend.presets import FLOW_PRESETS, PRESETS
 from framepack_backend.settings import describe_settings
 from framepack_wire import DescribeMeta
@@ -20,10 +22,12 @@ class GatedRun:
 
     def __init__(self) -> None:
         self.started: list[int] = []
+        self.jobs: list = []
         self.gates: dict[int, threading.Event] = {}
 
     def __call__(self, endpoint, job, outcome, *, stop):
         self.started.append(job.line)
+        self.jobs.append(job)
         gate = self.gates.setdefault(job.line, threading.Event())
         while not gate.wait(0.01):
             if stop.is_set():
@@ -44,7 +48,7 @@ def test_jobs_run_in_order_can_be_cancelled_and_only_finished_ones_are_offered(t
     run = GatedRun()
     jobs = PageQueue("localhost:1", tmp_path, run=run)
     for seed in (1, 2, 3):
-        jobs.add(tmp_path / "start.png", f"prompt {seed}", {"seed": seed}, 16)
+        jobs.add(JobFiles(image=tmp_path / "start.png"), f"prompt {seed}", {"seed": seed}, 16)
     wait_for(lambda: run.started == [1])
     assert [row[2] for row in jobs.rows()] == ["running", "waiting", "waiting"]
     assert jobs.cancel(3) == "Job 3 cancelled."
@@ -59,6 +63,26 @@ def test_jobs_run_in_order_can_be_cancelled_and_only_finished_ones_are_offered(t
     assert jobs.results() == [str(tmp_path / "queue" / "job_001.mp4")]
     assert jobs.cancel(1) == "Job 1 is done; nothing to cancel."
     assert jobs.cancel(9) == "There is no job 9."
+
+
+def test_a_queued_job_takes_the_pages_inputs_as_the_generate_button_would(tmp_path):
+    keyframes = [(1.5, tmp_path / "k.png")]
+    assert page_job_files("s.png", None, False, "e.png", keyframes) == JobFiles(
+        image=Path("s.png"), end_image=Path("e.png"), keyframes=((1.5, tmp_path / "k.png"),))
+    assert page_job_files(None, "clip.mp4", False, None, []) == JobFiles(video=Path("clip.mp4"))
+    assert page_job_files("s.png", None, True, None, []) == JobFiles()  # ticked text to video: no start image
+    with pytest.raises(ValueError, match="not both"):
+        page_job_files("s.png", "clip.mp4", False, None, [])
+    with pytest.raises(ValueError, match="Upload a start image"):
+        page_job_files(None, None, False, "e.png", [])
+    run = GatedRun()
+    jobs = PageQueue("localhost:1", tmp_path, run=run)
+    files = page_job_files(None, "clip.mp4", False, "e.png", keyframes)
+    jobs.add(files, "he walks on", {"loras": "style:0.8"}, 16)
+    wait_for(lambda: run.started == [1])
+    assert run.jobs[0].files == files and run.jobs[0].settings == {"loras": "style:0.8"}
+    run.gates[1].set()
+    wait_for(lambda: jobs.rows()[0][2] == "done")
 
 
 def test_the_page_builds_with_the_queue_and_the_settings_record(tmp_path):
