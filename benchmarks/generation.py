@@ -37,6 +37,7 @@ from framepack_backend.pipeline import Pipeline, configure_transformer  # noqa: 
 from framepack_backend.request import GenerationRequest  # noqa: E402
 from framepack_backend.settings import EngineOptions  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
+from framepack_backend.vae_fast import configure_vae  # noqa: E402
 from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
 
 from results_file import save_result  # noqa: E402
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true", help="eager blocks instead of the fused kernels")
     parser.add_argument("--fused-qkv", action="store_true", help="q/k/v as one GEMM (EngineOptions.fused_qkv)")
     parser.add_argument("--cuda-graphs", action="store_true", help="blocks replayed from CUDA graphs")
+    parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
+                        help="the engine's VAE decode speed-up (default: on, as the engine on CUDA)")
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--runs", default="exact-off,exact-teacache",
                         help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "
@@ -146,9 +149,12 @@ def main() -> None:
     device = torch.device("cuda")
     t0 = time.perf_counter()
     components = build_components(device, args.weight_scale)
-    # The engine's options (Pipeline.from_pretrained): fused kernels unless --no-kernels, fp32 output.
+    # The engine's options (Pipeline.from_pretrained): fused kernels unless --no-kernels, fp32 output,
+    # the fast VAE decode unless --no-fast-vae-decode.
     options = configure_transformer(components.transformer, device, EngineOptions(
-        fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs))
+        fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv, cuda_graphs=args.cuda_graphs,
+        fast_vae_decode=args.fast_vae_decode))
+    options = configure_vae(components.vae, device, options)
     pipeline = Pipeline(components, device, torch.bfloat16, Path("<random full-size weights>"), options)
     print(f"built full-size random components in {time.perf_counter() - t0:.1f} s", flush=True)
     image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))
@@ -174,7 +180,7 @@ def main() -> None:
               f"blend {run['blend_latents'] or 'default'}: {run['frames']} frames "
               f"{run['width']}x{run['height']} in {run['total_s']:.1f} s = {run['s_per_frame']:.3f} s/frame")
     save_result(args.out, "generation", "generation", fused_kernels=not args.no_kernels, fused_qkv=args.fused_qkv,
-                cuda_graphs=args.cuda_graphs, runs=runs)
+                cuda_graphs=args.cuda_graphs, fast_vae_decode=options.fast_vae_decode, runs=runs)
 
 if __name__ == "__main__":
     main()

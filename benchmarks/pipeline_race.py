@@ -81,6 +81,7 @@ from framepack_backend.magcache import MAGNITUDE_RATIOS  # noqa: E402
 from framepack_backend.pipeline import Pipeline, configure_transformer  # noqa: E402
 from framepack_backend.settings import EngineOptions, SamplingSettings  # noqa: E402
 from framepack_backend.testing.tiny_bundle import write_tiny_bundle  # noqa: E402
+from framepack_backend.vae_fast import accelerate_vae, configure_vae  # noqa: E402
 from framepack_backend.variants import SamplingVariant  # noqa: E402
 from framepack_server.demo import SAMPLE_IMAGE  # noqa: E402
 
@@ -199,6 +200,7 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     # Before our options touch the weights: the fp32 output projection then replaces only our tensor.
     peer = transformer_sharing_weights(HunyuanVideoFramepackTransformer3DModel, config, components.transformer)
     options = configure_transformer(components.transformer, device, options)
+    options = configure_vae(components.vae, device, options)
     pipeline = Pipeline(components, device, dtype, Path("<random weights>"), options)
     pipe = diffusers_pipeline(components, peer)
 
@@ -206,6 +208,16 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     pixels = resize_and_center_crop(image, width, height)
     window, seed = SamplingSettings().window, SamplingSettings().seed
     sections = len(planner.plan_sections(seconds, window, SamplingVariant.INVERTED))
+
+    # The VAE is one module on both sides: ours decodes with the engine's option, diffusers' with its own forward.
+    def ours(settings: dict) -> dict:
+        accelerate_vae(components.vae, bool(options.fast_vae_decode))
+        return generate_once(pipeline, pixels, settings)
+
+    def theirs(steps_now: int) -> dict:
+        accelerate_vae(components.vae, False)
+        return generate_diffusers(pipe, pixels, sections, window, steps_now, seed, device)
+
     rel_error = check_shared_weights(components.transformer, peer, config, (height // 8, width // 8), window,
                                      device, dtype)
     print(f"our forward vs diffusers' on the same inputs: relative error {rel_error:.2e}", flush=True)
@@ -215,8 +227,8 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     t0 = time.perf_counter()
     # The whole video at fewer steps: every section's shapes (the decodes differ) meet their
     # kernels, algorithm choices and allocations before the timed runs.
-    generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES["off"], "steps": warmup_steps})
-    generate_diffusers(pipe, pixels, sections, window, warmup_steps, seed, device)
+    ours({**ours_settings, **STEP_CACHES["off"], "steps": warmup_steps})
+    theirs(warmup_steps)
     warmup_s = time.perf_counter() - t0
     print(f"warm-up ({sections} sections of {warmup_steps} steps each side): {warmup_s:.1f} s", flush=True)
 
@@ -224,7 +236,7 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
     for pairing in pairings:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        mine = generate_once(pipeline, pixels, {**ours_settings, **STEP_CACHES[pairing]})
+        mine = ours({**ours_settings, **STEP_CACHES[pairing]})
         ours_run = dict(side="ours", pairing=pairing, cache=describe_ours(pairing), frames=mine["frames"],
                         width=mine["width"], height=mine["height"], total_s=mine["total_s"],
                         s_per_frame=mine["s_per_frame"], computed_forwards=mine["timings"]["computed_steps"],
@@ -241,11 +253,11 @@ def race(components: Components, device: torch.device, dtype: torch.dtype, image
             # never opens (its other pipelines open one per denoiser call and CFG branch);
             # with cfg 1 there is one branch, so one context around the call is the same.
             with peer.cache_context("cond") if cache is not None else contextlib.nullcontext():
-                theirs = generate_diffusers(pipe, pixels, sections, window, steps, seed, device)
+                peer_numbers = theirs(steps)
         finally:
             if cache is not None:
                 peer.disable_cache()
-        peer_run = dict(side="diffusers", pairing=pairing, cache=describe_diffusers(cache), **theirs)
+        peer_run = dict(side="diffusers", pairing=pairing, cache=describe_diffusers(cache), **peer_numbers)
         print_run(peer_run)
         runs += [ours_run, peer_run]
         pairs.append(dict(pairing=pairing, ours_s_per_frame=ours_run["s_per_frame"],
@@ -293,6 +305,8 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true", help="our eager blocks instead of the fused kernels")
     parser.add_argument("--fused-qkv", action="store_true", help="ours with q/k/v as one GEMM (EngineOptions)")
     parser.add_argument("--cuda-graphs", action="store_true", help="ours with the blocks replayed from CUDA graphs")
+    parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
+                        help="ours with the VAE decode speed-up (default: the engine's, on for CUDA)")
     parser.add_argument("--weight-scale", type=float, default=0.05, help="full size: transformer weights ×this")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -320,7 +334,8 @@ def main() -> None:
     fused_kernels = None if device.type == "cpu" else not args.no_kernels
     record = race(components, device, dtype, image, pairings, args.seconds, args.steps, args.resolution,
                   args.warmup_steps, EngineOptions(fused_kernels=fused_kernels, fused_qkv=args.fused_qkv,
-                                                   cuda_graphs=args.cuda_graphs))
+                                                   cuda_graphs=args.cuda_graphs,
+                                                   fast_vae_decode=args.fast_vae_decode))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{name}, {'tiny' if args.tiny else 'full'} config, {record['seconds']} s video "

@@ -178,10 +178,10 @@ class EngineOptions(_FieldSpecs):
     fp32_output: bool | None = _spec(
         None, bool, doc="final projection in fp32, as the FramePack demo (default: on for bf16/fp16 weights)"
     )
-    fast_vae_decode: bool = _spec(
-        False, bool, doc="VAE decoder in channels_last_3d with GroupNorm+SiLU fused into the causal padding (same "
-        "output within fp16 rounding; framepack_backend/vae_fast.py; opt-in: benchmarks/vae_decode.py measures its "
-        "speed-up and error against diffusers' decode on a GPU)",
+    fast_vae_decode: bool | None = _spec(
+        None, bool, doc="VAE decoder in channels_last_3d with GroupNorm+SiLU fused into the causal padding (same "
+        "output within fp16 rounding, framepack_backend/vae_fast.py; default: on for CUDA, where "
+        "benchmarks/vae_decode.py measures it against diffusers' decode; off on the CPU, where it gains nothing)",
     )
     sequence_parallel: int = _spec(
         1, int, low=1, high=64,

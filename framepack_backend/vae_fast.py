@@ -259,8 +259,9 @@ def is_accelerated(vae: nn.Module) -> bool:
 def configure_vae(vae: nn.Module, device: torch.device, options):
     """Apply `options.fast_vae_decode` (settings.EngineOptions) to `vae`; returns the options as applied.
 
-    Off by default; asked for, it runs anywhere (on a CPU the torch path: same values, no gain).
+    Unset, it is on for CUDA and off elsewhere; asked for, it runs anywhere (on a CPU the
+    torch path: same values, no gain).
     """
-    enabled = bool(options.fast_vae_decode)
+    enabled = options.fast_vae_decode if options.fast_vae_decode is not None else device.type == "cuda"
     accelerate_vae(vae, enabled)
     return options.replace(fast_vae_decode=enabled)

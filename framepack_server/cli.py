@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the transformer blocks from CUDA graphs captured per job (GPU; jobs that run "
                              "with resident weights)")
-    parser.add_argument("--fast-vae-decode", action="store_true",
+    parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
                         help="the VAE decoder in channels_last_3d with GroupNorm+SiLU fused into its padding "
-                             "(same output within fp16 rounding)")
+                             "(same output within fp16 rounding; default: config, on for a GPU)")
     parser.add_argument("--lora-dir", type=Path, metavar="DIR",
                         help="folder of LoRA .safetensors files requests may name (framepack generate --lora NAME)")
     parser.add_argument("--groups", type=int,
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None,
                 fp8=True if args.fp8 else None, groups=args.groups, sequence_parallel=args.sequence_parallel,
                 fused_qkv=True if args.fused_qkv else None, cuda_graphs=True if args.cuda_graphs else None,
-                fast_vae_decode=True if args.fast_vae_decode else None,
+                fast_vae_decode=args.fast_vae_decode,
                 fault_injection=args.fault_injection,
             ),
         )

@@ -108,7 +108,7 @@ class InstanceConfig:
     sequence_parallel: int = 1
     fused_qkv: bool = False  # each attention's q/k/v projections as one GEMM
     cuda_graphs: bool = False  # the transformer blocks replayed from CUDA graphs (GPU, resident jobs)
-    fast_vae_decode: bool = False  # the VAE decoder in channels_last_3d with fused GroupNorm+SiLU
+    fast_vae_decode: bool | None = None  # the VAE decoder's speed-up; None: the engine's default (on for CUDA)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()
@@ -168,7 +168,7 @@ class InstanceConfig:
             return FLAG_VALUES[text]
 
         fp8, fused_qkv, cuda_graphs = flag("fp8"), flag("fused_qkv"), flag("cuda_graphs")
-        fast_vae_decode = flag("fast_vae_decode")
+        fast_vae_decode = None if value("fast_vae_decode", "auto").lower() == "auto" else flag("fast_vae_decode")
 
         groups = value("groups", "auto")
         if groups != "auto" and not (groups.isdigit() and int(groups) >= 1):

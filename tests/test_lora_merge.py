@@ -9,7 +9,7 @@ import torch
 
 from framepack_backend.lora.merge import MergedInPlace, delta
 
-BITS = {2: torch.int16, 4: torch.int32}
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -32,7 +32,7 @@ def record(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("race")
     command = [sys.executable, str(ROOT / "benchmarks" / "pipeline_race.py"), "--tiny", "--runs", ",".join(PAIRINGS),
                "--seconds", str(SECONDS), "--steps", str(STEPS), "--resolution", str(RESOLUTION),
-               "--warmup-steps", "1", "--out", str(out)]
+               "--warmup-steps", "1", "--fast-vae-decode", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,6 +87,8 @@ def test_record_says_what_ran(record):
     assert "First Block Cache" in record["pairing_notes"]["teacache"]
     # One state dict, two models: the forwards agree to fp32 rounding.
     assert record["forward_rel_error"] < 1e-4
+    # Ours with the VAE decode speed-up asked for (on the CPU it is off by default).
+    assert record["engine_options"]["fast_vae_decode"] is True
 
 
 @pytest.mark.server

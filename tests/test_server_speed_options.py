@@ -65,11 +65,15 @@ def test_the_flags_reach_the_engine_options(monkeypatch, tmp_path):
             options.sequence_parallel) == (True, True, True, False, 1)
 
 
-def test_without_the_flags_the_model_config_says_off(monkeypatch, tmp_path):
+def test_without_the_flags_the_model_config_says_off_or_the_engines_default(monkeypatch, tmp_path):
     overrides = launcher_overrides(monkeypatch)
     assert overrides.environment() == {}
     options = instance_config({}, tmp_path).engine_options()
-    assert (options.fused_qkv, options.cuda_graphs, options.fast_vae_decode) == (False, False, False)
+    # The fast VAE decode is left to the engine: on for CUDA (vae_fast.configure_vae).
+    assert (options.fused_qkv, options.cuda_graphs, options.fast_vae_decode) == (False, False, None)
+    assert launcher_overrides(monkeypatch, "--no-fast-vae-decode").environment() == {
+        "FRAMEPACK_FAST_VAE_DECODE": "false"}
+    assert instance_config({"FRAMEPACK_FAST_VAE_DECODE": "false"}, tmp_path).fast_vae_decode is False
     # The environment overrides the model config either way.
     assert instance_config({"FRAMEPACK_FUSED_QKV": "TRUE"}, tmp_path).engine_options().fused_qkv is True
     assert InstanceOverrides(cuda_graphs=False).environment() == {"FRAMEPACK_CUDA_GRAPHS": "false"}

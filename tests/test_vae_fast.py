@@ -143,9 +143,14 @@ def test_cancel_is_still_polled_before_each_decoder_call():
     assert len(calls) == 3  # the third of the four temporal tiles
 
 
-def test_configure_default_is_off_and_explicit_on_runs_anywhere():
+def test_configure_default_is_on_for_cuda_only_and_explicit_on_runs_anywhere():
     vae = tiny_vae()
     applied = configure_vae(vae, torch.device("cpu"), EngineOptions())
+    assert applied.fast_vae_decode is False and not is_accelerated(vae)
+    # The default on CUDA, decided by the device alone (the swap itself moves nothing).
+    applied = configure_vae(vae, torch.device("cuda"), EngineOptions())
+    assert applied.fast_vae_decode is True and is_accelerated(vae)
+    applied = configure_vae(vae, torch.device("cuda"), EngineOptions(fast_vae_decode=False))
     assert applied.fast_vae_decode is False and not is_accelerated(vae)
     applied = configure_vae(vae, torch.device("cpu"), EngineOptions(fast_vae_decode=True))
     assert applied.fast_vae_decode is True and is_accelerated(vae)

@@ -191,7 +191,8 @@ class TritonPythonModel:
         log.info(
             f"instance {args['model_instance_name']} loaded {config.model_dir} ({config.sampling}"
             f"{', FP8' if config.fp8 else ''}{', fused q/k/v' if config.fused_qkv else ''}"
-            f"{', CUDA graphs' if config.cuda_graphs else ''}{', fast VAE decode' if config.fast_vae_decode else ''}"
+            f"{', CUDA graphs' if config.cuda_graphs else ''}"
+            f"{', fast VAE decode' if pipelines[0].options.fast_vae_decode else ''}"
             f") for {len(groups)} GPU group(s)"
             f"{f' of {config.sequence_parallel} sequence-parallel ranks' if config.sequence_parallel > 1 else ''}: "
             f"{'; '.join(group.describe() for group in groups)}; in {time.perf_counter() - start:.1f} s"
