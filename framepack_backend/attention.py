@@ -281,7 +281,7 @@ def _sdpa_priority() -> list:
 
 
 def _sdpa_cuda_first(q, k, v, key_mask):
-    if not q.is_cuda or key_mask is not None or torch.compiler.is_compiling():
+    if not q.is_cuda or key_mask is not None:
         return _sdpa(q, k, v, key_mask)
     from torch.nn.attention import sdpa_kernel
 

@@ -147,7 +147,7 @@ class Rope(NamedTuple):
 
     rotation: torch.Tensor
     # The same angles as real tables (tokens, head_dim), each value repeated for its channel
-    # pair, fp32: the layout of the fused q/k norm + RoPE kernel and of the compiled path.
+    # pair, fp32: the layout of the fused q/k norm + RoPE kernel.
     cos: torch.Tensor
     sin: torch.Tensor
 
@@ -195,11 +195,6 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     As a complex product (x0 + i·x1)(cos + i·sin) it is three kernels (cast, multiply,
     cast back) instead of the seven of the real-valued form.
     """
-    if torch.compiler.is_compiling():
-        # Inductor does not generate code for complex arithmetic; the real form fuses.
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
-        return (x.float() * rope.cos[:, None] + rotated * rope.sin[:, None]).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rope.rotation).flatten(-2).to(x.dtype)
 
@@ -666,15 +661,6 @@ class FramePackTransformer(nn.Module):
         from .fp8 import quantize_block_linears
 
         return quantize_block_linears(self.blocks())
-
-    def compile_blocks(self, mode: str | None = None) -> None:
-        """torch.compile each block: inductor fuses the elementwise work around GEMMs and attention.
-
-        Blocks, not the whole model: TeaCache's skip decision stays in Python, and blocks of
-        one kind share a compiled graph, so compiling costs two graphs, not sixty.
-        """
-        for block in self.blocks():
-            block.compile(mode=mode, dynamic=False)
 
     # -- forward
 
