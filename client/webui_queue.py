@@ -86,7 +86,11 @@ class PageQueue:
                 while (job := self._next()) is None:
                     self._work.wait()
                 job.outcome.status = "running"
-            self._run(self._endpoint, job.outcome.job, job.outcome, stop=job.stop)
+            try:
+                self._run(self._endpoint, job.outcome.job, job.outcome, stop=job.stop)
+            except Exception as e:  # a fault in the client itself: that job fails, the queue goes on
+                job.outcome.status = "failed"
+                job.outcome.message = f"internal error in the page's queue: {type(e).__name__}: {e}"
 
     def _next(self) -> PageJob | None:
         return next((job for job in self._jobs if job.outcome.status == "waiting"), None)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from client import cli
 from client.images import load_image
+from client.job_files import JobFiles
 from client.provenance import ImageFile, file_sha256, read_record
 from client.webui_job import run_job as page_job
 from client.webui_queue import PageQueue
@@ -165,8 +166,8 @@ def test_the_web_ui_records_its_video_and_its_queue_runs_jobs_on_the_server(trit
     assert last.record["final"]["parameters"]["seed"] == 31337 and last.record["image"]["path"] == str(start_image)
 
     jobs = PageQueue(triton_server.grpc_address, tmp_path / "ui")
-    jobs.add(start_image, "a person waves", {**QUICK_SETTINGS, "seed": 3}, 16)
-    jobs.add(start_image, "a person jumps", {**QUICK_SETTINGS, "seed": 4}, 16)
+    jobs.add(JobFiles(image=start_image), "a person waves", {**QUICK_SETTINGS, "seed": 3}, 16)
+    jobs.add(JobFiles(image=start_image), "a person jumps", {**QUICK_SETTINGS, "seed": 4}, 16)
     assert jobs.cancel(2) == "Job 2 cancelled."
     deadline = time.monotonic() + 120
     while jobs.rows()[0][2] not in ("done", "failed"):

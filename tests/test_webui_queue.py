@@ -85,6 +85,20 @@ def test_a_queued_job_takes_the_pages_inputs_as_the_generate_button_would(tmp_pa
     wait_for(lambda: jobs.rows()[0][2] == "done")
 
 
+def test_a_job_whose_run_raises_fails_and_the_queue_goes_on(tmp_path):
+    def run(endpoint, job, outcome, *, stop):
+        if job.line == 1:
+            raise AttributeError("a bug")
+        outcome.status, outcome.message = "done", "ok"
+        return outcome
+
+    jobs = PageQueue("localhost:1", tmp_path, run=run)
+    for seed in (1, 2):
+        jobs.add(JobFiles(image=tmp_path / "start.png"), f"prompt {seed}", {"seed": seed}, 16)
+    wait_for(lambda: jobs.rows()[1][2] == "done")
+    assert jobs.rows()[0][2:] == ["failed", "internal error in the page's queue: AttributeError: a bug"]
+
+
 def test_the_page_builds_with_the_queue_and_the_settings_record(tmp_path):
     pytest.importorskip("gradio")
     from client import webui
