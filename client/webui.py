@@ -239,7 +239,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                 return
             flag = stops.start(request.session_hash)
             folder = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-            yield {start: gr.update(interactive=False), stop: gr.update(interactive=True),
+            yield {start: gr.update(interactive=False), stop: gr.update(interactive=True, value="Stop"),
                    preview: None, video: None, download: None}
             try:
                 source = Path(clip_path) if clip_path is not None else None
@@ -250,11 +250,13 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                     yield changes
             finally:
                 stops.finish(request.session_hash, flag)
-            yield {start: gr.update(interactive=True), stop: gr.update(interactive=False)}
+            yield {start: gr.update(interactive=True), stop: gr.update(interactive=False, value="Stop")}
 
         def stop_job(request: gr.Request) -> dict:
             stops.stop(request.session_hash)
-            return {stop: gr.update(interactive=False), status: "Stopping…"}
+            # The button says it, not the status: this answer and the job's last status update
+            # travel apart, and the job may end (status "Cancelled: …") before this one lands.
+            return {stop: gr.update(interactive=False, value="Stopping…")}
 
         # The job the Generate button would start, with the same inputs (start_job's order); its
         # files are read when it runs, so a changed upload field does not change a queued job.
@@ -305,7 +307,7 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             start_job, job_inputs, [start, stop, status, preview, video, download, used],
             show_progress="hidden", concurrency_limit=None,  # the server's job queue decides what runs
         )
-        stop.click(stop_job, None, [stop, status], queue=False)
+        stop.click(stop_job, None, [stop], queue=False)
     return app
 
 

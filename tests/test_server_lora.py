@@ -105,6 +105,8 @@ def test_the_web_ui_runs_a_job_with_the_strength_its_slider_sets(lora_server, br
         page.get_by_role("button", name="LoRAs").click()  # the folded group
         page.locator("#lora-style input[type=number]").fill("1.5")
         page.locator("#lora-style input[type=number]").press("Enter")
+        # The slider takes the typed number on Enter; Start sends what the slider holds.
+        page.wait_for_function("() => document.querySelector('#lora-style input[type=range]').value === '1.5'")
         page.get_by_role("button", name="Start").click()
         assert wait_for_status(page, "Done").startswith("Done")
     finally:

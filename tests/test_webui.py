@@ -367,6 +367,10 @@ def test_stop_cancels_the_job_on_the_server(page, triton_server):
     wait_for_status(page, "Section 1/")
     page.get_by_role("button", name="Stop").click()
     assert wait_for_status(page, "Cancelled").startswith("Cancelled: the job was stopped on the server")
+    # The Stop button's own answer lands apart from the job's updates and must not overwrite the
+    # end: a second after the end the status still says it.
+    page.wait_for_timeout(1000)
+    assert field(page, "Status").input_value().startswith("Cancelled: the job was stopped on the server")
     deadline = time.monotonic() + 30
     while triton_server.log_path.read_text().count("cancelled by the client") == log_lines_before:
         assert time.monotonic() < deadline, "the server did not log the cancellation"
