@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from .sampler import guided_flow, iterate_unipc
 from .schedule import schedule_for
 from .sequence_group import SequenceParallelGroup, WorkerSpec
 from .sequence_parallel import check_heads_divide
-from .settings import EngineOptions, SamplingSettings, SettingsError
+from .settings import EngineOptions, SamplingSettings, SettingsError, triton_kernels_by_default
 from .step_cache import step_cache_for
 from .variants import SamplingVariant
 
@@ -465,7 +464,7 @@ def configure_transformer(transformer, device: torch.device, options: EngineOpti
         transformer.quantize_fp8()
     fused_kernels = options.fused_kernels
     if fused_kernels is None:
-        fused_kernels = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        fused_kernels = triton_kernels_by_default(device.type)
     if fused_kernels:
         transformer.set_fused_kernels(True)
     return options.replace(fused_kernels=fused_kernels, fp32_output=fp32_output)

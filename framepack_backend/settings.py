@@ -20,6 +20,7 @@ prompt. `SettingsError` names the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -180,8 +181,9 @@ class EngineOptions(_FieldSpecs):
     )
     fast_vae_decode: bool | None = _spec(
         None, bool, doc="VAE decoder in channels_last_3d with GroupNorm+SiLU fused into the causal padding (same "
-        "output within fp16 rounding, framepack_backend/vae_fast.py; default: on for CUDA, where "
-        "benchmarks/vae_decode.py measures it against diffusers' decode; off on the CPU, where it gains nothing)",
+        "output within fp16 rounding, framepack_backend/vae_fast.py; default: on for CUDA when Triton is "
+        "installed, where benchmarks/vae_decode.py measures it against diffusers' decode; off on the CPU, where it "
+        "gains nothing)",
     )
     sequence_parallel: int = _spec(
         1, int, low=1, high=64,
@@ -216,6 +218,12 @@ class EngineOptions(_FieldSpecs):
             )
         given = {name: value for name, value in overrides.to_dict().items() if name != "sampling" and value is not None}
         return self.replace(**given)
+
+
+def triton_kernels_by_default(device_type: str) -> bool:
+    """The default of the options that run our Triton kernels (`fused_kernels`, `fast_vae_decode`):
+    on for CUDA when Triton is installed, where the kernels run; off elsewhere."""
+    return device_type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def _override(name: str, doc: str):

@@ -33,6 +33,8 @@ from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
 )
 from torch import nn
 
+from .settings import triton_kernels_by_default
+
 CHANNELS_LAST = torch.channels_last_3d
 
 
@@ -259,9 +261,11 @@ def is_accelerated(vae: nn.Module) -> bool:
 def configure_vae(vae: nn.Module, device: torch.device, options):
     """Apply `options.fast_vae_decode` (settings.EngineOptions) to `vae`; returns the options as applied.
 
-    Unset, it is on for CUDA and off elsewhere; asked for, it runs anywhere (on a CPU the
-    torch path: same values, no gain).
+    Unset, it is on where the fused GroupNorm's Triton kernel runs (settings.triton_kernels_by_default);
+    asked for, it runs anywhere (on a CPU the torch path: same values, no gain).
     """
-    enabled = options.fast_vae_decode if options.fast_vae_decode is not None else device.type == "cuda"
+    enabled = options.fast_vae_decode
+    if enabled is None:
+        enabled = triton_kernels_by_default(device.type)
     accelerate_vae(vae, enabled)
     return options.replace(fast_vae_decode=enabled)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "with resident weights)")
     parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
                         help="the VAE decoder in channels_last_3d with GroupNorm+SiLU fused into its padding "
-                             "(same output within fp16 rounding; default: config, on for a GPU)")
+                             "(same output within fp16 rounding; default: config, on for a GPU with Triton)")
     parser.add_argument("--lora-dir", type=Path, metavar="DIR",
                         help="folder of LoRA .safetensors files requests may name (framepack generate --lora NAME)")
     parser.add_argument("--groups", type=int,

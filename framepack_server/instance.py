@@ -108,7 +108,7 @@ class InstanceConfig:
     sequence_parallel: int = 1
     fused_qkv: bool = False  # each attention's q/k/v projections as one GEMM
     cuda_graphs: bool = False  # the transformer blocks replayed from CUDA graphs (GPU, resident jobs)
-    fast_vae_decode: bool | None = None  # the VAE decoder's speed-up; None: the engine's default (on for CUDA)
+    fast_vae_decode: bool | None = None  # None: the engine's default (on for CUDA with Triton)
 
     def shutdown_requested(self) -> bool:
         return self.shutdown_file is not None and self.shutdown_file.exists()

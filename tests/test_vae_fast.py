@@ -152,6 +152,18 @@ def test_configure_default_is_on_for_cuda_only_and_explicit_on_runs_anywhere():
     assert applied.fast_vae_decode is True and is_accelerated(vae)
     applied = configure_vae(vae, torch.device("cuda"), EngineOptions(fast_vae_decode=False))
     assert applied.fast_vae_decode is False and not is_accelerated(vae)
+
+
+def test_without_triton_the_default_is_the_stock_decode(monkeypatch):
+    # The fused GroupNorm is a Triton kernel: a CUDA machine without Triton keeps diffusers' decode.
+    from framepack_backend import settings
+
+    real_find_spec = settings.importlib.util.find_spec
+    monkeypatch.setattr(settings.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "triton" else real_find_spec(name, *args))
+    vae = tiny_vae()
+    applied = configure_vae(vae, torch.device("cuda"), EngineOptions())
+    assert applied.fast_vae_decode is False and not is_accelerated(vae)
     applied = configure_vae(vae, torch.device("cpu"), EngineOptions(fast_vae_decode=True))
     assert applied.fast_vae_decode is True and is_accelerated(vae)
 
