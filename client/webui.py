@@ -21,6 +21,7 @@ page's files (uploads, and the MP4s it shows, which Gradio would otherwise copy 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sys
@@ -186,16 +187,11 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
                       preset_value: str | None, t2v: bool, end_path: str | None, keyframe_paths: list | None,
                       *values):
             try:
-                page_job_files(image_path, clip_path, t2v, None, [])
+                files, settings, crf, keyframe_times = page_job(names, list(loras), image_path, clip_path,
+                                                                preset_value, t2v, end_path, keyframe_paths, values)
             except ValueError as e:
                 yield {status: str(e)}
                 return
-            try:
-                settings, crf = page_settings(names, preset_value, values)
-            except ValueError as e:
-                yield {status: f"Error: {e}"}
-                return
-            keyframe_times = settings.pop("keyframe_times", "")
             # Not `video`: that name is the page's video component, which this function updates.
             pixels, clip_frames, note = None, None, ""
             if clip_path is not None:
@@ -226,14 +222,9 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
-            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
-            if chosen:
-                settings[LORAS_PARAMETER] = chosen
             job = WireRequest(pixels, prompt_value, settings, video=clip_frames, **guides)
             try:  # the files the job is made from, for its record (client/job_files.py)
-                inputs = input_record(JobFiles(
-                    Path(image_path) if pixels is not None else None, Path(clip_path) if clip_path else None,
-                    Path(end_path) if end_path else None, tuple(timed_keyframes(keyframe_paths, keyframe_times))))
+                inputs = input_record(files)
             except ValueError as e:
                 yield {status: f"Error: {e}"}
                 return
@@ -263,17 +254,10 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
         def add_job(image_path: str | None, clip_path: str | None, prompt_value: str, preset_value: str | None,
                     t2v: bool, end_path: str | None, keyframe_paths: list | None, *values) -> dict:
             try:
-                settings, crf = page_settings(names, preset_value, values)
-                keyframes = timed_keyframes(keyframe_paths, settings.pop("keyframe_times", ""))
-            except ValueError as e:
-                return {status: f"Error: {e}"}
-            try:
-                files = page_job_files(image_path, clip_path, t2v, end_path, keyframes)
+                files, settings, crf, _ = page_job(names, list(loras), image_path, clip_path, preset_value, t2v,
+                                                   end_path, keyframe_paths, values)
             except ValueError as e:
                 return {status: str(e)}
-            chosen = lora_parameter(dict(zip(loras, values[len(names):])))
-            if chosen:
-                settings[LORAS_PARAMETER] = chosen
             number = page_queue.add(files, prompt_value, settings, crf)
             return {status: f"Added job {number} to the queue.", jobs_table: page_queue.rows()}
 
@@ -314,6 +298,26 @@ def build_app(server: str | Endpoint, description: stream.Description, output_di
 def lora_parameter(strengths: dict[str, float]) -> str:
     """The `loras` request parameter for the sliders' strengths: those not at 0, as NAME:STRENGTH."""
     return ",".join(f"{name}:{float(strength):g}" for name, strength in strengths.items() if strength)
+
+
+def page_job(names: list[str], lora_names: list[str], image: str | None, clip: str | None, preset: str | None,
+             text_to_video: bool, end_image: str | None, keyframe_paths: list | None,
+             values) -> tuple[JobFiles, dict, int, str]:
+    """The job the page's fields describe, for Generate and Add to queue alike: its files, its
+    settings (the LoRA sliders' strengths included), its crf and the keyframe times as typed.
+    ValueError: the status line to show, the uploads checked first. `values`: the fields'
+    values in `names` order, then the sliders' in `lora_names` order."""
+    files = page_job_files(image, clip, text_to_video, end_image)
+    try:
+        settings, crf = page_settings(names, preset, values)
+        keyframe_times = settings.pop("keyframe_times", "")
+        keyframes = timed_keyframes(keyframe_paths, keyframe_times)
+    except ValueError as e:
+        raise ValueError(f"Error: {e}") from None
+    chosen = lora_parameter(dict(zip(lora_names, values[len(names):])))
+    if chosen:
+        settings[LORAS_PARAMETER] = chosen
+    return dataclasses.replace(files, keyframes=tuple(keyframes)), settings, crf, keyframe_times
 
 
 def page_settings(names: list[str], preset: str | None, values) -> tuple[dict, int]:

@@ -96,18 +96,17 @@ class PageQueue:
         return next((job for job in self._jobs if job.outcome.status == "waiting"), None)
 
 
-def page_job_files(image: str | None, clip: str | None, text_to_video: bool, end_image: str | None,
-                   keyframes: list[tuple[float, Path]]) -> JobFiles:
-    """The files of the page's current job, as its upload fields hold them; ValueError (the
-    page's sentence) when they do not make a job. A clip wins over text to video, which wins
-    over a start image, as when the page runs the job itself."""
+def page_job_files(image: str | None, clip: str | None, text_to_video: bool, end_image: str | None) -> JobFiles:
+    """The files of the page's current job as its upload fields hold them, keyframes aside
+    (client/webui.py: page_job adds them with their times); ValueError (the page's sentence)
+    when they do not make a job. Text to video drops the start image."""
     if image is None and clip is None and not text_to_video:
         raise ValueError("Upload a start image (or a clip to extend, or tick text to video) first.")
     if image is not None and clip is not None:
         raise ValueError("Give a start image or a clip to extend, not both.")
     return JobFiles(image=Path(image) if image is not None and not text_to_video else None,
                     video=Path(clip) if clip is not None else None,
-                    end_image=Path(end_image) if end_image else None, keyframes=tuple(keyframes))
+                    end_image=Path(end_image) if end_image else None)
 
 
 def _shortened(text: str) -> str:

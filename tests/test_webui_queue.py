@@ -66,18 +66,29 @@ def test_jobs_run_in_order_can_be_cancelled_and_only_finished_ones_are_offered(t
 
 
 def test_a_queued_job_takes_the_pages_inputs_as_the_generate_button_would(tmp_path):
+    pytest.importorskip("gradio")
+    from client.webui import page_job
+
     keyframes = [(1.5, tmp_path / "k.png")]
-    assert page_job_files("s.png", None, False, "e.png", keyframes) == JobFiles(
-        image=Path("s.png"), end_image=Path("e.png"), keyframes=((1.5, tmp_path / "k.png"),))
-    assert page_job_files(None, "clip.mp4", False, None, []) == JobFiles(video=Path("clip.mp4"))
-    assert page_job_files("s.png", None, True, None, []) == JobFiles()  # ticked text to video: no start image
+    assert page_job_files("s.png", None, False, "e.png") == JobFiles(image=Path("s.png"), end_image=Path("e.png"))
+    assert page_job_files(None, "clip.mp4", False, None) == JobFiles(video=Path("clip.mp4"))
+    assert page_job_files("s.png", None, True, None) == JobFiles()  # ticked text to video: no start image
     with pytest.raises(ValueError, match="not both"):
-        page_job_files("s.png", "clip.mp4", False, None, [])
+        page_job_files("s.png", "clip.mp4", False, None)
     with pytest.raises(ValueError, match="Upload a start image"):
-        page_job_files(None, None, False, "e.png", [])
+        page_job_files(None, None, False, "e.png")
+    # Generate and Add to queue read the page alike: keyframes paired with their times, the sliders' LoRAs.
+    names, loras = ["seed", "keyframe_times"], ["style"]
+    files, settings, crf, times = page_job(names, loras, None, "clip.mp4", None, False, "e.png",
+                                           [str(tmp_path / "k.png")], [5, "1.5", 0.8])
+    assert files == JobFiles(video=Path("clip.mp4"), end_image=Path("e.png"), keyframes=tuple(keyframes))
+    assert (settings, crf, times) == ({"seed": 5, "loras": "style:0.8"}, 16, "1.5")
+    with pytest.raises(ValueError, match="^Upload a start image"):  # the uploads first, even with bad times
+        page_job(names, loras, None, None, None, False, None, [], [5, "1, 2", 0])
+    with pytest.raises(ValueError, match="^Error: keyframe times '1, 2'"):
+        page_job(names, loras, "s.png", None, None, False, None, [str(tmp_path / "k.png")], [5, "1, 2", 0])
     run = GatedRun()
     jobs = PageQueue("localhost:1", tmp_path, run=run)
-    files = page_job_files(None, "clip.mp4", False, "e.png", keyframes)
     jobs.add(files, "he walks on", {"loras": "style:0.8"}, 16)
     wait_for(lambda: run.started == [1])
     assert run.jobs[0].files == files and run.jobs[0].settings == {"loras": "style:0.8"}
