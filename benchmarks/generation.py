@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--fused-qkv", action="store_true", help="q/k/v as one GEMM (EngineOptions.fused_qkv)")
     parser.add_argument("--cuda-graphs", action="store_true", help="blocks replayed from CUDA graphs")
     parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
-                        help="the engine's VAE decode speed-up (default: on, as the engine on CUDA)")
+                        help="the engine's VAE decode speed-up (default: the engine's, on for CUDA with Triton)")
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--runs", default="exact-off,exact-teacache",
                         help=f"comma-separated, in this order of choice: {', '.join(RUNS)} (fp8 runs come last: "

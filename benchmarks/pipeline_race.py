@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument("--fused-qkv", action="store_true", help="ours with q/k/v as one GEMM (EngineOptions)")
     parser.add_argument("--cuda-graphs", action="store_true", help="ours with the blocks replayed from CUDA graphs")
     parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
-                        help="ours with the VAE decode speed-up (default: the engine's, on for CUDA)")
+                        help="ours with the VAE decode speed-up (default: the engine's, on for CUDA with Triton)")
     parser.add_argument("--weight-scale", type=float, default=0.05, help="full size: transformer weights ×this")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
