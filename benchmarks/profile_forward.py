@@ -6,7 +6,7 @@ warm-up; kernels are grouped into attention, GEMM, our Triton kernels and the re
 (elementwise, copies, reductions). Also reports GPU busy time against wall time, which
 shows whether the host keeps the GPU fed.
 
-    python benchmarks/profile_forward.py [--paths fused,eager,fp8-fused] [--top 15]
+    python benchmarks/profile_forward.py [--paths fused,eager,fp8-fused] [--attention cudnn-fp8] [--top 15]
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from transformer_forward import FULL_CONFIG, make_inputs  # noqa: E402
 
+from framepack_backend.attention import Attend  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 
 PATHS = ("eager", "fused", "fp8-fused")  # fp8 last: quantizing replaces the layers
 KINDS = (
     ("attention", ("flash", "fmha", "cudnn", "attention", "attn")),
+    ("fp8 quantize", ("_quantize", "_amax", "_dequantize")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "scaled_mm", "sm90", "matmul")),
     ("our triton kernels", ("_adaln_", "_qk_rmsnorm", "_gated_residual", "_teacache", "_abs_diff", "_relative_l1")),
     ("layer/rms norm", ("layer_norm", "rms_norm", "layernorm")),
@@ -75,6 +77,8 @@ def profile_forward(model, inputs) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", default="eager,fused", help=f"comma-separated from {', '.join(PATHS)}")
+    parser.add_argument("--attention", default="auto",
+                        help="attention backend, as the `attention` setting takes it (auto: the engine's choice)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--weight-scale", type=float, default=0.05)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -94,7 +98,9 @@ def main() -> None:
         for p in model.parameters():
             p.mul_(args.weight_scale)
     model.eval().requires_grad_(False)
-    inputs = make_inputs(device, torch.bfloat16)
+    inputs = dict(make_inputs(device, torch.bfloat16),
+                  attend=Attend.for_setting(args.attention, device, torch.bfloat16))
+    print(f"attention: {inputs['attend'].name}")
     results = {}
     with torch.inference_mode():
         for path in (p for p in PATHS if p in wanted):
@@ -108,7 +114,7 @@ def main() -> None:
                 print(f"  {kind:22s} {entry['ms']:8.1f} ms  {entry['launches']:5d} launches")
             for row in result["top"][: args.top]:
                 print(f"    {row['ms']:8.1f} ms {row['launches']:5d}x  {row['kernel'][:110]}")
-    save_result(args.out, "profile_forward", "profile_forward", paths=results)
+    save_result(args.out, "profile_forward", "profile_forward", attention=inputs["attend"].name, paths=results)
 
 
 if __name__ == "__main__":

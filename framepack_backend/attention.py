@@ -362,13 +362,26 @@ def _xformers_available() -> bool:
     return True
 
 
+def _cudnn_fp8(q, k, v, key_mask):
+    from .cudnn_fp8_attention import cudnn_fp8_attention
+
+    return cudnn_fp8_attention(q, k, v)
+
+
+def _cudnn_fp8_available() -> bool:
+    from .cudnn_fp8_attention import cudnn_fp8_available
+
+    return cudnn_fp8_available()
+
+
 # ------------------------------------------------------------------ the registry
 #
 # `auto_rank` is the order "auto" tries on a GPU, fastest first: "flash" leads only
 # when flash-attn 3/4 is installed (on an H100 at the 640 bucket FA4 runs at 693
 # TFLOP/s, cuDNN at 550-670, torch's own flash kernel, flash's fallback, at 360;
-# benchmarks/results/attention_*.json). "sage" has no rank: it is inexact. Every backend
-# takes (batch, seq, heads, head_dim), so every one can run on a head shard.
+# benchmarks/results/attention_*.json). "sage" and "cudnn-fp8" (FP8 attention, Hopper and
+# newer) have no rank: they are inexact, chosen by name only. Every backend takes
+# (batch, seq, heads, head_dim), so every one can run on a head shard.
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -380,6 +393,8 @@ register_backend("sage", _sage, _sage_available, exact=False, key_mask=False, se
                  devices=("cuda",), dtypes=HALF)
 register_backend("xformers", _xformers, _xformers_available, exact=True, key_mask=True, sequence_parallel=True,
                  devices=("cuda",), dtypes=(*HALF, torch.float32), auto_rank=2)
+register_backend("cudnn-fp8", _cudnn_fp8, _cudnn_fp8_available, exact=False, key_mask=False, sequence_parallel=True,
+                 devices=("cuda",), dtypes=HALF)
 
 # The built-in backends' names, in registration order: the `attention` setting's choices besides "auto".
 BACKEND_NAMES = tuple(_BACKENDS)

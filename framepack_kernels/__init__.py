@@ -7,6 +7,12 @@ CPU tensors when TRITON_INTERPRET=1 is set before this package is imported.
 
 from framepack_kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
 from framepack_kernels.fp8_quantize import quantize_fp8_rows, quantize_fp8_rows_reference
+from framepack_kernels.fp8_tensor import (
+    dequantize_fp8_tensor,
+    dequantize_fp8_tensor_reference,
+    quantize_fp8_tensor,
+    quantize_fp8_tensor_reference,
+)
 from framepack_kernels.gated_residual import gated_residual, gated_residual_reference
 from framepack_kernels.gated_residual_norm import (
     gated_residual_layernorm_modulate,
@@ -24,6 +30,8 @@ from framepack_kernels.teacache_distance import (
 __all__ = [
     "adaln_layernorm_modulate",
     "adaln_layernorm_modulate_reference",
+    "dequantize_fp8_tensor",
+    "dequantize_fp8_tensor_reference",
     "gated_residual",
     "gated_residual_reference",
     "gated_residual_layernorm_modulate",
@@ -32,6 +40,8 @@ __all__ = [
     "group_norm_silu_reference",
     "quantize_fp8_rows",
     "quantize_fp8_rows_reference",
+    "quantize_fp8_tensor",
+    "quantize_fp8_tensor_reference",
     "qk_rmsnorm_rope",
     "qk_rmsnorm_rope_reference",
     "teacache_accumulate",

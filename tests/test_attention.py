@@ -99,8 +99,9 @@ def test_resolve_backend_auto_and_errors():
 
 
 # Relative error allowed per backend against float64 attention, bf16 inputs of size (1, 4096, 8, 128).
-# "sage" quantizes q and k to int8 by design.
-GPU_TOLERANCE = {"sdpa": 1e-2, "flash": 1e-2, "xformers": 1e-2, "sage": 5e-2}
+# "sage" quantizes q and k to int8 by design, "cudnn-fp8" q, k, v, the probabilities and
+# the output to e4m3.
+GPU_TOLERANCE = {"sdpa": 1e-2, "flash": 1e-2, "xformers": 1e-2, "sage": 5e-2, "cudnn-fp8": 1e-1}
 
 
 @pytest.mark.gpu
@@ -115,6 +116,30 @@ def test_gpu_backends_match_exact_attention(backend):
     rel = float((out - ref).norm() / ref.norm())
     assert out.shape == q.shape
     assert rel < GPU_TOLERANCE[backend], f"{backend}: relative error {rel:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_attention_at_the_engine_lengths_and_layouts():
+    """cuDNN FP8 attention on a joint length that is no multiple of 64, with v a strided projection view."""
+    if "cudnn-fp8" not in available_backends():
+        pytest.skip("cudnn-fp8 needs a Hopper GPU and nvidia-cudnn-frontend")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    heads, head_dim, tokens = 4, 128, 1600 + 729 + 37
+    q, k = (torch.randn(1, tokens, heads, head_dim, generator=g, device="cuda", dtype=torch.bfloat16) for _ in "qk")
+    projection = torch.randn(1, tokens, 3 * heads * head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = projection[..., 2 * heads * head_dim:].unflatten(-1, (heads, head_dim))  # token stride 3·heads·head_dim
+    ref = naive_attention(q, k, v).double()
+    for scale in (1.0, 40.0):  # outputs far below and far above 1: per-tensor scales follow them
+        out = Attend.named("cudnn-fp8").joint(q, k, v if scale == 1 else v * scale, n_latent=1600).double()
+        rel = float((out - ref * scale).norm() / (ref * scale).norm())
+        assert out.shape == q.shape and rel < GPU_TOLERANCE["cudnn-fp8"], f"scale {scale}: relative error {rel:.3e}"
+    with pytest.raises(ValueError, match="must share batch, heads and head_dim"):
+        Attend.named("cudnn-fp8").local(q, k[:, :, :2], v[:, :, :2])
+
+
+def test_fp8_attention_is_refused_on_a_cpu():
+    with pytest.raises(SettingsError, match="attention='cudnn-fp8' is not allowed"):
+        resolve_backend("cudnn-fp8", "cpu")
 
 
 @pytest.mark.gpu
@@ -136,9 +161,10 @@ def test_registry_declares_each_backend_and_the_setting_reads_its_names():
         "flash": (True, False, True, ("cuda",), half, 0),
         "sage": (False, False, True, ("cuda",), half, None),
         "xformers": (True, True, True, ("cuda",), (*half, torch.float32), 2),
+        "cudnn-fp8": (False, False, True, ("cuda",), half, None),
     }
-    assert BACKEND_NAMES == ("sdpa", "flash", "sage", "xformers")
-    assert ATTENTION_BACKENDS == ("auto", "sdpa", "flash", "sage", "xformers")
+    assert BACKEND_NAMES == ("sdpa", "flash", "sage", "xformers", "cudnn-fp8")
+    assert ATTENTION_BACKENDS == ("auto", "sdpa", "flash", "sage", "xformers", "cudnn-fp8")
 
 
 def gpu_machine(monkeypatch, flash_attn_installed=True, unavailable=()):

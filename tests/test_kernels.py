@@ -300,6 +300,55 @@ class KernelComparisons:
         part = full[:, 5:42]  # a sequence slice of a longer buffer
         self.assert_fp8_matches(kernels.quantize_fp8_rows(part), kernels.quantize_fp8_rows_reference(part))
 
+    # --- quantize_fp8_tensor / dequantize_fp8_tensor -----------------------------------
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_fp8_tensor_quantize_matches_reference(self, dtype):
+        x = (self.randn(2, 37, 3, 16, seed=44) * 5).to(dtype)
+        got = kernels.quantize_fp8_tensor(x)
+        self.assert_fp8_matches(got, kernels.quantize_fp8_tensor_reference(x))
+        values, scales = got
+        assert values.shape == x.shape and values.is_contiguous()
+        descale, scale = scales.cpu().tolist()
+        assert descale == pytest.approx(x.float().abs().max().item() / 448, rel=1e-6)
+        assert scale * descale == pytest.approx(1.0, rel=1e-6)
+        assert values.float().abs().max().item() == 448.0  # the largest element lands on e4m3's top
+
+    def test_fp8_tensor_quantize_reads_a_projection_view_and_a_sequence_slice(self):
+        heads, head_dim = 3, 16
+        projection = self.randn(2, 21, 3 * heads * head_dim, dtype=torch.bfloat16, seed=45)
+        v = projection[..., 2 * heads * head_dim:].unflatten(-1, (heads, head_dim))  # token stride 3·heads·head_dim
+        joint = self.randn(2, 30, heads, head_dim, dtype=torch.bfloat16, seed=46)[:, 4:25]
+        for x in (v, joint):
+            self.assert_fp8_matches(kernels.quantize_fp8_tensor(x), kernels.quantize_fp8_tensor_reference(x))
+
+    def test_fp8_tensor_dequantize_matches_reference_and_round_trips(self):
+        x = (self.randn(1, 9, 2, 32, seed=47) * 0.01).to(torch.bfloat16)
+        values, scales = kernels.quantize_fp8_tensor_reference(x.cpu())
+        values, scales = values.to(self.device), scales.to(self.device)
+        back = kernels.dequantize_fp8_tensor(values, scales[0:1], torch.bfloat16)
+        expected = kernels.dequantize_fp8_tensor_reference(values, scales[0:1], torch.bfloat16)
+        assert back.dtype == torch.bfloat16
+        if INTERPRETED:  # the interpreter's float32 -> bfloat16 conversion may round the other way
+            assert ((back.float() - expected.float()).abs() <= expected.float().abs() * 2**-7).all()
+        else:
+            assert torch.equal(back.cpu(), expected.cpu())
+        # e4m3 keeps 3 mantissa bits: within half a step (1/16 relative) plus bf16's rounding.
+        err = (back.float() - x.float()).abs().cpu()
+        assert (err <= x.float().abs().cpu() / 16 + 2**-9 * scales[0].item() + 1e-6).all()
+
+    def test_fp8_tensor_zeros_and_bad_layouts(self):
+        values, scales = kernels.quantize_fp8_tensor(torch.zeros(1, 4, 2, 8, device=self.device))
+        assert values.float().abs().max().item() == 0 and torch.isfinite(scales).all() and (scales > 0).all()
+        heads_apart = self.randn(1, 4, 8, 2).transpose(2, 3)  # (1, 4, 2, 8) with heads 1 element apart
+        with pytest.raises(ValueError, match="must be contiguous in its last dimension"):
+            kernels.quantize_fp8_tensor(heads_apart)
+        heads_strided = self.randn(1, 4, 2, 16)[..., :8]
+        with pytest.raises(ValueError, match="must hold its heads contiguously"):
+            kernels.quantize_fp8_tensor(heads_strided)
+        with pytest.raises(ValueError, match="descale must be one float32 element"):
+            kernels.dequantize_fp8_tensor(values, torch.ones(2, device=self.device), torch.bfloat16)
+
     # --- argument checks -----------------------------------------------------------
 
     def test_bad_arguments_name_the_field(self):
