@@ -42,8 +42,9 @@ DEVICE = os.environ.get("FRAMEPACK_TEST_DEVICE", "cpu")
 # Jobs that a test stops mid-way (cancel, kill, time limit) must run for seconds.
 LONG_RESOLUTION = 128 if DEVICE == "cpu" else 640
 QUEUED_JOBS = 4
-# The server's limit per job: above the longest job a test lets finish (~7 s on two busy CPU cores).
-JOB_LIMIT_S = 12.0
+# The server's limit per job: well above the longest job a test lets finish (~7 s on two busy
+# CPU cores; 12 s was seen under load, which a 12 s limit turned into a spurious failure).
+JOB_LIMIT_S = 20.0
 # One section of 37 frames at the smallest bucket: about 1.5 s on two CPU cores.
 FAST = {"resolution": 128, "steps": 2, "seconds": 0.5}
 GOOD_VIDEO_SHAPE = (37, *bucket_for(*load_image(SAMPLE).pixels.shape[:2], FAST["resolution"]), 3)
