@@ -97,10 +97,13 @@ def _build(device: torch.device, batch: int, heads: int, seq_q: int, seq_kv: int
         descale_s=t["descale_s"], scale_s=t["scale_s"], scale_o=t["scale_o"],
         generate_stats=False, attn_scale=head_dim**-0.5, use_causal_mask=False, name="attention",
     )
-    dim, stride = _bhsd(batch, seq_q, heads, head_dim)
-    t["o"] = o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(e4m3)
-    for name, amax in (("amax_s", amax_s), ("amax_o", amax_o)):
-        t[name] = amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    scalar = ([1, 1, 1, 1], [1, 1, 1, 1])
+    outputs = {"o": (o, _bhsd(batch, seq_q, heads, head_dim), e4m3),
+               "amax_s": (amax_s, scalar, f32), "amax_o": (amax_o, scalar, f32)}
+    for name, (tensor, (dim, stride), dtype) in outputs.items():
+        tensor.set_output(True).set_dim(dim).set_stride(stride)
+        tensor.set_data_type(dtype)
+        t[name] = tensor
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
