@@ -120,7 +120,11 @@ def _plan(device: torch.device, *shape: int) -> _Plan:
     with _lock:
         plan = _plans.get(key)
         if plan is None:
-            plan = _plans[key] = _build(device, *shape)
+            try:
+                plan = _plans[key] = _build(device, *shape)
+            except Exception as e:  # cuDNN says why in its own words; say what was asked of it
+                raise RuntimeError(f"cudnn-fp8 attention has no kernel for batch, heads, q length, kv length, "
+                                   f"head_dim {shape} on {torch.cuda.get_device_name(device)}: {e}") from e
             while len(_plans) > MAX_GRAPHS:
                 _plans.popitem(last=False)
         else:
