@@ -3,7 +3,8 @@
 The full 13B transformer (random weights scaled like benchmarks/transformer_forward.py,
 its 640-bucket inputs) with the fused kernels runs four ways: bf16 linears or FP8
 linears, each with exact attention (`sdpa`) or cuDNN's FP8 attention (`cudnn-fp8`).
-For each it reports the seconds per forward and the relative error (L2) of
+For each it reports the seconds per forward (and the ratio to diffusers' eager forward of
+the same weights, timed in the same run) and the relative error (L2) of
 
 - one forward's output against the exact bf16 forward, and
 - a whole section — UniPC over `--steps` steps from the same noise, as the engine
@@ -85,6 +86,9 @@ def main() -> None:
             p.mul_(args.weight_scale)
     source.requires_grad_(False)
     inputs = make_inputs(device, dtype)
+    with torch.inference_mode():
+        peer_s = time_forward(source, inputs, args.repeats)[0]
+    print(f"diffusers eager: {peer_s:.4f} s/forward", flush=True)
     models = {}
     for precision in ("bf16", "fp8"):
         model = transformer_sharing_weights(FramePackTransformer, FULL_CONFIG, source)
@@ -103,14 +107,16 @@ def main() -> None:
             section = sample_section(model, inputs, attend, args.steps)
             if reference_forward is None:
                 reference_forward, reference_section = out, section
-            row = dict(linears=precision, attention=backend, forward_s=seconds, warmup_s=warmup_s,
+            row = dict(linears=precision, attention=backend, forward_s=seconds, vs_diffusers_eager=peer_s / seconds,
+                       warmup_s=warmup_s,
                        forward_rel_error=relative_error(out, reference_forward),
                        section_rel_error=relative_error(section, reference_section))
             rows.append(row)
-            print(f"{precision} linears, {backend:9s} attention: {seconds:.4f} s/forward, "
+            print(f"{precision} linears, {backend:9s} attention: {seconds:.4f} s/forward "
+                  f"({row['vs_diffusers_eager']:.2f}x diffusers eager), "
                   f"rel. error forward {row['forward_rel_error']:.2e}, section {row['section_rel_error']:.2e}",
                   flush=True)
-    save_result(args.out, "fp8_attention", "fp8_attention", steps=args.steps, rows=rows,
+    save_result(args.out, "fp8_attention", "fp8_attention", steps=args.steps, diffusers_eager_s=peer_s, rows=rows,
                 reference="bf16 linears, sdpa attention, fused kernels")
 
 
