@@ -74,6 +74,10 @@ def _handle(device: torch.device) -> Any:
     return _handles[device.index]
 
 
+def _current_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _bhsd(batch: int, seq: int, heads: int, head_dim: int) -> tuple[list[int], list[int]]:
     """cuDNN's (batch, heads, seq, head_dim) dims over memory laid out (batch, seq, heads, head_dim)."""
     return [batch, heads, seq, head_dim], [seq * heads * head_dim, head_dim, heads * head_dim, 1]
@@ -124,7 +128,7 @@ def _plan(device: torch.device, *shape: int) -> _Plan:
                 plan = _plans[key] = _build(device, *shape)
             except Exception as e:  # cuDNN says why in its own words; say what was asked of it
                 raise RuntimeError(f"cudnn-fp8 attention has no kernel for batch, heads, q length, kv length, "
-                                   f"head_dim {shape} on {torch.cuda.get_device_name(device)}: {e}") from e
+                                   f"head_dim {shape} on {device}: {e}") from e
             while len(_plans) > MAX_GRAPHS:
                 _plans.popitem(last=False)
         else:
@@ -143,7 +147,11 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     """softmax(q kᵀ / sqrt(head_dim)) v in FP8, over (batch, seq, heads, head_dim); returns q's dtype and shape."""
     import cudnn
 
-    from framepack_kernels import dequantize_fp8_tensor, quantize_fp8_tensor
+    if q.is_cuda:
+        from framepack_kernels import dequantize_fp8_tensor, quantize_fp8_tensor
+    else:  # the same arithmetic in torch (tests run the wiring on a CPU)
+        from framepack_kernels.fp8_tensor import dequantize_fp8_tensor_reference as dequantize_fp8_tensor
+        from framepack_kernels.fp8_tensor import quantize_fp8_tensor_reference as quantize_fp8_tensor
 
     batch, seq_q, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
@@ -161,6 +169,6 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
         t["scale_o"]: v_scales[1:2],
         t["o"]: out, t["amax_s"]: plan.amax[0:1], t["amax_o"]: plan.amax[1:2],
     }
-    cudnn.set_stream(handle=plan.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    cudnn.set_stream(handle=plan.handle, stream=_current_stream(q.device))
     plan.graph.execute(buffers, plan.workspace, handle=plan.handle)
     return dequantize_fp8_tensor(out, v_scales[0:1], q.dtype)
