@@ -7,14 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framepack_backend.lora.merge import MergedInPlace, delta
+from framepack_backend.lora.merge import INT_OF_WIDTH, MergedInPlace, bit_patterns, delta
 
-BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().view(BITS[tensor.element_size()]).clone()
+    return bit_patterns(tensor.detach()).clone()
 
 
 def below(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -34,7 +33,7 @@ def hard_weights(dtype: torch.dtype, out: int = 96, features: int = 80, seed: in
         torch.tensor(powers, dtype=dtype), -torch.tensor(powers, dtype=dtype),
         torch.cat([below(p, dtype) for p in powers]), -torch.cat([below(p, dtype) for p in powers]),
         torch.tensor([0.0, -0.0, torch.finfo(dtype).tiny, -torch.finfo(dtype).tiny], dtype=dtype),
-        (torch.tensor([1, 2, 3], dtype=BITS[weight.element_size()])).view(dtype),  # subnormals
+        (torch.tensor([1, 2, 3], dtype=INT_OF_WIDTH[weight.element_size()])).view(dtype),  # subnormals
     ])
     weight.view(-1)[: special.numel()] = special
     return weight

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# The integer type as wide as each float element: its bit patterns, compared and summed.
+INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # Δ and the sums with it in fp64: the undo must recompute Δ bit for bit, and an fp32 GEMM
@@ -57,14 +58,14 @@ def _subtracted(weight: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
     return (weight - change).to(weight.dtype)
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
+def bit_patterns(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bit patterns, so -0.0 differs from 0.0 and a NaN equals itself."""
-    return tensor.view(_BITS[tensor.element_size()])
+    return tensor.view(INT_OF_WIDTH[tensor.element_size()])
 
 
 def _checksum(weight: torch.Tensor) -> torch.Tensor:
     """Two sums of W's bit patterns (every element, every other one), on W's device: a changed element changes them."""
-    bits = _bits(weight).view(-1)
+    bits = bit_patterns(weight).view(-1)
     return torch.stack([bits.sum(dtype=torch.int64), bits[::2].sum(dtype=torch.int64)])
 
 
@@ -83,7 +84,7 @@ class MergedInPlace:
         with torch.no_grad():
             change = delta(down, up)
             merged = _added(weight, change)
-            missed = (_bits(_subtracted(merged, change)) != _bits(weight)).view(-1).nonzero().squeeze(1)
+            missed = (bit_patterns(_subtracted(merged, change)) != bit_patterns(weight)).view(-1).nonzero().squeeze(1)
             index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
             self.kept_at = missed.to(index_dtype)
             self.kept = weight.view(-1)[missed]
