@@ -86,6 +86,8 @@ def test_lora_jobs_end_to_end(lora_server, tmp_path):
 
 
 def test_the_web_ui_runs_a_job_with_the_strength_its_slider_sets(lora_server, browser, tmp_path):  # noqa: F811
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     from client.provenance import read_record
     from client.webui import build_app
 
@@ -103,10 +105,20 @@ def test_the_web_ui_runs_a_job_with_the_strength_its_slider_sets(lora_server, br
         set_fields(page, {"Video length (seconds)": 1, "Steps": FAST_SETTINGS["steps"],
                           "Resolution": FAST_SETTINGS["resolution"]})
         page.get_by_role("button", name="LoRAs").click()  # the folded group
-        page.locator("#lora-style input[type=number]").fill("1.5")
-        page.locator("#lora-style input[type=number]").press("Enter")
-        # The slider takes the typed number on Enter; Start sends what the slider holds.
-        page.wait_for_function("() => document.querySelector('#lora-style input[type=range]').value === '1.5'")
+        # The slider takes the typed number on Enter; Start sends what the slider holds. On a
+        # loaded machine an Enter can come before the page listens, so type again until it takes.
+        number = page.locator("#lora-style input[type=number]")
+        for _ in range(10):
+            number.fill("1.5")
+            number.press("Enter")
+            try:
+                page.wait_for_function(
+                    "() => document.querySelector('#lora-style input[type=range]').value === '1.5'", timeout=5000)
+                break
+            except PlaywrightTimeout:
+                continue
+        else:
+            raise AssertionError("the LoRA slider never took the typed strength 1.5")
         page.get_by_role("button", name="Start").click()
         assert wait_for_status(page, "Done").startswith("Done")
     finally:
