@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from transformer_forward import (  # noqa: E402
     FULL_CONFIG,
     make_inputs,
+    random_model,
     relative_error,
     time_forward,
     transformer_sharing_weights,
@@ -76,15 +77,7 @@ def main() -> None:
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     device, dtype = torch.device("cuda"), torch.bfloat16
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        source = HunyuanVideoFramepackTransformer3DModel(**FULL_CONFIG).eval()
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in source.parameters():
-            p.mul_(args.weight_scale)
-    source.requires_grad_(False)
+    source = random_model(HunyuanVideoFramepackTransformer3DModel, FULL_CONFIG, device, dtype, args.weight_scale)
     inputs = make_inputs(device, dtype)
     with torch.inference_mode():
         peer_s = time_forward(source, inputs, args.repeats)[0]

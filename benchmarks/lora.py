@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformer_forward import FULL_CONFIG, SMALL_CONFIG, make_inputs
+from transformer_forward import FULL_CONFIG, SMALL_CONFIG, make_inputs, random_model
 
 from results_file import save_result  # benchmarks/ is on sys.path when one of its scripts runs
 
@@ -86,14 +86,7 @@ def main() -> None:
             sys.exit("benchmarks/lora.py needs a CUDA GPU (or --tiny for the CPU)")
         device, dtype, latent, text = torch.device("cuda"), torch.bfloat16, (80, 80), 100
         config = FULL_CONFIG if args.config == "full" else SMALL_CONFIG
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = FramePackTransformer(**config).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(args.weight_scale)
+    model = random_model(FramePackTransformer, config, device, dtype, args.weight_scale)
     fused = device.type == "cuda"
     model.set_fused_kernels(fused)
     inputs = make_inputs(device, dtype, latent_hw=latent, text_tokens=text)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from transformer_forward import FULL_CONFIG, make_inputs, time_forward  # noqa: E402
+from transformer_forward import FULL_CONFIG, make_inputs, random_model, time_forward  # noqa: E402
 
 from framepack_backend import planner  # noqa: E402
 from framepack_backend.memory import (  # noqa: E402
@@ -286,14 +286,7 @@ def main() -> None:
     started = time.perf_counter()
 
     progress(f"{gpu}: building the full transformer (random weights ×{args.weight_scale}, bf16) on the GPU")
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        peer = HunyuanVideoFramepackTransformer3DModel(**FULL_CONFIG).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in peer.parameters():
-            p.mul_(args.weight_scale)
+    peer = random_model(HunyuanVideoFramepackTransformer3DModel, FULL_CONFIG, device, dtype, args.weight_scale)
     with torch.device("meta"):
         ours = FramePackTransformer(**FULL_CONFIG)
     ours.load_state_dict(peer.state_dict(), strict=True, assign=True)  # the same tensors

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from transformer_forward import FULL_CONFIG, make_inputs  # noqa: E402
+from transformer_forward import FULL_CONFIG, make_inputs, random_model  # noqa: E402
 
 from framepack_backend.attention import Attend  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
@@ -89,15 +89,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/profile_forward.py needs a CUDA GPU")
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = FramePackTransformer(**FULL_CONFIG)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(args.weight_scale)
-    model.eval().requires_grad_(False)
+    model = random_model(FramePackTransformer, FULL_CONFIG, device, torch.bfloat16, args.weight_scale)
     inputs = dict(make_inputs(device, torch.bfloat16),
                   attend=Attend.for_setting(args.attention, device, torch.bfloat16))
     print(f"attention: {inputs['attend'].name}")

@@ -41,6 +41,21 @@ FULL_CONFIG = dict(
 SMALL_CONFIG = dict(FULL_CONFIG, num_layers=2, num_single_layers=4)
 
 
+def random_model(model_class, config: dict, device, dtype, weight_scale: float) -> torch.nn.Module:
+    """`model_class(**config)` built on `device` in `dtype` from seed 0, every weight ×weight_scale, for inference."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(**config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(weight_scale)
+    return model.eval().requires_grad_(False)
+
+
 def transformer_sharing_weights(model_class, config: dict, source: torch.nn.Module) -> torch.nn.Module:
     """A `model_class` transformer (ours or diffusers') holding `source`'s weights, not a copy.
 
@@ -127,15 +142,7 @@ def main() -> None:
 
     dtype, device = torch.bfloat16, torch.device("cuda")
     config = FULL_CONFIG if args.config == "full" else SMALL_CONFIG
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        peer = HunyuanVideoFramepackTransformer3DModel(**config).eval()
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in peer.parameters():
-            p.mul_(args.weight_scale)
-    peer.requires_grad_(False)
+    peer = random_model(HunyuanVideoFramepackTransformer3DModel, config, device, dtype, args.weight_scale)
     ours = transformer_sharing_weights(FramePackTransformer, config, peer)
     inputs = make_inputs(device, dtype)
     rows, results = [], []

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # FP8 SDPA forward on Hopper arrived in cuDNN 9.1.
 MIN_CUDNN_VERSION = 90100
 # Graphs kept per process: a job uses one or two shapes; a server sees a few buckets.

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from framepack_kernels.fp8_quantize import E4M3_MAX
 from framepack_kernels.validation import check_float_tensor, check_launchable, check_unit_last_stride
 
-E4M3_MAX = 448.0
 # An all-zero tensor quantizes to zeros instead of dividing by zero.
 MIN_AMAX = 1e-12
 BLOCK = 1024
