@@ -5,7 +5,12 @@ arithmetic, one rounding to the input dtype). The kernels run on CUDA tensors, o
 CPU tensors when TRITON_INTERPRET=1 is set before this package is imported.
 """
 
-from framepack_kernels.adaln_norm import adaln_layernorm_modulate, adaln_layernorm_modulate_reference
+from framepack_kernels.adaln_norm import (
+    adaln_layernorm_modulate,
+    adaln_layernorm_modulate_fp8,
+    adaln_layernorm_modulate_fp8_reference,
+    adaln_layernorm_modulate_reference,
+)
 from framepack_kernels.fp8_quantize import quantize_fp8_rows, quantize_fp8_rows_reference
 from framepack_kernels.fp8_tensor import (
     dequantize_fp8_tensor,
@@ -16,6 +21,8 @@ from framepack_kernels.fp8_tensor import (
 from framepack_kernels.gated_residual import gated_residual, gated_residual_reference
 from framepack_kernels.gated_residual_norm import (
     gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_fp8,
+    gated_residual_layernorm_modulate_fp8_reference,
     gated_residual_layernorm_modulate_reference,
 )
 from framepack_kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
@@ -29,12 +36,16 @@ from framepack_kernels.teacache_distance import (
 
 __all__ = [
     "adaln_layernorm_modulate",
+    "adaln_layernorm_modulate_fp8",
+    "adaln_layernorm_modulate_fp8_reference",
     "adaln_layernorm_modulate_reference",
     "dequantize_fp8_tensor",
     "dequantize_fp8_tensor_reference",
     "gated_residual",
     "gated_residual_reference",
     "gated_residual_layernorm_modulate",
+    "gated_residual_layernorm_modulate_fp8",
+    "gated_residual_layernorm_modulate_fp8_reference",
     "gated_residual_layernorm_modulate_reference",
     "group_norm_silu",
     "group_norm_silu_reference",

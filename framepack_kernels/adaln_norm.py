@@ -4,6 +4,10 @@ The transformer blocks run this before every attention and MLP branch. Eager tor
 spends four launches on it (norm, 1 + scale, multiply, add), each a full pass over
 the (B, S, C) activations; the kernel reads x once and writes the result once.
 Statistics and modulation are computed in float32 and rounded once at the end.
+
+When FP8 layers read the result, `adaln_layernorm_modulate_fp8` writes it already
+quantized per row (e4m3 values and a scale), the rounding `quantize_fp8_rows` would
+apply to the stored result, without the bf16 round trip through memory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from framepack_kernels.fp8_quantize import fp8_rows_like, quantize_fp8_rows_reference, store_fp8_row
 from framepack_kernels.validation import (
     check_float_tensor,
     check_launchable,
@@ -38,6 +43,13 @@ def adaln_layernorm_modulate_reference(
     return (normed * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]).to(x.dtype)
 
 
+def adaln_layernorm_modulate_fp8_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The modulated rows (rounded to x.dtype) quantized per row: ((B·S, C) e4m3, (B·S, 1) fp32)."""
+    return quantize_fp8_rows_reference(adaln_layernorm_modulate_reference(x, shift, scale, eps))
+
+
 @triton.jit
 def modulated_layernorm_row(x, mask, cols, channels, eps, shift_row_ptr, scale_row_ptr):
     """LayerNorm of one float32 row held in registers, then * (1 + scale) + shift."""
@@ -57,6 +69,8 @@ def _adaln_layernorm_modulate_kernel(
     shift_ptr,
     scale_ptr,
     out_ptr,
+    values_ptr,
+    row_scale_ptr,
     seq_len,
     channels,
     x_stride_b,
@@ -66,6 +80,7 @@ def _adaln_layernorm_modulate_kernel(
     out_stride_b,
     out_stride_s,
     eps,
+    FP8: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -77,7 +92,11 @@ def _adaln_layernorm_modulate_kernel(
     x = tl.load(x_ptr + b * x_stride_b + s * x_stride_s + cols, mask=mask, other=0.0).to(tl.float32)
     out = modulated_layernorm_row(x, mask, cols, channels, eps, shift_ptr + b * shift_stride_b,
                                   scale_ptr + b * scale_stride_b)
-    tl.store(out_ptr + b * out_stride_b + s * out_stride_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = out.to(x_ptr.dtype.element_ty)
+    if FP8:  # quantize the row as it would have been stored
+        store_fp8_row(values_ptr + row * channels, row_scale_ptr, row, out.to(tl.float32), cols, mask)
+    else:
+        tl.store(out_ptr + b * out_stride_b + s * out_stride_s + cols, out, mask=mask)
 
 
 def check_modulation_args(op: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
@@ -89,6 +108,31 @@ def check_modulation_args(op: str, x: torch.Tensor, shift: torch.Tensor, scale: 
     check_shape(op, "scale", scale, (batch, channels))
     if not 0 < channels <= MAX_CHANNELS:
         raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
+
+
+def _launch(op, x, shift, scale, eps, out=None, fp8_rows=None) -> None:
+    """Run the kernel writing into `out` ((B, S, C) like x) or, with `fp8_rows`, into
+    its (values, scales); the destination not used gets stand-ins it never touches."""
+    check_modulation_args(op, x, shift, scale)
+    batch, seq_len, channels = x.shape
+    tensors = {"x": x, "shift": shift, "scale": scale, **({} if out is None else {"out": out})}
+    for name, tensor in tensors.items():
+        check_unit_last_stride(op, name, tensor)
+    check_launchable(op, _adaln_layernorm_modulate_kernel, **tensors)
+    if x.numel() == 0:
+        return
+    out = x if out is None else out
+    values, row_scales = (out, shift) if fp8_rows is None else fp8_rows
+    block = row_block(channels)
+    _adaln_layernorm_modulate_kernel[(batch * seq_len,)](
+        x, shift, scale, out, values, row_scales,
+        seq_len, channels,
+        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1),
+        eps,
+        FP8=fp8_rows is not None,
+        BLOCK_C=block,
+        num_warps=warps_for_row(block),
+    )
 
 
 def adaln_layernorm_modulate(
@@ -106,22 +150,17 @@ def adaln_layernorm_modulate(
     """
     op = "adaln_layernorm_modulate"
     check_float_tensor(op, "x", x, 3)
-    check_modulation_args(op, x, shift, scale)
-    batch, seq_len, channels = x.shape
     out = output_like(op, "out", out, x)
-    for name, tensor in (("x", x), ("shift", shift), ("scale", scale), ("out", out)):
-        check_unit_last_stride(op, name, tensor)
-    check_launchable(op, _adaln_layernorm_modulate_kernel, x=x, shift=shift, scale=scale, out=out)
-    if x.numel() == 0:
-        return out
-
-    block = row_block(channels)
-    _adaln_layernorm_modulate_kernel[(batch * seq_len,)](
-        x, shift, scale, out,
-        seq_len, channels,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1),
-        eps,
-        BLOCK_C=block,
-        num_warps=warps_for_row(block),
-    )
+    _launch(op, x, shift, scale, eps, out=out)
     return out
+
+
+def adaln_layernorm_modulate_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `adaln_layernorm_modulate_fp8_reference`: new (B·S, C) e4m3 values and (B·S, 1) scales."""
+    op = "adaln_layernorm_modulate_fp8"
+    check_float_tensor(op, "x", x, 3)
+    fp8_rows = fp8_rows_like(x)
+    _launch(op, x, shift, scale, eps, fp8_rows=fp8_rows)
+    return fp8_rows

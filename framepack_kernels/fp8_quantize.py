@@ -15,6 +15,8 @@ Two fusions on the way in, both for the blocks' MLPs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -97,6 +99,26 @@ def _quantize_fp8_rows_kernel(
             cols = start + offsets
             x = _load_part(b_ptr, row, b_stride, cols, kb, GELU_B)
             tl.store(out + ka + cols, (x / scale).to(values_ptr.dtype.element_ty), mask=cols < kb)
+
+
+@triton.jit
+def store_fp8_row(values_row_ptr, scale_ptr, row, x, cols, mask):
+    """Quantize one float32 row held in registers to e4m3 with its own scale, amax / 448.
+
+    For kernels that produce an FP8 layer's input: the row is quantized where it is
+    made instead of being written in bf16 and read back by `quantize_fp8_rows`.
+    """
+    amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+    scale = tl.maximum(amax / 448.0, 1e-12 / 448.0)
+    tl.store(scale_ptr + row, scale)
+    tl.store(values_row_ptr + cols, (x / scale).to(values_row_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_rows_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (rows, k) e4m3 values and (rows, 1) float32 scales for the rows of x (…, k)."""
+    rows = math.prod(x.shape[:-1])
+    values = torch.empty(rows, x.shape[-1], dtype=torch.float8_e4m3fn, device=x.device)
+    return values, torch.empty(rows, 1, dtype=torch.float32, device=x.device)
 
 
 def _rows(op: str, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ norm:
 Done separately that is a write and a re-read of `residual`; here one program owns
 a row, so the row is read once (x, y) and written twice (residual, modulated).
 The norm is taken of the residual *as stored* (rounded to x.dtype), so the fused
-result equals `gated_residual` followed by `adaln_layernorm_modulate`.
+result equals `gated_residual` followed by `adaln_layernorm_modulate`. With FP8
+layers reading the modulated rows, `gated_residual_layernorm_modulate_fp8` writes them
+quantized per row instead (see adaln_norm.py).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import triton
 import triton.language as tl
 
 from framepack_kernels.adaln_norm import (
+    adaln_layernorm_modulate_fp8_reference,
     adaln_layernorm_modulate_reference,
     check_modulation_args,
     modulated_layernorm_row,
 )
+from framepack_kernels.fp8_quantize import fp8_rows_like, store_fp8_row
 from framepack_kernels.gated_residual import check_gated_residual_args, gated_residual_reference
 from framepack_kernels.validation import check_launchable, check_unit_last_stride, output_like, row_block, warps_for_row
 
@@ -42,6 +46,19 @@ def gated_residual_layernorm_modulate_reference(
     return residual, adaln_layernorm_modulate_reference(residual, shift, scale, eps)
 
 
+def gated_residual_layernorm_modulate_fp8_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(residual, values, scales): the modulated rows quantized per row to e4m3."""
+    residual = gated_residual_reference(x, y, gate)
+    return residual, *adaln_layernorm_modulate_fp8_reference(residual, shift, scale, eps)
+
+
 @triton.jit
 def _gated_residual_layernorm_modulate_kernel(
     x_ptr,
@@ -51,6 +68,8 @@ def _gated_residual_layernorm_modulate_kernel(
     scale_ptr,
     residual_ptr,
     modulated_ptr,
+    values_ptr,
+    row_scale_ptr,
     seq_len,
     channels,
     x_stride_b,
@@ -65,6 +84,7 @@ def _gated_residual_layernorm_modulate_kernel(
     modulated_stride_b,
     modulated_stride_s,
     eps,
+    FP8: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -81,11 +101,41 @@ def _gated_residual_layernorm_modulate_kernel(
 
     modulated = modulated_layernorm_row(residual.to(tl.float32), mask, cols, channels, eps,
                                         shift_ptr + b * shift_stride_b, scale_ptr + b * scale_stride_b)
-    tl.store(
-        modulated_ptr + b * modulated_stride_b + s * modulated_stride_s + cols,
-        modulated.to(modulated_ptr.dtype.element_ty),
-        mask=mask,
+    modulated = modulated.to(residual_ptr.dtype.element_ty)
+    if FP8:  # quantize the row as it would have been stored
+        store_fp8_row(values_ptr + row * channels, row_scale_ptr, row, modulated.to(tl.float32), cols, mask)
+    else:
+        tl.store(modulated_ptr + b * modulated_stride_b + s * modulated_stride_s + cols, modulated, mask=mask)
+
+
+def _launch(op, x, y, gate, shift, scale, eps, residual_out, modulated=None, fp8_rows=None):
+    """Run the kernel; the modulated rows go to `modulated` or, quantized, to `fp8_rows`."""
+    check_gated_residual_args(op, x, y, gate)
+    check_modulation_args(op, x, shift, scale)
+    batch, seq_len, channels = x.shape
+    residual_out = output_like(op, "residual_out", residual_out, x)
+    tensors = {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale, "residual_out": residual_out}
+    for name, tensor in tensors.items():
+        check_unit_last_stride(op, name, tensor)
+    check_launchable(op, _gated_residual_layernorm_modulate_kernel, **tensors)
+    if x.numel() == 0:
+        return residual_out
+    # The destination not used gets stand-ins it never touches.
+    modulated = residual_out if modulated is None else modulated
+    values, row_scales = (modulated, shift) if fp8_rows is None else fp8_rows
+    block = row_block(channels)
+    _gated_residual_layernorm_modulate_kernel[(batch * seq_len,)](
+        x, y, gate, shift, scale, residual_out, modulated, values, row_scales,
+        seq_len, channels,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        gate.stride(0), shift.stride(0), scale.stride(0),
+        residual_out.stride(0), residual_out.stride(1), modulated.stride(0), modulated.stride(1),
+        eps,
+        FP8=fp8_rows is not None,
+        BLOCK_C=block,
+        num_warps=warps_for_row(block),
     )
+    return residual_out
 
 
 def gated_residual_layernorm_modulate(
@@ -105,26 +155,23 @@ def gated_residual_layernorm_modulate(
     """
     op = "gated_residual_layernorm_modulate"
     check_gated_residual_args(op, x, y, gate)
-    check_modulation_args(op, x, shift, scale)
-    batch, seq_len, channels = x.shape
-    residual_out = output_like(op, "residual_out", residual_out, x)
     modulated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    tensors = {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale, "residual_out": residual_out}
-    for name, tensor in tensors.items():
-        check_unit_last_stride(op, name, tensor)
-    check_launchable(op, _gated_residual_layernorm_modulate_kernel, **tensors)
-    if x.numel() == 0:
-        return residual_out, modulated
+    return _launch(op, x, y, gate, shift, scale, eps, residual_out, modulated=modulated), modulated
 
-    block = row_block(channels)
-    _gated_residual_layernorm_modulate_kernel[(batch * seq_len,)](
-        x, y, gate, shift, scale, residual_out, modulated,
-        seq_len, channels,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        gate.stride(0), shift.stride(0), scale.stride(0),
-        residual_out.stride(0), residual_out.stride(1), modulated.stride(0), modulated.stride(1),
-        eps,
-        BLOCK_C=block,
-        num_warps=warps_for_row(block),
-    )
-    return residual_out, modulated
+
+def gated_residual_layernorm_modulate_fp8(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused `gated_residual_layernorm_modulate_fp8_reference`: (residual, (B·S, C) e4m3
+    values, (B·S, 1) scales); `residual_out` as in `gated_residual_layernorm_modulate`."""
+    op = "gated_residual_layernorm_modulate_fp8"
+    check_gated_residual_args(op, x, y, gate)
+    values, scales = fp8_rows_like(x)
+    residual = _launch(op, x, y, gate, shift, scale, eps, residual_out, fp8_rows=(values, scales))
+    return residual, values, scales

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from framepack_kernels import (
     adaln_layernorm_modulate,
+    adaln_layernorm_modulate_fp8,
     gated_residual,
     gated_residual_layernorm_modulate,
+    gated_residual_layernorm_modulate_fp8,
     qk_rmsnorm_rope,
 )
 
 from ..attention import Attend
-from .fp8 import Fp8Linear, quantize_activation
+from .fp8 import Fp8Activation, Fp8Linear, quantize_activation
 from .qkv import first_reader, project_qkv
 
 
@@ -69,9 +71,27 @@ def linear_of_concat(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -
     return out.view(*a.shape[:-1], layer.out_features)
 
 
-def shared_input(x: torch.Tensor, first_reader: torch.nn.Module):
-    """The input of several projections, quantized once when they are FP8 layers."""
-    return quantize_activation(x) if isinstance(first_reader, Fp8Linear) else x
+# Triton's CPU interpreter rounds float32 -> e4m3 its own way (see tests/test_kernels.py),
+# so off CUDA an FP8 layer's input is quantized by quantize_activation's torch reference.
+
+
+def modulated_input(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, reader: torch.nn.Module):
+    """AdaLN(x) for the projections that read it; when they are FP8 layers it is quantized
+    once for all of them, on CUDA by the norm kernel as it writes the rows."""
+    if not isinstance(reader, Fp8Linear):
+        return adaln_layernorm_modulate(x, shift, scale)
+    if not x.is_cuda:
+        return quantize_activation(adaln_layernorm_modulate(x, shift, scale))
+    return Fp8Activation(*adaln_layernorm_modulate_fp8(x, shift, scale), tuple(x.shape[:-1]), x.dtype)
+
+
+def residual_and_modulated_input(x, y, gate, shift, scale, reader: torch.nn.Module):
+    """x + y·gate (new), and AdaLN of it for `reader`, quantized as in `modulated_input`."""
+    if not isinstance(reader, Fp8Linear) or not x.is_cuda:
+        residual, modulated = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+        return residual, quantize_activation(modulated) if isinstance(reader, Fp8Linear) else modulated
+    residual, values, scales = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
+    return residual, Fp8Activation(values, scales, tuple(x.shape[:-1]), x.dtype)
 
 
 def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +107,8 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, attend: Attend)
     shift, scale, gate_attn, shift_ff, scale_ff, gate_ff = modulation(block.norm1, temb)
     c_shift, c_scale, c_gate_attn, c_shift_ff, c_scale_ff, c_gate_ff = modulation(block.norm1_context, temb)
     attn, heads = block.attn, block.attn.heads
-    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), first_reader(attn))
-    c_in = shared_input(adaln_layernorm_modulate(context, c_shift, c_scale), first_reader(attn, "add_qkv_proj"))
+    x_in = modulated_input(x, shift, scale, first_reader(attn))
+    c_in = modulated_input(context, c_shift, c_scale, first_reader(attn, "add_qkv_proj"))
     x_q, x_k, x_v = project_qkv(attn, x_in)
     c_q, c_k, c_v = project_qkv(attn, c_in, "add_qkv_proj")
 
@@ -104,10 +124,12 @@ def dual_stream_forward(block, x, context, temb, rope, key_mask, attend: Attend)
     # The joint buffers go to the seam whole; `n` marks where the latents end.
     out = attend.joint(q, k, v, n, key_mask).flatten(2)
 
-    x, ff_in = gated_residual_layernorm_modulate(x, attn.to_out[0](out[:, :n]), gate_attn, shift_ff, scale_ff)
+    x, ff_in = residual_and_modulated_input(
+        x, attn.to_out[0](out[:, :n]), gate_attn, shift_ff, scale_ff, block.ff.net[0]["proj"]
+    )
     x = gated_residual(x, feed_forward(block.ff, ff_in), gate_ff, out=x)
-    context, c_ff_in = gated_residual_layernorm_modulate(
-        context, attn.to_add_out(out[:, n:]), c_gate_attn, c_shift_ff, c_scale_ff
+    context, c_ff_in = residual_and_modulated_input(
+        context, attn.to_add_out(out[:, n:]), c_gate_attn, c_shift_ff, c_scale_ff, block.ff_context.net[0]["proj"]
     )
     context = gated_residual(context, feed_forward(block.ff_context, c_ff_in), c_gate_ff, out=context)
     return x, context
@@ -117,7 +139,7 @@ def single_stream_forward(block, x, temb, n_latent, rope, key_mask, attend: Atte
     shift, scale, gate = modulation(block.norm, temb)
     attn, heads = block.attn, block.attn.heads
     fp8 = isinstance(block.proj_out, Fp8Linear)
-    x_in = shared_input(adaln_layernorm_modulate(x, shift, scale), first_reader(attn))
+    x_in = modulated_input(x, shift, scale, first_reader(attn))
     # FP8: the GELU is applied while quantizing [attention | MLP] for the output projection.
     mlp = block.proj_mlp(x_in) if fp8 else linear_gelu(block.proj_mlp, x_in)
 
