@@ -12,6 +12,7 @@ it). A warm-up generation on each side first: the same video at `--warmup-steps`
     python benchmarks/pipeline_race.py [--runs off] [--seconds 5] [--steps 25] [--resolution 640]
     python benchmarks/pipeline_race.py --runs magcache,teacache    # the caches' pairings
     python benchmarks/pipeline_race.py --fused-qkv --cuda-graphs   # ours with the opt-in exact speed options
+    python benchmarks/pipeline_race.py --runs magcache --fp8 --attention cudnn-fp8   # ours' fastest opt-in options
     python benchmarks/pipeline_race.py --tiny    # the tiny random bundle, fp32 on the CPU: checks the script
 
 Full size (the default) builds the public configurations on the GPU (benchmarks/generation.py)
@@ -74,6 +75,7 @@ from step_caches import STEP_CACHES  # noqa: E402
 from transformer_forward import make_inputs, relative_error, transformer_sharing_weights  # noqa: E402
 
 from framepack_backend import planner  # noqa: E402
+from framepack_backend.attention import BACKEND_NAMES  # noqa: E402
 from framepack_backend.buckets import bucket_for, resize_and_center_crop  # noqa: E402
 from framepack_backend.components import Components, load_components  # noqa: E402
 from framepack_backend.conditioning import PROMPT_TEMPLATE, prompt_prefix_length  # noqa: E402
@@ -305,6 +307,9 @@ def main() -> None:
     parser.add_argument("--no-kernels", action="store_true", help="our eager blocks instead of the fused kernels")
     parser.add_argument("--fused-qkv", action="store_true", help="ours with q/k/v as one GEMM (EngineOptions)")
     parser.add_argument("--cuda-graphs", action="store_true", help="ours with the blocks replayed from CUDA graphs")
+    parser.add_argument("--fp8", action="store_true", help="ours with FP8 linear layers (EngineOptions)")
+    parser.add_argument("--attention", default="auto", choices=("auto", *BACKEND_NAMES),
+                        help="our attention backend (EngineOptions; default: the fastest exact one here)")
     parser.add_argument("--fast-vae-decode", action=argparse.BooleanOptionalAction,
                         help="ours with the VAE decode speed-up (default: the engine's, on for CUDA with Triton)")
     parser.add_argument("--weight-scale", type=float, default=0.05, help="full size: transformer weights ×this")
@@ -334,7 +339,8 @@ def main() -> None:
     fused_kernels = None if device.type == "cpu" else not args.no_kernels
     record = race(components, device, dtype, image, pairings, args.seconds, args.steps, args.resolution,
                   args.warmup_steps, EngineOptions(fused_kernels=fused_kernels, fused_qkv=args.fused_qkv,
-                                                   cuda_graphs=args.cuda_graphs,
+                                                   cuda_graphs=args.cuda_graphs, fp8=args.fp8,
+                                                   attention=args.attention,
                                                    fast_vae_decode=args.fast_vae_decode))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
