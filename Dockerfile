@@ -14,11 +14,12 @@ WORKDIR /opt/framepack
 # the Python backend is tested with 1.26 (the model's tensors also cross by DLPack, which
 # works with numpy 2). The server extra is left out: the image has its own tritonserver.
 # FlashAttention-4 (CuTe DSL kernels, built on first use): attention "auto" picks it on
-# Hopper, the fastest exact attention measured (README, "Speed and memory").
+# Hopper, the fastest exact attention measured (README, "Speed and memory"). The cuDNN
+# frontend makes the opt-in FP8 attention (`--attention cudnn-fp8`) available by name.
 COPY requirements-torch.txt ./
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir -r requirements-torch.txt "numpy<2" \
-    && pip install --no-cache-dir -r requirements-torch.txt "flash-attn-4==4.0.0b36"
+    && pip install --no-cache-dir -r requirements-torch.txt "flash-attn-4==4.0.0b36" "nvidia-cudnn-frontend==1.16.0"
 
 COPY pyproject.toml README.md ./
 COPY framepack_backend ./framepack_backend
