@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from transformer_forward import FULL_CONFIG  # noqa: E402
 
-from framepack_backend.models.fp8 import E4M3_MAX, quantize_rows  # noqa: E402
+from framepack_backend.models.fp8 import quantize_rows  # noqa: E402
+from framepack_kernels.fp8_tensor import quantize_fp8_tensor_reference  # noqa: E402
 
 OUTLIER_ROWS = 0.01  # share of tokens scaled up by --outlier-gain
 
@@ -47,12 +48,6 @@ def block_linears(config: dict) -> list[tuple[str, int, int, int]]:
     ]
 
 
-def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale for the whole tensor: (e4m3 values, fp32 scalar scale)."""
-    scale = x.abs().amax().float().clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
-
-
 def operands(tokens: int, k: int, n: int, outlier_gain: float, device, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """The GEMMs to compare (each a closure) and the mask of ordinary (not outlier) rows."""
     g = torch.Generator().manual_seed(seed)
@@ -67,15 +62,16 @@ def operands(tokens: int, k: int, n: int, outlier_gain: float, device, seed: int
     xb, wb, bb = (t.bfloat16() for t in (x, w, bias))
     x_rows, x_row_scale = quantize_rows(xb)
     w_rows, w_row_scale = quantize_rows(wb)
-    x_tensor, x_tensor_scale = quantize_tensor(xb)
-    w_tensor, w_tensor_scale = quantize_tensor(wb)
+    # One scale per tensor, as the FP8 attention quantizes q, k and v; [0] is the descale.
+    x_tensor, x_tensor_scales = quantize_fp8_tensor_reference(xb)
+    w_tensor, w_tensor_scales = quantize_fp8_tensor_reference(wb)
     return dict(
         exact=lambda: torch.addmm(bias, x, w.t()),
         bf16=lambda: torch.addmm(bb, xb, wb.t()),
         fp8_rowwise=lambda: torch._scaled_mm(x_rows, w_rows.t(), scale_a=x_row_scale, scale_b=w_row_scale.t(),
                                              bias=bb, out_dtype=torch.bfloat16),
-        fp8_tensorwise=lambda: torch._scaled_mm(x_tensor, w_tensor.t(), scale_a=x_tensor_scale,
-                                                scale_b=w_tensor_scale, bias=bb, out_dtype=torch.bfloat16),
+        fp8_tensorwise=lambda: torch._scaled_mm(x_tensor, w_tensor.t(), scale_a=x_tensor_scales[0],
+                                                scale_b=w_tensor_scales[0], bias=bb, out_dtype=torch.bfloat16),
     ), ordinary.to(device)
 
 

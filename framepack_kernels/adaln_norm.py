@@ -110,29 +110,34 @@ def check_modulation_args(op: str, x: torch.Tensor, shift: torch.Tensor, scale: 
         raise ValueError(f"{op}: x has {channels} channels; allowed 1..{MAX_CHANNELS}")
 
 
-def _launch(op, x, shift, scale, eps, out=None, fp8_rows=None) -> None:
-    """Run the kernel writing into `out` ((B, S, C) like x) or, with `fp8_rows`, into
-    its (values, scales); the destination not used gets stand-ins it never touches."""
+def _launch(op, x, shift, scale, eps, out, fp8: bool):
+    """Check the arguments and run the kernel. Returns `out` (new like x when None) or, with
+    `fp8`, new (values, scales); the destination not used gets stand-ins it never touches."""
+    check_float_tensor(op, "x", x, 3)
     check_modulation_args(op, x, shift, scale)
     batch, seq_len, channels = x.shape
-    tensors = {"x": x, "shift": shift, "scale": scale, **({} if out is None else {"out": out})}
-    for name, tensor in tensors.items():
+    if fp8:
+        values, row_scales = result = fp8_rows_like(x)
+        out = x
+    else:
+        out = result = output_like(op, "out", out, x)
+        values, row_scales = out, shift
+    for name, tensor in (("x", x), ("shift", shift), ("scale", scale), ("out", out)):
         check_unit_last_stride(op, name, tensor)
-    check_launchable(op, _adaln_layernorm_modulate_kernel, **tensors)
+    check_launchable(op, _adaln_layernorm_modulate_kernel, x=x, shift=shift, scale=scale, out=out)
     if x.numel() == 0:
-        return
-    out = x if out is None else out
-    values, row_scales = (out, shift) if fp8_rows is None else fp8_rows
+        return result
     block = row_block(channels)
     _adaln_layernorm_modulate_kernel[(batch * seq_len,)](
         x, shift, scale, out, values, row_scales,
         seq_len, channels,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1),
         eps,
-        FP8=fp8_rows is not None,
+        FP8=fp8,
         BLOCK_C=block,
         num_warps=warps_for_row(block),
     )
+    return result
 
 
 def adaln_layernorm_modulate(
@@ -148,19 +153,11 @@ def adaln_layernorm_modulate(
     chunks of the modulation projection (views are fine). Returns a new (B, S, C)
     tensor in x.dtype, or writes into `out` (same shape and dtype; may be x itself).
     """
-    op = "adaln_layernorm_modulate"
-    check_float_tensor(op, "x", x, 3)
-    out = output_like(op, "out", out, x)
-    _launch(op, x, shift, scale, eps, out=out)
-    return out
+    return _launch("adaln_layernorm_modulate", x, shift, scale, eps, out, fp8=False)
 
 
 def adaln_layernorm_modulate_fp8(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `adaln_layernorm_modulate_fp8_reference`: new (B·S, C) e4m3 values and (B·S, 1) scales."""
-    op = "adaln_layernorm_modulate_fp8"
-    check_float_tensor(op, "x", x, 3)
-    fp8_rows = fp8_rows_like(x)
-    _launch(op, x, shift, scale, eps, fp8_rows=fp8_rows)
-    return fp8_rows
+    return _launch("adaln_layernorm_modulate_fp8", x, shift, scale, eps, None, fp8=True)

@@ -108,21 +108,27 @@ def _gated_residual_layernorm_modulate_kernel(
         tl.store(modulated_ptr + b * modulated_stride_b + s * modulated_stride_s + cols, modulated, mask=mask)
 
 
-def _launch(op, x, y, gate, shift, scale, eps, residual_out, modulated=None, fp8_rows=None):
-    """Run the kernel; the modulated rows go to `modulated` or, quantized, to `fp8_rows`."""
+def _launch(op, x, y, gate, shift, scale, eps, residual_out, fp8: bool):
+    """Check the arguments and run the kernel. Returns (residual, modulated) or, with `fp8`,
+    (residual, values, scales); the destination not used gets stand-ins it never touches."""
     check_gated_residual_args(op, x, y, gate)
     check_modulation_args(op, x, shift, scale)
     batch, seq_len, channels = x.shape
     residual_out = output_like(op, "residual_out", residual_out, x)
+    if fp8:
+        values, row_scales = fp8_rows_like(x)
+        modulated = residual_out
+        result = (residual_out, values, row_scales)
+    else:
+        modulated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        values, row_scales = modulated, shift
+        result = (residual_out, modulated)
     tensors = {"x": x, "y": y, "gate": gate, "shift": shift, "scale": scale, "residual_out": residual_out}
     for name, tensor in tensors.items():
         check_unit_last_stride(op, name, tensor)
     check_launchable(op, _gated_residual_layernorm_modulate_kernel, **tensors)
     if x.numel() == 0:
-        return residual_out
-    # The destination not used gets stand-ins it never touches.
-    modulated = residual_out if modulated is None else modulated
-    values, row_scales = (modulated, shift) if fp8_rows is None else fp8_rows
+        return result
     block = row_block(channels)
     _gated_residual_layernorm_modulate_kernel[(batch * seq_len,)](
         x, y, gate, shift, scale, residual_out, modulated, values, row_scales,
@@ -131,11 +137,11 @@ def _launch(op, x, y, gate, shift, scale, eps, residual_out, modulated=None, fp8
         gate.stride(0), shift.stride(0), scale.stride(0),
         residual_out.stride(0), residual_out.stride(1), modulated.stride(0), modulated.stride(1),
         eps,
-        FP8=fp8_rows is not None,
+        FP8=fp8,
         BLOCK_C=block,
         num_warps=warps_for_row(block),
     )
-    return residual_out
+    return result
 
 
 def gated_residual_layernorm_modulate(
@@ -153,10 +159,7 @@ def gated_residual_layernorm_modulate(
     Returns (residual, modulated), both in x.dtype; `residual_out` (same shape and
     dtype, may be x itself for an in-place update) receives the residual.
     """
-    op = "gated_residual_layernorm_modulate"
-    check_gated_residual_args(op, x, y, gate)
-    modulated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _launch(op, x, y, gate, shift, scale, eps, residual_out, modulated=modulated), modulated
+    return _launch("gated_residual_layernorm_modulate", x, y, gate, shift, scale, eps, residual_out, fp8=False)
 
 
 def gated_residual_layernorm_modulate_fp8(
@@ -170,8 +173,4 @@ def gated_residual_layernorm_modulate_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused `gated_residual_layernorm_modulate_fp8_reference`: (residual, (B·S, C) e4m3
     values, (B·S, 1) scales); `residual_out` as in `gated_residual_layernorm_modulate`."""
-    op = "gated_residual_layernorm_modulate_fp8"
-    check_gated_residual_args(op, x, y, gate)
-    values, scales = fp8_rows_like(x)
-    residual = _launch(op, x, y, gate, shift, scale, eps, residual_out, fp8_rows=(values, scales))
-    return residual, values, scales
+    return _launch("gated_residual_layernorm_modulate_fp8", x, y, gate, shift, scale, eps, residual_out, fp8=True)

@@ -38,6 +38,11 @@ class Fp8Activation:
     leading_shape: tuple[int, ...]  # the activation's shape without its last dimension
     dtype: torch.dtype  # what the layers fed by it return
 
+    @classmethod
+    def of_rows(cls, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> Fp8Activation:
+        """x (…, k) as its quantized rows: values (rows, k), scale (rows, 1)."""
+        return cls(values, scale, tuple(x.shape[:-1]), x.dtype)
+
 
 def quantize_activation(
     x: torch.Tensor, extra: torch.Tensor | None = None, gelu_x: bool = False, gelu_extra: bool = False
@@ -51,7 +56,7 @@ def quantize_activation(
         from framepack_kernels.fp8_quantize import quantize_fp8_rows_reference
 
         values, scale = quantize_fp8_rows_reference(x, extra, gelu_a=gelu_x, gelu_b=gelu_extra)
-    return Fp8Activation(values, scale, tuple(x.shape[:-1]), x.dtype)
+    return Fp8Activation.of_rows(x, values, scale)
 
 
 class Fp8Linear(nn.Module):

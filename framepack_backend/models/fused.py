@@ -78,20 +78,21 @@ def linear_of_concat(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -
 def modulated_input(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, reader: torch.nn.Module):
     """AdaLN(x) for the projections that read it; when they are FP8 layers it is quantized
     once for all of them, on CUDA by the norm kernel as it writes the rows."""
-    if not isinstance(reader, Fp8Linear):
-        return adaln_layernorm_modulate(x, shift, scale)
-    if not x.is_cuda:
-        return quantize_activation(adaln_layernorm_modulate(x, shift, scale))
-    return Fp8Activation(*adaln_layernorm_modulate_fp8(x, shift, scale), tuple(x.shape[:-1]), x.dtype)
+    fp8 = isinstance(reader, Fp8Linear)
+    if fp8 and x.is_cuda:
+        return Fp8Activation.of_rows(x, *adaln_layernorm_modulate_fp8(x, shift, scale))
+    modulated = adaln_layernorm_modulate(x, shift, scale)
+    return quantize_activation(modulated) if fp8 else modulated
 
 
 def residual_and_modulated_input(x, y, gate, shift, scale, reader: torch.nn.Module):
     """x + y·gate (new), and AdaLN of it for `reader`, quantized as in `modulated_input`."""
-    if not isinstance(reader, Fp8Linear) or not x.is_cuda:
-        residual, modulated = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
-        return residual, quantize_activation(modulated) if isinstance(reader, Fp8Linear) else modulated
-    residual, values, scales = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
-    return residual, Fp8Activation(values, scales, tuple(x.shape[:-1]), x.dtype)
+    fp8 = isinstance(reader, Fp8Linear)
+    if fp8 and x.is_cuda:
+        residual, values, scales = gated_residual_layernorm_modulate_fp8(x, y, gate, shift, scale)
+        return residual, Fp8Activation.of_rows(x, values, scales)
+    residual, modulated = gated_residual_layernorm_modulate(x, y, gate, shift, scale)
+    return residual, quantize_activation(modulated) if fp8 else modulated
 
 
 def feed_forward(ff: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
