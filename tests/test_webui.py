@@ -215,6 +215,13 @@ def webui_output_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("webui")
 
 
+def finished_videos(output_dir: Path) -> set[Path]:
+    """The finished MP4s under the page's output folder. The folder is also Gradio's cache, so
+    uploaded clips land there, and a job's last partial MP4 is deleted only after the page
+    already shows "Done"."""
+    return set(output_dir.rglob("framepack_seed*.mp4"))
+
+
 @pytest.fixture(scope="module")
 def web_ui(triton_server, webui_output_dir) -> str:
     """The page for the test server, served on a free port as `framepack ui` serves it; its URL."""
@@ -346,13 +353,13 @@ def test_an_uploaded_phone_photo_is_turned_upright_and_the_status_says_so(page, 
     page.locator("input[type=file]").first.set_input_files(photo)
     time.sleep(1)  # the upload replaces the sample image
     set_fields(page, {"Video length (seconds)": 1, "Steps": 1, "Resolution": FAST_SETTINGS["resolution"]})
-    before = set(webui_output_dir.rglob("*.mp4"))
+    before = finished_videos(webui_output_dir)
     page.get_by_role("button", name="Start").click()
     done = wait_for_status(page, "Done")
     assert done.splitlines()[1] == (
         "Start image IMG_2041.jpg: turned upright (rotated 90° clockwise) per its EXIF orientation 6."
     )
-    [video] = set(webui_output_dir.rglob("*.mp4")) - before
+    [video] = finished_videos(webui_output_dir) - before
     with av.open(str(video)) as container:
         stream_info = container.streams.video[0]
         assert stream_info.height > stream_info.width  # portrait, as the photo is shown
@@ -481,11 +488,11 @@ def test_a_clip_uploaded_instead_of_an_image_is_extended_and_the_mp4_shows_it_fi
     page.locator("#clip video").wait_for()
     field(page, "Prompt").fill("it goes on")
     set_fields(page, {"Video length (seconds)": 1, "Steps": 1, "Resolution": FAST_SETTINGS["resolution"]})
-    before = set(webui_output_dir.rglob("*.mp4"))
+    before = finished_videos(webui_output_dir)
     page.get_by_role("button", name="Start").click()
     done = wait_for_status(page, "Done")
     assert done.startswith("Done: 36 frames") and "Clip walk.mp4: 1 of its 9 frames sent" in done
-    [video] = set(webui_output_dir.rglob("*.mp4")) - before
+    [video] = finished_videos(webui_output_dir) - before
     with av.open(str(video)) as container:
         assert len(list(container.decode(video=0))) == 9 + 36
     context.close()
