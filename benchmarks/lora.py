@@ -11,7 +11,8 @@ projections differ there). For `merged_once` the script also reports the exact u
 correction: the fraction of weight elements it keeps and their bytes (lora/merge.py). That
 fraction grows with the LoRA's change relative to the weights, so the factors are drawn
 for an RMS change of `--delta-ratio` (default 2 %) of the adapted weights' RMS; the
-timings do not depend on it.
+timings do not depend on it. On a GPU it also reports the bytes each form holds and the
+peak while applying it, beside what the memory planner counts for it (lora/footprint.py).
 
     python benchmarks/lora.py [--config full|small] [--rank 32] [--repeats 5] [--delta-ratio 0.02]
     python benchmarks/lora.py --tiny      # a few seconds on the CPU, to check the script
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from framepack_backend.lora.apply import FORMS, float_layers_for, lora_targets, loras_applied  # noqa: E402
 from framepack_backend.lora.folder import LoraFolder  # noqa: E402
+from framepack_backend.lora.footprint import device_bytes  # noqa: E402
 from framepack_backend.models.transformer import FramePackTransformer  # noqa: E402
 from framepack_backend.testing.lora_files import diffusers_factors, hunyuan_factors, save_diffusers  # noqa: E402
 
@@ -119,14 +121,25 @@ def main() -> None:
             """Each form's apply and remove; for merged_once, the correction's size and whether
             every adapted weight is bit-identical afterwards (fingerprints before and after)."""
             weights = [module.weight for name, module in model.named_modules() if name in lora.layers]
+            counted = device_bytes(model, [(lora, args.strength)])  # what the memory planner counts
             for form in FORMS:
                 before = [fingerprint(w) for w in weights]
                 context = loras_applied(model, [(lora, args.strength)], device, dtype, form)
                 sync(device)
+                allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
                 adapted = context.__enter__()
                 sync(device)
                 report(f"{tag} {form} apply", time.perf_counter() - start)
+                rows[f"{tag} {form} planner counts MiB"] = counted[form] / 2**20
+                if device.type == "cuda":
+                    held = torch.cuda.memory_allocated(device) - allocated
+                    peak = torch.cuda.max_memory_allocated(device) - allocated
+                    rows[f"{tag} {form} held MiB"], rows[f"{tag} {form} apply peak MiB"] = held / 2**20, peak / 2**20
+                    print(f"{tag} {form}: holds {held / 2**20:.0f} MiB, {peak / 2**20:.0f} MiB at the peak of "
+                          f"applying; the memory planner counts {counted[form] / 2**20:.0f} MiB", flush=True)
                 report(f"{tag} {form} remove", timed(lambda: context.__exit__(None, None, None), device))
                 exact = before == [fingerprint(w) for w in weights]
                 rows[f"{tag} {form} weights bit-identical after remove"] = float(exact)

@@ -23,6 +23,7 @@ from .lora.choices import LORAS_FIELD
 from .lora.folder import LoraFolder
 from .memory import MemoryManager, peak_memory, reset_peak_memory
 from .memory.footprint import GIB
+from .memory.modes import FASTEST_FIRST
 from .presets import FLOW_PRESETS
 from .preview import latent_preview
 from .request import GenerationRequest
@@ -177,11 +178,12 @@ class Pipeline:
                         cancel) -> Iterator:
         # The request's LoRAs on the transformer's layers for this job only (lora/apply.py).
         with self._job_lock, job_loras(self.components.transformer, self.loras, request.loras, self.device,
-                                       self.dtype, resident=lambda: self.memory.mode == "resident"):
+                                       self.dtype, resident=lambda: self.memory.mode == "resident") as loras:
             if self.sequence_group is not None:
                 self.sequence_group.ensure_ready()
             source = extension.source_clip(request.video, options.sampling) if request.video is not None else None
-            events = self._run(request, request.settings, options, attend, cancel, source)
+            lora_bytes = {mode: loras.bytes_held(mode == "resident") for mode in FASTEST_FIRST}
+            events = self._run(request, request.settings, options, attend, cancel, source, lora_bytes)
             try:
                 for event in events if source is None else extension.new_frames_only(events, source):
                     if isinstance(event, GenerationResult):
@@ -200,7 +202,8 @@ class Pipeline:
 
     @torch.inference_mode()
     def _run(self, request: GenerationRequest, settings: SamplingSettings, options: EngineOptions,
-             attend: Attend, cancel, source: extension.SourceClip | None = None) -> Iterator:
+             attend: Attend, cancel, source: extension.SourceClip | None = None,
+             lora_bytes: dict[str, int] | None = None) -> Iterator:
         c = self.components
         # Video extension: the clip's frame in the start slot plays the start image.
         image = source.start_frame if source is not None else request.image
@@ -217,6 +220,7 @@ class Pipeline:
         mode = self.memory.prepare(
             options.memory_mode, options.gpu_memory_preservation, height, width, window,
             decode_latents=planner.max_decode_latents(sections, window, sampling, settings.blend_latents),
+            lora_bytes=lora_bytes,
         )
         decode_plan = self.memory.decode
         if decode_plan is not None and not decode_plan.fits:

@@ -1,5 +1,6 @@
 """Memory modes: the mode choice, the block-streaming schedule, streamed = resident outputs, offload phases."""
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -120,6 +121,28 @@ def test_the_decode_runs_whole_when_it_fits_tiled_when_only_that_fits_and_nowher
     assert plan_decode("resident", f, None, False, whole, tiles) == DecodePlan(False, True, whole, whole, None)
     # the untiled estimate at 640 is the measured 22.6–23 GiB; tiles need a fraction
     assert 22 * GIB < whole < 25 * GIB and tiles < 5 * GIB
+
+
+def test_a_job_s_loras_count_in_its_sampling_and_decode_phases_in_each_mode():
+    plain = full_model_at_640()
+    loras = {"resident": 3 * GIB, "offload": 2 * GIB, "stream": GIB}  # lora/footprint.py's per mode
+    with_loras = dataclasses.replace(plain, lora_bytes=loras)
+    for mode in ("resident", "offload"):  # their peaks are in the sampling or the decode phase
+        assert memory_needed(mode, with_loras) == memory_needed(mode, plain) + loras[mode]
+    just_resident = memory_needed("resident", plain)
+    assert choose_memory_mode("auto", just_resident, 0, plain) == "resident"
+    assert choose_memory_mode("auto", just_resident, 0, with_loras) == "offload"
+    budget = 12 * GIB  # streaming: the LoRAs take the room of some resident blocks
+    assert plan_stream(budget, with_loras).resident_blocks < plan_stream(budget, plain).resident_blocks
+    assert stream_sampling_bytes(with_loras, plan_stream(budget, with_loras)) <= budget
+    whole, tiles = decode_work_bytes(640, 640, 9, tiled=False), decode_work_bytes(640, 640, 9, tiled=True)
+    vae = plain.component_bytes["vae"]
+    assert not plan_decode("offload", plain, vae + whole, True, whole, tiles).tiled
+    assert plan_decode("offload", with_loras, vae + whole, True, whole, tiles).tiled
+    assert plan_decode("offload", with_loras, vae + whole + 2 * GIB, True, whole, tiles) == DecodePlan(
+        False, True, vae + whole + 2 * GIB, vae + whole + 2 * GIB, vae + whole + 2 * GIB)
+    # on a CPU the LoRAs are allocated after MemAvailable was read, so they count there too
+    assert plan_decode("resident", with_loras, None, False, whole, tiles).needed_bytes == whole + 3 * GIB
 
 
 def test_available_host_memory_is_read_from_meminfo(tmp_path):

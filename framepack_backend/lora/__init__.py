@@ -7,4 +7,6 @@
   cache of parsed files bounded by bytes (least recently used out).
 - `apply.py`: the context manager that adds the low-rank path beside the adapted layers
   for one job and takes it away after.
+- `merge.py`: the merge once into the weights and its exact undo.
+- `footprint.py`: the device bytes a job's LoRAs hold, for the memory planner.
 """

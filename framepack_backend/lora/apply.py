@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,7 @@ from ..models.fp8 import Fp8Activation, Fp8Linear
 from ..settings import SettingsError
 from .choices import LORAS_FIELD, LoraChoice
 from .folder import LoraFolder
+from .footprint import device_bytes, stacked_factors
 from .formats import LoraFile, LoraFileError
 from .merge import MergedInPlace
 
@@ -150,20 +151,15 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
     ends the block, the weights merged so far are restored and the hooks removed."""
     if float_layers not in FORMS:
         raise ValueError(f"float_layers={float_layers!r} is not allowed: expected one of {FORMS}")
-    per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    for lora, strength in loras:
-        for name, layer in lora.layers.items():
-            per_layer.setdefault(name, []).append((layer.down, layer.up, strength))
+    factors = stacked_factors(loras)
     modules = dict(model.named_modules())
-    adapted = Adapted(layers=len(per_layer))
+    adapted = Adapted(layers=len(factors))
     merges: list[MergedInPlace] = []
     with ExitStack() as undo:  # every undo runs even if one fails
         undo.callback(_check_restored, merges)  # registered first, so it runs after every undo
-        for name, parts in per_layer.items():
+        for name, (down, up) in factors.items():
             module = modules[name]
-            # Stacked and scaled on the device, in fp32.
-            down = torch.cat([d.to(device) for d, _, _ in parts])
-            up = torch.cat([u.to(device) * s for _, u, s in parts], dim=1)
+            down, up = down.to(device), up.to(device)
             form = "unmerged" if isinstance(module, Fp8Linear) else float_layers
             if form == "merged_once":
                 merged = MergedInPlace(module.weight, down, up)
@@ -197,16 +193,29 @@ def _check_restored(merges: Sequence[MergedInPlace]) -> None:
                             "restart the server to reload them")
 
 
+@dataclass(frozen=True)
+class JobLoras:
+    """What `job_loras` yields: how many layers the job's LoRAs adapt and, per form of the
+    float layers (FORMS), the device bytes they hold while applied (footprint.py)."""
+
+    layers: int
+    bytes_by_form: Mapping[str, int]
+
+    def bytes_held(self, resident: bool) -> int:
+        """The device bytes they hold in a job whose weights stay on the device (`resident`) or not."""
+        return self.bytes_by_form.get(float_layers_for(resident), 0)
+
+
 @contextmanager
 def job_loras(model: nn.Module, folder: LoraFolder | None, choices: Sequence[LoraChoice], device: torch.device,
-              dtype: torch.dtype, resident: Callable[[], bool] = lambda: False) -> Iterator[int]:
+              dtype: torch.dtype, resident: Callable[[], bool] = lambda: False) -> Iterator[JobLoras]:
     """The pipeline's per-job entry: load (cached) and check the request's LoRAs now, apply
     them at the model's first forward, when the job's weights are placed (`resident()` then
     says whether they stay on the device for the job: float_layers_for), remove them on
-    exit. Yields how many layers they adapt."""
+    exit. Yields their JobLoras, for the memory planner to count before it places the weights."""
     loaded = load_choices(folder, choices, lora_targets(model)) if choices else []
     if not loaded:
-        yield 0
+        yield JobLoras(0, {})
         return
     with ExitStack() as applied:
         def apply_at_first_forward(module: nn.Module, args: tuple) -> None:
@@ -215,4 +224,4 @@ def job_loras(model: nn.Module, folder: LoraFolder | None, choices: Sequence[Lor
 
         first_forward = model.register_forward_pre_hook(apply_at_first_forward)
         applied.callback(first_forward.remove)
-        yield len({name for lora, _ in loaded for name in lora.layers})
+        yield JobLoras(len({name for lora, _ in loaded for name in lora.layers}), device_bytes(model, loaded))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -42,6 +42,9 @@ IMAGE_TOKENS = 729
 TEXT_TOKENS = 256
 # Clean frames per context scale (planner.py); the start latent rides with the 1x history.
 CONTEXT_FRAMES = {"1x": 1 + CONTEXT_1X, "2x": CONTEXT_2X, "4x": CONTEXT_4X}
+# The phases a job's LoRAs are on the device for: applied at the first transformer forward,
+# removed when the job ends (lora/apply.py: job_loras).
+LORA_PHASES = ("sampling", "decode")
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,24 @@ class MemoryFootprint:
     block_bytes: Mapping[str, tuple[int, ...]]
     work_bytes: Mapping[str, int]
     tiled_work_bytes: Mapping[str, int]
+    # The job's LoRAs per memory mode (lora/footprint.py): on the device from the first
+    # forward to the job's end, so beside the working memory of the phases in LORA_PHASES.
+    lora_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def weights(self) -> int:
         return sum(self.component_bytes.values())
 
-    def tiled_work(self, phase: str) -> int:
-        return self.tiled_work_bytes.get(phase, self.work_bytes[phase])
+    def work(self, phase: str, mode: str) -> int:
+        """Working memory of `phase` in memory mode `mode`, the job's LoRAs included."""
+        return self.work_bytes[phase] + self.loras_in(phase, mode)
+
+    def tiled_work(self, phase: str, mode: str) -> int:
+        """Working memory of `phase` where the VAE works in tiles, the job's LoRAs included."""
+        return self.tiled_work_bytes.get(phase, self.work_bytes[phase]) + self.loras_in(phase, mode)
+
+    def loras_in(self, phase: str, mode: str) -> int:
+        return self.lora_bytes.get(mode, 0) if phase in LORA_PHASES else 0
 
 
 def streamable_blocks(module: nn.Module) -> list[nn.Module]:
@@ -110,8 +124,10 @@ def decode_work_bytes(height: int, width: int, window: int, tiled: bool, latent_
     return working + frames * pixels * 3 * DECODED_BYTES_PER_VALUE
 
 
-def job_footprint(components: Any, height: int, width: int, window: int) -> MemoryFootprint:
-    """The footprint of a job at `height`×`width` pixels and `window` latent frames per section."""
+def job_footprint(components: Any, height: int, width: int, window: int,
+                  lora_bytes: Mapping[str, int] | None = None) -> MemoryFootprint:
+    """The footprint of a job at `height`×`width` pixels and `window` latent frames per
+    section, with LoRAs holding `lora_bytes` per memory mode."""
     modules = {spec.name: getattr(components, spec.name) for spec in COMPONENT_SPECS}
     transformer = components.transformer
     tokens = sampling_tokens(transformer.config, height, width, window)
@@ -133,4 +149,5 @@ def job_footprint(components: Any, height: int, width: int, window: int) -> Memo
             "image": ENCODE_BYTES_PER_PIXEL * min(height * width, VAE_TILE_PIXELS),
             "decode": decode_work_bytes(height, width, window, tiled=True),
         },
+        lora_bytes=dict(lora_bytes or {}),
     )

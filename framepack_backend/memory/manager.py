@@ -77,6 +77,7 @@ class MemoryManager:
         window: int,
         available_bytes: int | None = None,
         decode_latents: int | None = None,
+        lora_bytes: Mapping[str, int] | None = None,
     ) -> str:
         """Pick the mode for a job at this size (see choose_memory_mode), place the weights, return the mode.
 
@@ -84,8 +85,9 @@ class MemoryManager:
         card). On a CPU every mode runs as asked and "auto" is resident. Also plans the
         job's VAE decodes of at most `decode_latents` latent frames each (default
         2·window + 1) against the memory there is: `self.decode` (see modes.plan_decode).
+        `lora_bytes`: what the job's LoRAs will hold on the device, per mode (lora/footprint.py).
         """
-        footprint = job_footprint(self.components, height, width, window)
+        footprint = job_footprint(self.components, height, width, window, lora_bytes)
         on_gpu = self.device.type == "cuda"
         if available_bytes is None and not on_gpu:
             # Host and device memory are one: nothing to fit, so "auto" leaves everything in place.

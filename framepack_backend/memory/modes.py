@@ -33,14 +33,14 @@ class StreamPlan:
 
 def resident_bytes(footprint: MemoryFootprint) -> int:
     f = footprint
-    return f.weights + max(f.work_bytes[phase] for phase in JOB_PHASES)
+    return f.weights + max(f.work(phase, "resident") for phase in JOB_PHASES)
 
 
 def offload_phase_bytes(footprint: MemoryFootprint) -> dict[str, int]:
     """Per phase: the whole components it runs and its working memory."""
     f = footprint
     return {
-        phase: sum(f.component_bytes[name] for name in PHASE_COMPONENTS[phase]) + f.work_bytes[phase]
+        phase: sum(f.component_bytes[name] for name in PHASE_COMPONENTS[phase]) + f.work(phase, "offload")
         for phase in JOB_PHASES
     }
 
@@ -57,7 +57,7 @@ def streamed_component_bytes(footprint: MemoryFootprint, name: str, slots: int, 
 def stream_sampling_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> int:
     """Transformer weights outside the blocks + resident blocks + the ring + activations."""
     transformer = streamed_component_bytes(footprint, "transformer", plan.slots, plan.resident_blocks)
-    return transformer + footprint.work_bytes["sampling"]
+    return transformer + footprint.work("sampling", "stream")
 
 
 def stream_phase_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> dict[str, int]:
@@ -72,7 +72,7 @@ def stream_phase_bytes(footprint: MemoryFootprint, plan: StreamPlan) -> dict[str
         return streamed_component_bytes(f, name, TEXT_ENCODER_SLOTS, 0)
 
     return {
-        phase: sum(on_device(name) for name in PHASE_COMPONENTS[phase]) + f.tiled_work(phase)
+        phase: sum(on_device(name) for name in PHASE_COMPONENTS[phase]) + f.tiled_work(phase, "stream")
         for phase in JOB_PHASES
     }
 
@@ -153,12 +153,13 @@ def plan_decode(mode: str, footprint: MemoryFootprint, budget: int | None, on_gp
 
     On a GPU the decode needs the weights that stay there (all of them in resident mode,
     else the VAE) beside its working memory; on a CPU the weights are already counted out
-    of the available memory. Stream mode always tiles (its budget is the smallest).
+    of the available memory. The job's LoRAs count on either: they are placed after the
+    available memory was measured. Stream mode always tiles (its budget is the smallest).
     """
-    weights = 0
+    held = footprint.loras_in("decode", mode)
     if on_gpu:
-        weights = footprint.weights if mode == "resident" else footprint.component_bytes["vae"]
-    untiled, tiled = weights + untiled_work, weights + tiled_work
+        held += footprint.weights if mode == "resident" else footprint.component_bytes["vae"]
+    untiled, tiled = held + untiled_work, held + tiled_work
     if budget is None:
         return DecodePlan(mode == "stream", True, tiled if mode == "stream" else untiled, untiled, None)
     if mode != "stream" and untiled <= budget:
