@@ -61,9 +61,9 @@ class Pipeline:
         self._job_lock = threading.Lock()
         # The other ranks when options.sequence_parallel > 1 (sequence_group.py); None: this process alone.
         self.sequence_group: SequenceParallelGroup | None = None
-        # Why the transformer's weights are no longer the model's (a LoRA merge not undone
-        # exactly, lora/merge.py); set, every job is refused.
-        self.weights_changed: str | None = None
+        # Why this pipeline can no longer run jobs: its transformer's weights are no longer
+        # the model's (a LoRA merge not undone exactly, lora/merge.py). Set, every job is refused.
+        self.out_of_service: str | None = None
 
     @property
     def sampling(self) -> SamplingVariant:
@@ -155,9 +155,9 @@ class Pipeline:
         """
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        if self.weights_changed is not None:
+        if self.out_of_service is not None:
             # Every later job would run on other weights than the model's: refuse them all (INTERNAL).
-            raise RuntimeError(f"this pipeline no longer runs its model: {self.weights_changed}")
+            raise RuntimeError(f"this pipeline no longer runs its model: {self.out_of_service}")
         options = self.options.for_job(request.engine)
         guides.check_sampling(request.end_image, request.keyframes, request.settings, options.sampling)
         if request.loras and options.sequence_parallel > 1:
@@ -171,7 +171,7 @@ class Pipeline:
         try:
             yield from self._job_with_loras(request, options, attend, cancel)
         except LoraUndoError as e:
-            self.weights_changed = str(e)
+            self.out_of_service = str(e)
             raise
 
     def _job_with_loras(self, request: GenerationRequest, options: EngineOptions, attend: Attend,

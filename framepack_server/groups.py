@@ -71,6 +71,10 @@ class OnGroupDevice:
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
+    @property
+    def out_of_service(self) -> str | None:
+        return self.pipeline.out_of_service
+
     def generate(self, request, cancel=None):
         if self.pipeline.device.type == "cuda":
             torch.cuda.set_device(self.pipeline.device)

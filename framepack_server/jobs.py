@@ -96,7 +96,7 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class QueueLoad:
-    """How loaded the server is: jobs waiting for a group, groups running a job, groups in all."""
+    """How loaded the server is: jobs waiting for a group, groups running a job, groups in service."""
 
     waiting: int
     busy: int
@@ -192,7 +192,11 @@ class JobQueue:
     """At most `capacity` waiting jobs, each run by the first of the GPU groups to be free.
 
     `groups` holds one pipeline per GPU group (anything with `generate(request, cancel)`);
-    a single pipeline is one group.
+    a single pipeline is one group. A pipeline may also have `out_of_service`: why it can
+    no longer run jobs (its weights changed: Pipeline.out_of_service), else None. After a
+    failed job that sets it, its group takes no more jobs and the others run the queue;
+    once no group is left, the waiting jobs are refused, so are new ones, and
+    `on_out_of_service(reason)` is called (the model instance then has itself restarted).
     """
 
     def __init__(
@@ -205,6 +209,7 @@ class JobQueue:
         observe: Callable[[Outcome, float], None] | None = None,
         queued_interval_s: float = QUEUED_EVENT_INTERVAL_S,
         publish_load: Callable[[QueueLoad], None] | None = None,
+        on_out_of_service: Callable[[str], None] | None = None,
     ):
         """`observe(outcome, seconds)` is called after every job (server metrics) and every
         INVALID_ARGUMENT refusal (`refuse_invalid`); `publish_load(load)` whenever a job
@@ -223,6 +228,8 @@ class JobQueue:
         self._lock = threading.Lock()
         self._waiting: list[tuple[Job, float]] = []
         self._running_since: dict[int, float] = {}
+        self._out_of_service: dict[int, str] = {}  # group -> why it takes no more jobs
+        self._on_out_of_service = on_out_of_service
         self._recent_s: deque[float] = deque(maxlen=RECENT_JOBS)  # durations of finished jobs, for retry hints
         self._stopping = threading.Event()
         self._shutdown_requested = shutdown_requested
@@ -256,6 +263,8 @@ class JobQueue:
         if self.shutting_down():
             return False
         with self._lock:
+            if not self._in_service():
+                return False
             try:
                 self._jobs.put_nowait(job)
             except queue.Full:
@@ -281,6 +290,9 @@ class JobQueue:
         """
         if self.shutting_down():
             return "the server is shutting down; retry later"
+        with self._lock:
+            if not self._in_service():
+                return self._out_of_service_text()
         busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
         with self._lock:
             recent, running_since = list(self._recent_s), list(self._running_since.values())
@@ -288,7 +300,7 @@ class JobQueue:
             return f"{busy}; retry later"
         mean = sum(recent) / len(recent)
         # A free group is taking the next job up, which frees a slot at once.
-        free_group = len(running_since) < len(self._groups)
+        free_group = len(running_since) < self._in_service()
         ran = mean if free_group else time.perf_counter() - min(running_since)
         left = max(math.ceil(mean - ran), 1)
         jobs = "the last job" if len(recent) == 1 else f"the last {len(recent)} jobs"
@@ -300,6 +312,16 @@ class JobQueue:
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the running jobs at their next step, refuse the waiting ones, end the workers."""
         self._stopping.set()
+        self._refuse_waiting("the model is shutting down")
+        with self._lock:
+            working = self._in_service()  # a group out of service has ended its worker
+        for _ in range(working):
+            self._jobs.put(_STOP)
+        for worker in self._workers:
+            worker.join(timeout_s)
+        self._ticker.join(timeout_s)
+
+    def _refuse_waiting(self, text: str) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -307,15 +329,33 @@ class JobQueue:
                 break
             if job is not _STOP:
                 self._leave_waiting(job, group=None)
-                _quietly(job.sink.fail, Status.UNAVAILABLE, "the model is shutting down")
-        for _ in self._workers:
-            self._jobs.put(_STOP)
-        for worker in self._workers:
-            worker.join(timeout_s)
-        self._ticker.join(timeout_s)
+                _quietly(job.sink.fail, Status.UNAVAILABLE, text)
+
+    def _in_service(self) -> int:
+        return len(self._groups) - len(self._out_of_service)
+
+    def _out_of_service_text(self) -> str:
+        reasons = "; ".join(sorted(set(self._out_of_service.values())))
+        return f"this model instance can no longer run jobs ({reasons}); retry later"
+
+    def _take_out_of_service(self, group: int, reason: str) -> None:
+        """`group` takes no more jobs; with none left, refuse the waiting ones and say so."""
+        with self._lock:
+            self._out_of_service[group] = reason
+            left = self._in_service()
+            self._publish()
+        if left:
+            self._log.error(f"GPU group {group} is out of service: {reason}; {left} other group(s) run the jobs")
+            return
+        self._log.error(f"every GPU group is out of service ({reason}); waiting and new jobs are refused")
+        with self._lock:
+            text = self._out_of_service_text()
+        self._refuse_waiting(text)
+        if self._on_out_of_service is not None:
+            self._on_out_of_service(reason)
 
     def _load(self) -> QueueLoad:
-        return QueueLoad(waiting=len(self._waiting), busy=len(self._running_since), groups=len(self._groups))
+        return QueueLoad(waiting=len(self._waiting), busy=len(self._running_since), groups=self._in_service())
 
     def _publish(self) -> None:
         """Hand the load to the metrics; called with the lock held, so updates arrive in order."""
@@ -327,7 +367,7 @@ class JobQueue:
 
     def _position(self, index: int) -> int:
         """The `queued` position of the waiting job at `index`: 1 is next; 0 or less: a free group takes it now."""
-        free = len(self._groups) - len(self._running_since)
+        free = self._in_service() - len(self._running_since)
         return index + 1 - free
 
     def _leave_waiting(self, job: Job, group: int | None) -> None:
@@ -374,3 +414,7 @@ class JobQueue:
                 self._publish()
             self._count(outcome, seconds)
             self._log.info(f"request {job.request_id}: {outcome.value}; {release_memory().log_text()}")
+            reason = getattr(pipeline, "out_of_service", None) if outcome is Outcome.FAILED else None
+            if reason:
+                self._take_out_of_service(group, reason)
+                return

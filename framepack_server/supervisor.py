@@ -13,6 +13,9 @@ model version UNLOADING for good, with its healthy instances' memory on other GP
 So the launcher restarts the whole server instead: that closes every open stream (the
 running job's client sees the connection drop at once, and clients retry connecting
 with backoff), frees all memory, and brings the model back with fresh stubs.
+
+The model instance asks for the same when it can no longer run jobs (every GPU group's
+weights changed, framepack_server/jobs.py): `exit_for_restart` ends its own stub.
 """
 
 from __future__ import annotations
@@ -25,6 +28,23 @@ from typing import Callable, Protocol
 from .triton_install import STUB_NAME
 
 POLL_S = 0.5
+# How long a stub that asks for a restart lives on: its last responses (the failed job's
+# error, the waiting jobs' refusals) reach tritonserver before the stub ends.
+RESTART_GRACE_S = 2.0
+STUB_EXIT_CODE = 70  # EX_SOFTWARE
+
+
+def exit_for_restart(reason: str, log: Callable[[str], None], grace_s: float = RESTART_GRACE_S,
+                     exit: Callable[[int], None] = os._exit) -> threading.Timer:
+    """In a backend stub: end the process after `grace_s`, which the launcher's Supervisor
+    answers with a restart of the whole server (the weights loaded afresh). Under a bare
+    tritonserver the model then fails every request, as it would have anyway."""
+    log(f"this model instance can no longer run jobs ({reason}); its backend stub exits in {grace_s:g} s "
+        "so that framepack-server restarts the server")
+    timer = threading.Timer(grace_s, exit, args=(STUB_EXIT_CODE,))
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class Supervised(Protocol):

@@ -18,9 +18,10 @@ from framepack_backend.request import GenerationRequest, parse_request
 from framepack_backend.settings import SettingsError
 from framepack_server import protocol
 from framepack_server.instance import ENV_OVERRIDES, InstanceConfig, InstanceConfigError, InstanceOverrides
-from framepack_server.jobs import Job, JobQueue, Outcome, run_job
+from framepack_server.jobs import Job, JobQueue, Outcome, QueueLoad, run_job
 from framepack_server.protocol import Status, request_parameters, to_wire
 from framepack_server.server import ServerStartError, TritonServer, free_ports
+from framepack_server.supervisor import STUB_EXIT_CODE, exit_for_restart
 from framepack_server.triton_install import embedded_install, stub_python_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -290,6 +291,77 @@ def test_a_client_gone_before_the_final_response_is_a_cancel_not_done():
     log = RecordingLog()
     assert run_job(ScriptedPipeline(steps=3, sections=2), job(sink), log) is Outcome.CANCELLED
     assert [r.event["kind"] for r in sink.sent][-1] == "section" and sink.closed
+
+
+class WeightsChangedPipeline(ScriptedPipeline):
+    """Fails its first job the way a pipeline whose LoRA undo missed does, and is out of service after."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.out_of_service: str | None = None
+
+    def generate(self, request, cancel=None):
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.out_of_service = "the base weights changed"
+        raise RuntimeError("a LoRA merged into the weights was not undone exactly")
+        yield
+
+
+def wait_until(condition, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError("timed out")
+
+
+def test_a_group_out_of_service_takes_no_more_jobs_and_the_others_run_them():
+    gate = threading.Event()
+    broken, healthy = WeightsChangedPipeline(), ScriptedPipeline(gate=gate, steps=1, sections=1)
+    called, log = [], RecordingLog()
+    jobs = JobQueue([broken, healthy], log, capacity=4, on_out_of_service=called.append)
+    sinks = [RecordingSink(), RecordingSink()]
+    assert all(jobs.submit(job(sink)) for sink in sinks)  # one reaches the broken group, one waits at the gate
+    wait_until(lambda: jobs.load().groups == 1)  # after the failed job's response
+    assert any(sink.failures for sink in sinks)
+    gate.set()
+    later = [RecordingSink() for _ in range(3)]
+    for sink in later:
+        assert jobs.submit(job(sink))
+    wait_until(lambda: all(s.sent and s.sent[-1].final for s in [*later, *(s for s in sinks if not s.failures)]))
+    jobs.close()
+    failed = [sink for sink in sinks if sink.failures]
+    assert len(failed) == 1 and failed[0].failures[0][0] is Status.INTERNAL
+    assert all(not sink.failures for sink in later) and called == []
+    assert ("error", "GPU group 0 is out of service: the base weights changed; 1 other group(s) run the jobs") \
+        in log.lines
+
+
+def test_with_every_group_out_of_service_jobs_are_refused_and_the_instance_asks_for_a_restart():
+    gate = threading.Event()
+    called = []
+    jobs = JobQueue(WeightsChangedPipeline(gate=gate), RecordingLog(), capacity=2, on_out_of_service=called.append)
+    running, waiting = RecordingSink(), RecordingSink()
+    assert jobs.submit(job(running)) and jobs.submit(job(waiting))
+    gate.set()
+    wait_until(lambda: called)
+    assert called == ["the base weights changed"]
+    assert running.failures == [(Status.INTERNAL, "generation failed: RuntimeError: a LoRA merged into the weights "
+                                                  "was not undone exactly")]
+    text = "this model instance can no longer run jobs (the base weights changed); retry later"
+    assert waiting.failures == [(Status.UNAVAILABLE, text)]
+    assert not jobs.submit(job(RecordingSink())) and jobs.refusal() == text
+    assert jobs.load() == QueueLoad(waiting=0, busy=0, groups=0)
+    jobs.close(timeout_s=1)
+
+
+def test_a_stub_that_asks_for_a_restart_exits_after_the_grace_period():
+    exits, lines = [], []
+    timer = exit_for_restart("the base weights changed", lines.append, grace_s=0.05, exit=exits.append)
+    timer.join(2)
+    assert exits == [STUB_EXIT_CODE] and "the base weights changed" in lines[0]
 
 
 # ------------------------------------------------------------------ instance configuration

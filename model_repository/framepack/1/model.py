@@ -61,6 +61,7 @@ from framepack_server.protocol import (
     parse_request,
     request_parameters,
 )
+from framepack_server.supervisor import exit_for_restart
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Names of pb_utils.TritonError codes; looked up late: the stub adds TritonError to
@@ -215,6 +216,7 @@ class TritonPythonModel:
             [OnGroupDevice(pipeline) for pipeline in pipelines], log, config.max_queued_jobs,
             config.shutdown_requested, config.max_job_seconds,
             observe=self._metrics.observe, publish_load=self._metrics.publish_load,
+            on_out_of_service=lambda reason: exit_for_restart(reason, log.error),
         )
         self._numbers = itertools.count(1)
 
