@@ -332,9 +332,14 @@ def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path,
     assert len(frames) == 73  # 2 s → 2 sections of 36 frames + the start frame
     assert np.stack(frames).std() > 5  # the random model paints moving noise, not a blank
 
-    # Each section's partial MP4 was deleted once the next one showed; Gradio copied none.
-    finals = sorted(webui_output_dir.rglob("*.mp4"))
-    assert finals and all(path.name == "framepack_seed31337.mp4" for path in finals), finals
+    # Each section's partial MP4 was deleted once the next one showed (the last one just
+    # after the page showed Done); Gradio copied none.
+    for _ in range(50):
+        videos = sorted(webui_output_dir.rglob("*.mp4"))
+        if all(path.name == "framepack_seed31337.mp4" for path in videos):
+            break
+        time.sleep(0.1)
+    assert videos and all(path.name == "framepack_seed31337.mp4" for path in videos), videos
 
     page.screenshot(path=tmp_path / "webui.png", full_page=True)
     assert (tmp_path / "webui.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
