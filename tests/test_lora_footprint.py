@@ -28,16 +28,21 @@ def layer_with_change(dtype: torch.dtype, relative: float, seed: int = 3, shape=
     with torch.no_grad():
         layer.weight.copy_(torch.randn(shape, generator=g) * 0.02)
     down, up = torch.randn(rank, shape[1], generator=g), torch.randn(shape[0], rank, generator=g)
-    up *= relative * layer.weight.float().pow(2).mean().sqrt() / delta(down, up).pow(2).mean().sqrt()
+    up *= relative * layer.weight.detach().float().pow(2).mean().sqrt() / delta(down, up).pow(2).mean().sqrt()
     return layer, down, up
 
 
 @pytest.mark.parametrize("relative", [0.003, 0.02, 0.3])
 def test_the_relative_change_equals_rms_of_the_formed_delta_over_rms_w(relative):
-    layer, down, up = layer_with_change(torch.float32, relative)
+    layer, down, up = layer_with_change(torch.float32, relative)  # 384 rows: all of them read
     formed = float(delta(down, up).pow(2).mean().sqrt() / layer.weight.detach().double().pow(2).mean().sqrt())
     assert relative_change(layer, down, up) == pytest.approx(formed, rel=1e-9)
     assert formed == pytest.approx(relative, rel=1e-5)
+
+
+def test_on_a_tall_weight_rms_w_comes_from_some_rows_and_stays_close():
+    layer, down, up = layer_with_change(torch.bfloat16, 0.02, shape=(8192, 64))  # every 32nd row read
+    assert relative_change(layer, down, up) == pytest.approx(0.02, rel=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

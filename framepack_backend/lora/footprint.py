@@ -20,7 +20,6 @@ merge's are freed before the first forward's activations exist.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -77,17 +76,16 @@ def kept_bytes_estimate(layer: nn.Module, down: torch.Tensor, up: torch.Tensor) 
 def relative_change(layer: nn.Module, down: torch.Tensor, up: torch.Tensor) -> float:
     """RMS(up · down) / RMS(W), without forming up · down: ‖U D‖² = Σ (UᵀU) ⊙ (D Dᵀ), rank × rank."""
     u, d = up.detach().to(torch.float64), down.detach().to(torch.float64)
-    change = float((u.t() @ u).mul(d @ d.t()).sum().clamp(min=0).sqrt())
-    norm = _weight_norm(layer)
-    return math.inf if norm == 0 else change / norm
+    change = float((u.t() @ u).mul(d @ d.t()).sum().clamp(min=0).sqrt()) / math.sqrt(layer.weight.numel())
+    weight = _weight_rms(layer.weight.detach())
+    return math.inf if weight == 0 else change / weight
 
 
-# ‖W‖ per layer, computed once: a job's LoRAs leave the base weights exactly as they were.
-_WEIGHT_NORMS: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+# RMS(W) from about this many evenly spaced rows: an estimate with a margin needs no more,
+# and reading every weight of a model held in host memory (offload, stream) takes seconds.
+SAMPLED_ROWS = 256
 
 
-def _weight_norm(layer: nn.Module) -> float:
-    if layer not in _WEIGHT_NORMS:
-        _WEIGHT_NORMS[layer] = float(torch.linalg.vector_norm(layer.weight.detach(), dtype=torch.float64))
-    return _WEIGHT_NORMS[layer]
-
+def _weight_rms(weight: torch.Tensor) -> float:
+    rows = weight[:: max(1, weight.shape[0] // SAMPLED_ROWS)]
+    return float(torch.linalg.vector_norm(rows, dtype=torch.float64)) / math.sqrt(rows.numel())
