@@ -6,7 +6,9 @@ CUDA caching allocator's free blocks back to the driver, then logs a `MemoryRepo
 - `tensor_bytes`: the distinct storages of all torch tensors alive in Python, on any
   device — weights plus whatever a job leaked. It is exact and deterministic, which
   makes it the measure to compare against a baseline (on a GPU it is what
-  `memory_allocated` counts, and more: CPU copies too);
+  `memory_allocated` counts, and more: CPU copies too). None where it was not counted:
+  the census walks every object (`gc.get_objects()`), which is safe only while no other
+  thread runs Python code (below);
 - `rss_bytes`: the process's resident memory as the OS sees it. The C allocator keeps
   freed pages for reuse, so after the clean-up glibc is asked to return them
   (`malloc_trim`); what remains above the baseline is noise of a few tens of MiB;
@@ -28,28 +30,36 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class MemoryReport:
-    tensor_bytes: int
-    tensors: int
+    tensor_bytes: int | None  # None: not counted (see release_memory)
+    tensors: int | None
     rss_bytes: int
     cuda_allocated_bytes: int
     cuda_reserved_bytes: int
 
     def log_text(self) -> str:
         """One line of the server log (the reliability tests read it back)."""
+        tensors = ("tensors not counted while other jobs run" if self.tensor_bytes is None
+                   else f"tensors {self.tensor_bytes} bytes in {self.tensors} tensors")
         return (
-            f"memory after the job: tensors {self.tensor_bytes} bytes in {self.tensors} tensors, "
+            f"memory after the job: {tensors}, "
             f"RSS {self.rss_bytes / MIB:.1f} MiB, CUDA allocated {self.cuda_allocated_bytes / MIB:.1f} MiB, "
             f"reserved {self.cuda_reserved_bytes / MIB:.1f} MiB"
         )
 
 
-def release_memory() -> MemoryReport:
-    """Free what nothing references any more, return cached CUDA blocks, and measure."""
+def release_memory(count_tensors: bool = True) -> MemoryReport:
+    """Free what nothing references any more, return cached CUDA blocks, and measure.
+
+    `count_tensors` only where no other thread is running a job: gc.get_objects() hands
+    out every tracked object, among them a tuple another thread is still filling from a
+    generator, and that thread's tuple() then fails with "SystemError: …tupleobject.c…:
+    bad argument to internal function" (jobs.py decides).
+    """
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     _trim_c_heap()
-    tensor_bytes, tensors = live_tensor_bytes()
+    tensor_bytes, tensors = live_tensor_bytes() if count_tensors else (None, None)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return MemoryReport(
         tensor_bytes=tensor_bytes,

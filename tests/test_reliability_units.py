@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -22,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from client import cli, connection, stream
 from client.connection import Endpoint, Unreachable, ready_client
 from framepack_backend.components import load_components
+from framepack_backend.events import GenerationResult
 from framepack_backend.request import parse_request, validate_image
 from framepack_backend.settings import SamplingSettings, SettingsError
 from framepack_server.cli import main as server_main
@@ -130,6 +133,53 @@ def test_the_memory_report_counts_live_tensor_storage_exactly():
     assert after.rss_bytes > 0 and after.cuda_allocated_bytes == 0
     del leak, view
     assert live_tensor_bytes()[0] == before.tensor_bytes
+
+
+class TupleBuildingPipeline:
+    """One long job that builds tuples from generators, as the engine's code does all the
+    time, until it is released."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def generate(self, request, cancel=None):
+        self.started.set()
+        while not self.release.is_set():
+            tuple(i for i in range(64))
+        yield GenerationResult(np.zeros((1, 2, 2, 3), np.uint8), 30, 2, 2, 0, {}, {})
+
+
+def wait_for_final(sink: RecordingSink, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not (sink.sent and sink.sent[-1].final) and not sink.failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_jobs_ending_on_one_group_leave_the_job_on_another_unharmed():
+    """The worker's memory census after a job walks every object (gc.get_objects()); a tuple
+    another group's job was filling from a generator then failed with "SystemError: …
+    tupleobject.c…: bad argument to internal function". The census waits for a quiet queue."""
+    long_job = TupleBuildingPipeline()
+    log = RecordingLog()
+    jobs = JobQueue([long_job, ScriptedPipeline(steps=1, sections=1)], log, capacity=4)
+    running = RecordingSink()
+    while not long_job.started.is_set():  # until the long job has a group of its own
+        running = RecordingSink()
+        assert jobs.submit(job(running))
+        long_job.started.wait(0.2)
+    short = [RecordingSink() for _ in range(30)]
+    for sink in short:  # one after another, on the other group
+        assert jobs.submit(job(sink))
+        wait_for_final(sink)
+    long_job.release.set()
+    wait_for_final(running)
+    time.sleep(0.5)  # the worker measures and logs after the final response
+    jobs.close()
+    assert running.failures == [] and running.sent[-1].final
+    assert all(sink.failures == [] for sink in short)
+    memory_lines = [text for _, text in log.lines if "memory after the job" in text]
+    assert sum("tensors not counted while other jobs run" in text for text in memory_lines) >= 30
+    assert re.search(r"tensors \d+ bytes in \d+ tensors", memory_lines[-1])  # the last one, alone, counts
 
 
 def test_the_worker_logs_memory_after_every_job():
