@@ -412,10 +412,11 @@ class JobQueue:
                 if outcome is Outcome.DONE:
                     self._recent_s.append(seconds)
                 self._publish()
+            self._count(outcome, seconds)
+            with self._lock:
                 # Count the live tensors only while no other group runs a job (job_memory.py
                 # says why), holding the lock so that none starts meanwhile.
                 memory = release_memory(count_tensors=not self._running_since)
-            self._count(outcome, seconds)
             self._log.info(f"request {job.request_id}: {outcome.value}; {memory.log_text()}")
             reason = getattr(pipeline, "out_of_service", None) if outcome is Outcome.FAILED else None
             if reason:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from client.webui_job import run_job as page_job
 from client.webui_queue import PageQueue
 from framepack_server.server import TritonServer, free_ports
 from framepack_wire import WireRequest
+from tests.test_inputs_server import done_jobs
 
 pytestmark = pytest.mark.server
 
@@ -104,13 +104,6 @@ def second_server(tiny_bundle, tmp_path_factory) -> TritonServer:
         yield server
 
 
-def done_jobs(server: TritonServer) -> float:
-    """framepack_jobs_total{outcome="done"}, summed over instances (the server's own metric)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("framepack_jobs_total{") and 'outcome="done"' in line)
-
-
 def test_queue_over_two_servers_reports_the_bad_job_and_resumes_without_redoing(
     triton_server, second_server, start_image, tmp_path, capsys
 ):
@@ -137,7 +130,10 @@ def test_queue_over_two_servers_reports_the_bad_job_and_resumes_without_redoing(
     assert summary[-1] == "3 done, 1 failed"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "one.json", "one.mp4", "three.json", "three.mp4", "two.json", "two.mp4"]
-    done_now = [done_jobs(server) for server in servers]
+    deadline = time.monotonic() + 20  # a job is counted just after its last response is sent
+    while sum(done_now := [done_jobs(server) for server in servers]) < sum(done_before) + 3 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert sum(done_now) - sum(done_before) == 3
     assert all(now > before for now, before in zip(done_now, done_before))  # both servers worked
     for job in (jobs[0], jobs[2], jobs[3]):
