@@ -10,7 +10,13 @@ from torch import nn
 
 from framepack_backend.lora.apply import FORMS, job_loras, lora_targets, loras_applied
 from framepack_backend.lora.folder import LoraFolder
-from framepack_backend.lora.footprint import device_bytes, kept_bytes_estimate, relative_change, stacked_factors
+from framepack_backend.lora.footprint import (
+    device_bytes,
+    kept_bytes_estimate,
+    layer_factors,
+    relative_change,
+    stacked,
+)
 from framepack_backend.lora.merge import MergedInPlace, delta
 from framepack_backend.memory.modes import FASTEST_FIRST
 from framepack_backend.pipeline import Pipeline
@@ -76,9 +82,9 @@ def loras(model, tmp_path_factory):
 def test_each_form_counts_at_least_what_applying_the_loras_holds(model, loras):
     counted = device_bytes(model, loras)
     assert set(counted) == set(FORMS)
-    factors = stacked_factors(loras)
-    factor_bytes = sum(t.numel() * t.element_size() for pair in factors.values() for t in pair)
-    largest = max(model.get_submodule(name).weight.numel() for name in factors)  # fp32 weights
+    per_layer = layer_factors(loras)
+    factor_bytes = sum(d.numel() * 4 + u.numel() * 4 for parts in per_layer.values() for d, u, _ in parts)
+    largest = max(model.get_submodule(name).weight.numel() for name in per_layer)  # fp32 weights
     assert counted["unmerged"] == factor_bytes
     assert counted["merged"] == factor_bytes + 4 * largest  # W + B·A of the largest layer while it runs
     with torch.inference_mode(), loras_applied(model, loras, torch.device("cpu"), torch.float32,
@@ -88,7 +94,7 @@ def test_each_form_counts_at_least_what_applying_the_loras_holds(model, loras):
     assert 0 < adapted.kept_bytes and held <= counted["merged_once"] - merging <= held + 3 * adapted.kept_bytes
     # the stacking is the one the applied layers use: strengths on the up columns
     name = next(iter(loras[1][0].layers))
-    down, up = factors[name]
+    down, up = stacked(per_layer[name])
     first, second = loras[0][0].layers[name], loras[1][0].layers[name]
     assert torch.equal(down, torch.cat([first.down, second.down]))
     assert torch.equal(up, torch.cat([first.up * 0.8, second.up * -1.5], dim=1))

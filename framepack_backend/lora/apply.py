@@ -47,7 +47,7 @@ from ..models.fp8 import Fp8Activation, Fp8Linear
 from ..settings import SettingsError
 from .choices import LORAS_FIELD, LoraChoice
 from .folder import LoraFolder
-from .footprint import device_bytes, stacked_factors
+from .footprint import device_bytes, layer_factors, stacked
 from .formats import LoraFile, LoraFileError
 from .merge import MergedInPlace
 
@@ -151,15 +151,15 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]], dev
     ends the block, the weights merged so far are restored and the hooks removed."""
     if float_layers not in FORMS:
         raise ValueError(f"float_layers={float_layers!r} is not allowed: expected one of {FORMS}")
-    factors = stacked_factors(loras)
+    per_layer = layer_factors(loras)
     modules = dict(model.named_modules())
-    adapted = Adapted(layers=len(factors))
+    adapted = Adapted(layers=len(per_layer))
     merges: list[MergedInPlace] = []
     with ExitStack() as undo:  # every undo runs even if one fails
         undo.callback(_check_restored, merges)  # registered first, so it runs after every undo
-        for name, (down, up) in factors.items():
+        for name, parts in per_layer.items():
             module = modules[name]
-            down, up = down.to(device), up.to(device)
+            down, up = stacked(parts, device)
             form = "unmerged" if isinstance(module, Fp8Linear) else float_layers
             if form == "merged_once":
                 merged = MergedInPlace(module.weight, down, up)

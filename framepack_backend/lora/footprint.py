@@ -35,27 +35,33 @@ KEPT_PER_RELATIVE_CHANGE = 1.5
 DELTA_BYTES = torch.finfo(DELTA_DTYPE).bits // 8
 
 
-def stacked_factors(loras: Sequence[tuple[LoraFile, float]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (down, up)}: every LoRA on a layer stacked into one pair, down rows (rank, in)
-    and up columns (out, rank) scaled by the LoRA's strength, fp32 on the host."""
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+def layer_factors(loras: Sequence[tuple[LoraFile, float]]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """{layer: [(down, up, strength), …]}: the factors of every LoRA on each adapted layer."""
+    per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for lora, strength in loras:
         for name, layer in lora.layers.items():
-            parts.setdefault(name, []).append((layer.down, layer.up, strength))
-    return {name: (torch.cat([down for down, _, _ in pairs]), torch.cat([up * s for _, up, s in pairs], dim=1))
-            for name, pairs in parts.items()}
+            per_layer.setdefault(name, []).append((layer.down, layer.up, strength))
+    return per_layer
+
+
+def stacked(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's LoRAs as one pair on `device`, fp32: the down rows (rank, in) stacked, and
+    the up columns (out, rank) scaled by each LoRA's strength."""
+    return (torch.cat([down.to(device) for down, _, _ in parts]),
+            torch.cat([up.to(device) * strength for _, up, strength in parts], dim=1))
 
 
 def device_bytes(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> dict[str, int]:
     """{form: bytes} for each form of the float layers (apply.FORMS): what `loras` hold on
     the device while applied to `model` that way (see the module docstring)."""
-    factors = stacked_factors(loras)
+    per_layer = layer_factors(loras)
     modules = dict(model.named_modules())
-    held = sum(t.numel() * t.element_size() for pair in factors.values() for t in pair)
-    weights = {name: modules[name].weight for name in factors if not isinstance(modules[name], Fp8Linear)}
+    held = sum(lora.nbytes for lora, _ in loras)  # stacking concatenates: the same fp32 bytes
+    weights = {name: modules[name].weight for name in per_layer if not isinstance(modules[name], Fp8Linear)}
     if not weights:
         return dict.fromkeys(("merged_once", "merged", "unmerged"), held)
-    kept = sum(kept_bytes_estimate(modules[name], *factors[name]) for name in weights)
+    kept = sum(kept_bytes_estimate(modules[name], *stacked(per_layer[name])) for name in weights)
     # One merge's temporaries per element (merge.py: MergedInPlace): Δ and one fp64 sum, the
     # merged and the undone copies in W's dtype, and the comparison's booleans.
     merging = max(w.numel() * (2 * DELTA_BYTES + 2 * w.element_size() + 1) for w in weights.values())
