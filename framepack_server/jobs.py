@@ -293,9 +293,8 @@ class JobQueue:
         with self._lock:
             if not self._in_service():
                 return self._out_of_service_text()
-        busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
-        with self._lock:
             recent, running_since = list(self._recent_s), list(self._running_since.values())
+        busy = f"the server is busy ({self.capacity} jobs already wait for this model instance)"
         if not recent:
             return f"{busy}; retry later"
         mean = sum(recent) / len(recent)
@@ -342,14 +341,12 @@ class JobQueue:
         """`group` takes no more jobs; with none left, refuse the waiting ones and say so."""
         with self._lock:
             self._out_of_service[group] = reason
-            left = self._in_service()
+            left, text = self._in_service(), self._out_of_service_text()
             self._publish()
         if left:
             self._log.error(f"GPU group {group} is out of service: {reason}; {left} other group(s) run the jobs")
             return
         self._log.error(f"every GPU group is out of service ({reason}); waiting and new jobs are refused")
-        with self._lock:
-            text = self._out_of_service_text()
         self._refuse_waiting(text)
         if self._on_out_of_service is not None:
             self._on_out_of_service(reason)

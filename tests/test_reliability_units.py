@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_server_jobs import RecordingLog, RecordingSink, ScriptedPipeline, job
+from test_server_jobs import RecordingLog, RecordingSink, ScriptedPipeline, job, wait_until
 from tritonclient.utils import InferenceServerException
 
 from client import cli, connection, stream
@@ -149,10 +149,8 @@ class TupleBuildingPipeline:
         yield GenerationResult(np.zeros((1, 2, 2, 3), np.uint8), 30, 2, 2, 0, {}, {})
 
 
-def wait_for_final(sink: RecordingSink, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not (sink.sent and sink.sent[-1].final) and not sink.failures and time.monotonic() < deadline:
-        time.sleep(0.01)
+def ended(sink: RecordingSink) -> bool:
+    return bool(sink.failures) or bool(sink.sent and sink.sent[-1].final)
 
 
 def test_jobs_ending_on_one_group_leave_the_job_on_another_unharmed():
@@ -170,9 +168,9 @@ def test_jobs_ending_on_one_group_leave_the_job_on_another_unharmed():
     short = [RecordingSink() for _ in range(30)]
     for sink in short:  # one after another, on the other group
         assert jobs.submit(job(sink))
-        wait_for_final(sink)
+        wait_until(lambda: ended(sink), seconds=10)
     long_job.release.set()
-    wait_for_final(running)
+    wait_until(lambda: ended(running), seconds=10)
     time.sleep(0.5)  # the worker measures and logs after the final response
     jobs.close()
     assert running.failures == [] and running.sent[-1].final
