@@ -302,8 +302,24 @@ def test_start_is_above_the_fold_and_the_advanced_settings_are_folded(page):
     field(page, "Attention backend").wait_for(state="visible")
 
 
+def paced(run, seconds: float):
+    """`run_job` with each update held on the page for `seconds` before the next: the tiny
+    model's steps come faster than a loaded machine's browser may render them, and a test of
+    what the page shows along the way must not depend on that machine's load."""
+
+    def run_paced(*args, **kwargs):
+        for update in run(*args, **kwargs):
+            yield update
+            time.sleep(seconds)
+
+    return run_paced
+
+
 @pytest.mark.server
-def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path, webui_output_dir):
+def test_a_job_streams_previews_and_sections_then_offers_the_mp4(page, tmp_path, webui_output_dir, monkeypatch):
+    import client.webui
+
+    monkeypatch.setattr(client.webui, "run_job", paced(client.webui.run_job, 0.3))
     field(page, "Prompt").fill("The person dances gracefully, with clear movements, full of charm.")
     set_fields(page, {"Video length (seconds)": 2, "Steps": FAST_SETTINGS["steps"],
                       "Resolution": FAST_SETTINGS["resolution"]})
