@@ -30,7 +30,7 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class MemoryReport:
-    tensor_bytes: int | None  # None: not counted (see release_memory)
+    tensor_bytes: int | None  # None: not counted (see memory_report)
     tensors: int | None
     rss_bytes: int
     cuda_allocated_bytes: int
@@ -47,18 +47,22 @@ class MemoryReport:
         )
 
 
-def release_memory(count_tensors: bool = True) -> MemoryReport:
-    """Free what nothing references any more, return cached CUDA blocks, and measure.
+def free_memory() -> None:
+    """Collect garbage, return the CUDA caching allocator's free blocks and the C heap's free pages."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def memory_report(count_tensors: bool = True) -> MemoryReport:
+    """What the process holds now.
 
     `count_tensors` only where no other thread is running a job: gc.get_objects() hands
     out every tracked object, among them a tuple another thread is still filling from a
     generator, and that thread's tuple() then fails with "SystemError: …tupleobject.c…:
     bad argument to internal function" (jobs.py decides).
     """
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-    _trim_c_heap()
     tensor_bytes, tensors = live_tensor_bytes() if count_tensors else (None, None)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return MemoryReport(

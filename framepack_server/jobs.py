@@ -50,7 +50,7 @@ from framepack_backend.request import GenerationRequest
 from framepack_backend.settings import SettingsError
 
 from .faults import Fault
-from .job_memory import release_memory
+from .job_memory import free_memory, memory_report
 from .protocol import Status, WireResponse, queued_response, to_wire
 
 QUEUED_EVENT_INTERVAL_S = 5.0  # how often a waiting job hears its position again
@@ -410,10 +410,11 @@ class JobQueue:
                     self._recent_s.append(seconds)
                 self._publish()
             self._count(outcome, seconds)
+            free_memory()
             with self._lock:
                 # Count the live tensors only while no other group runs a job (job_memory.py
                 # says why), holding the lock so that none starts meanwhile.
-                memory = release_memory(count_tensors=not self._running_since)
+                memory = memory_report(count_tensors=not self._running_since)
             self._log.info(f"request {job.request_id}: {outcome.value}; {memory.log_text()}")
             reason = getattr(pipeline, "out_of_service", None) if outcome is Outcome.FAILED else None
             if reason:

@@ -31,7 +31,7 @@ from framepack_server.cli import main as server_main
 from framepack_server.demo import SAMPLE_IMAGE as SAMPLE
 from framepack_server.faults import Fault, InjectedFault, take_fault
 from framepack_server.instance import InstanceConfig, InstanceOverrides
-from framepack_server.job_memory import live_tensor_bytes, release_memory
+from framepack_server.job_memory import free_memory, live_tensor_bytes, memory_report
 from framepack_server.jobs import Job, JobQueue, Outcome, run_job
 from framepack_server.protocol import Status
 from framepack_server.server import GrpcTls, TritonServer, free_ports
@@ -124,10 +124,11 @@ def test_a_busy_queue_refuses_with_a_retry_hint_from_the_last_job():
 
 
 def test_the_memory_report_counts_live_tensor_storage_exactly():
-    before = release_memory()
+    free_memory()
+    before = memory_report()
     leak = torch.zeros(2**18)  # 1 MiB
     view = leak[10:20]  # noqa: F841 - shares the storage: counted once
-    after = release_memory()
+    after = memory_report()
     assert after.tensor_bytes - before.tensor_bytes == 2**20
     assert after.tensors - before.tensors == 2
     assert after.rss_bytes > 0 and after.cuda_allocated_bytes == 0
@@ -169,15 +170,23 @@ def test_jobs_ending_on_one_group_leave_the_job_on_another_unharmed():
     for sink in short:  # one after another, on the other group
         assert jobs.submit(job(sink))
         wait_until(lambda: ended(sink), seconds=10)
+
+    def memory_lines() -> list[str]:
+        return [text for _, text in log.lines if "memory after the job" in text]
+
+    def not_counted() -> int:
+        return sum("tensors not counted while other jobs run" in text for text in memory_lines())
+
+    # The worker measures and logs after a job's final response: wait for the short jobs' lines.
+    wait_until(lambda: not_counted() >= 30, seconds=10)
     long_job.release.set()
     wait_until(lambda: ended(running), seconds=10)
-    time.sleep(0.5)  # the worker measures and logs after the final response
+    time.sleep(0.5)  # then for the long job's line, logged after its final response
     jobs.close()
     assert running.failures == [] and running.sent[-1].final
     assert all(sink.failures == [] for sink in short)
-    memory_lines = [text for _, text in log.lines if "memory after the job" in text]
-    assert sum("tensors not counted while other jobs run" in text for text in memory_lines) >= 30
-    assert re.search(r"tensors \d+ bytes in \d+ tensors", memory_lines[-1])  # the last one, alone, counts
+    assert not_counted() >= 30
+    assert re.search(r"tensors \d+ bytes in \d+ tensors", memory_lines()[-1])  # the last one, alone, counts
 
 
 def test_the_worker_logs_memory_after_every_job():
