@@ -251,7 +251,7 @@ def page(browser, web_ui):
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(web_ui)
-    page.locator("input[type=file]").first.set_input_files(SAMPLE)
+    upload(page, page.locator("input[type=file]").first, SAMPLE)
     page.locator("#status").wait_for()
     page.evaluate(RECORDER)
     yield page
@@ -265,6 +265,13 @@ def field(page, label: str):
 def set_fields(page, values: dict[str, object]) -> None:
     for label, value in values.items():
         field(page, label).fill(str(value))
+
+
+def upload(page, file_input, path: Path) -> None:
+    """Upload `path` through `file_input` and wait until the page shows it: a job started before
+    the upload has finished would still use the image the field held before."""
+    file_input.set_input_files(path)
+    page.locator(f'img[src*="{path.name}"]').first.wait_for()
 
 
 def wait_for_status(page, prefix: str) -> str:
@@ -371,8 +378,7 @@ def test_an_uploaded_phone_photo_is_turned_upright_and_the_status_says_so(page, 
     exif[0x0112] = 6
     photo = tmp_path / "IMG_2041.jpg"
     Image.fromarray(stored).save(photo, quality=95, exif=exif.tobytes())
-    page.locator("input[type=file]").first.set_input_files(photo)
-    time.sleep(1)  # the upload replaces the sample image
+    upload(page, page.locator("input[type=file]").first, photo)  # in place of the sample image
     set_fields(page, {"Video length (seconds)": 1, "Steps": 1, "Resolution": FAST_SETTINGS["resolution"]})
     before = finished_videos(webui_output_dir)
     page.get_by_role("button", name="Start").click()

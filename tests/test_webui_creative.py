@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_webui import browser, field, page, set_fields, wait_for_status, web_ui, webui_output_dir  # noqa: F401
+from test_webui import (  # noqa: F401
+    browser,
+    field,
+    page,
+    set_fields,
+    upload,
+    wait_for_status,
+    web_ui,
+    webui_output_dir,
+)
 
 from client.images import load_image
 from client.provenance import file_sha256, read_record
@@ -43,7 +52,7 @@ def test_a_job_with_an_end_image_then_one_with_a_timed_prompt(page, tmp_path, we
     page.get_by_role("button", name="Start").click()
     assert wait_for_done(page, 1).startswith("Done: 25 frames")
 
-    page.locator("#end-image input[type=file]").set_input_files(end)
+    upload(page, page.locator("#end-image input[type=file]"), end)
     set_fields(page, {"End image strength": 0.9})
     page.get_by_role("button", name="Start").click()
     assert wait_for_done(page, 2).startswith("Done: 25 frames")
