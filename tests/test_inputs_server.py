@@ -71,10 +71,11 @@ def done_jobs(server) -> float:
                if line.startswith("framepack_jobs_total{") and 'outcome="done"' in line)
 
 
-def counted(server, at_least: float, timeout_s: float = 20.0) -> float:
-    """done_jobs once it reaches `at_least`: a job is counted just after its last response is sent."""
+def counted(servers, at_least: float, timeout_s: float = 20.0) -> list[float]:
+    """done_jobs of each of `servers` once their sum reaches `at_least`: a job is counted just
+    after its last response is sent."""
     deadline = time.monotonic() + timeout_s
-    while (done := done_jobs(server)) < at_least and time.monotonic() < deadline:
+    while sum(done := [done_jobs(server) for server in servers]) < at_least and time.monotonic() < deadline:
         time.sleep(0.2)
     return done
 
@@ -94,7 +95,7 @@ def test_a_queue_of_an_image_a_clip_and_an_end_image_job_runs_once(triton_server
     assert cli.main(command) == 0
     summary = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in summary[1:-1]] == ["done", "done", "done"] and summary[-1] == "3 done, 0 failed"
-    assert counted(triton_server, done_before + 3) - done_before == 3
+    assert sum(counted([triton_server], done_before + 3)) - done_before == 3
     expected = {"image": NEW_FRAMES["image"], "clip": CLIP_FRAMES + NEW_FRAMES["video"], "ends": NEW_FRAMES["image"]}
     assert {name: len(mp4_frames(tmp_path / "out" / f"{name}.mp4")) for name in expected} == expected
     assert read_record(tmp_path / "out/clip.mp4")["video"]["sha256"] == file_sha256(inputs["clip"])

@@ -113,9 +113,7 @@ def test_a_busy_queue_refuses_with_a_retry_hint_from_the_last_job():
     assert jobs.refusal().endswith("retry later")  # nothing measured yet
     sink = RecordingSink()
     assert jobs.submit(job(sink))
-    deadline = time.monotonic() + 10
-    while not (sink.sent and sink.sent[-1].final) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: ended(sink), seconds=10)
     time.sleep(0.5)  # the worker measures and logs after the final response
     assert jobs.refusal() == ("the server is busy (1 jobs already wait for this model instance); retry in about 1 s "
                               "(an estimate from how long the last job ran)")
